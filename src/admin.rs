@@ -1,0 +1,409 @@
+//! Queue and quarantine administration, and the local control channel.
+//!
+//! sled lets one process open the store. While `serve` runs, the admin
+//! commands send their request over a Unix socket in `data_dir`
+//! (`control.sock`, mode 0600) and `serve` executes it against its store;
+//! otherwise they open the store themselves. Both paths run [`execute`], so
+//! they cannot disagree.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::delivery::Scheduler;
+use crate::store::{
+    self, HeldEntry, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_ms, now_unix, parse_id,
+};
+
+/// Filters shared by `queue list` and `quarantine list`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Filter {
+    pub sender: Option<String>,
+    pub rcpt: Option<String>,
+    pub domain: Option<String>,
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", content = "arg", rename_all = "kebab-case")]
+pub enum Request {
+    QueueList(Filter),
+    QueueShow(String),
+    QueueRetry(String),
+    QueueDelete(String),
+    QueueHold(String),
+    QueueRelease(String),
+    QuarantineList(Filter),
+    QuarantineShow(String),
+    QuarantineRelease(String),
+    QuarantineDelete(String),
+}
+
+/// What the command prints, and whether it succeeded (exit status).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub output: String,
+}
+
+fn fail(msg: impl Into<String>) -> Response {
+    Response {
+        ok: false,
+        output: msg.into(),
+    }
+}
+
+fn ok(msg: impl Into<String>) -> Response {
+    Response {
+        ok: true,
+        output: msg.into(),
+    }
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.sock")
+}
+
+fn id_arg(s: &str, what: &str) -> Result<u64, Response> {
+    parse_id(s).ok_or_else(|| {
+        fail(format!(
+            "\"{s}\" is not a {what} id (16 hex digits, as `list` shows)"
+        ))
+    })
+}
+
+fn matches(f: &Filter, sender: &str, rcpts: &[&str], state: &str) -> bool {
+    let has = |needle: &Option<String>, hay: &str| {
+        needle
+            .as_ref()
+            .is_none_or(|n| hay.to_ascii_lowercase().contains(&n.to_ascii_lowercase()))
+    };
+    has(&f.sender, sender)
+        && f.rcpt
+            .as_ref()
+            .is_none_or(|_| rcpts.iter().any(|r| has(&f.rcpt, r)))
+        && f.domain.as_ref().is_none_or(|d| {
+            let d = d.to_ascii_lowercase();
+            std::iter::once(sender)
+                .chain(rcpts.iter().copied())
+                .any(|a| a.to_ascii_lowercase().ends_with(&format!("@{d}")))
+        })
+        && f.state
+            .as_ref()
+            .is_none_or(|s| s.eq_ignore_ascii_case(state))
+}
+
+fn age(created: i64) -> String {
+    let secs = (now_unix() - created).max(0) as u64;
+    humantime::format_duration(std::time::Duration::from_secs(secs))
+        .to_string()
+        .split(' ')
+        .next()
+        .unwrap_or("0s")
+        .to_string()
+}
+
+fn sender_or_null(s: &str) -> &str {
+    if s.is_empty() { "<>" } else { s }
+}
+
+/// Run one admin request against the store. `scheduler` is set when the
+/// gateway runs, so retried and released messages go out at once.
+pub async fn execute(store: &Store, scheduler: Option<&Scheduler>, req: Request) -> Response {
+    match run(store, scheduler, req).await {
+        Ok(r) => r,
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+async fn run(
+    store: &Store,
+    scheduler: Option<&Scheduler>,
+    req: Request,
+) -> store::Result<Response> {
+    let r = match req {
+        Request::QueueList(f) => {
+            if let Some(s) = &f.state
+                && QueueState::parse(s).is_none()
+            {
+                return Ok(fail(format!(
+                    "unknown state \"{s}\": use queued, deferred or held"
+                )));
+            }
+            let mut out =
+                String::from("ID               STATE     SIZE     AGE    SENDER -> RECIPIENTS\n");
+            let mut n = 0;
+            for e in store.queue_entries()? {
+                let rcpts: Vec<&str> = e.pending().map(|r| r.address.as_str()).collect();
+                if !matches(&f, &e.sender, &rcpts, e.state.as_str()) {
+                    continue;
+                }
+                n += 1;
+                out.push_str(&format!(
+                    "{} {:<9} {:<8} {:<6} {} -> {}\n",
+                    fmt_id(e.id),
+                    e.state.as_str(),
+                    e.size,
+                    age(e.created),
+                    sender_or_null(&e.sender),
+                    rcpts.join(", ")
+                ));
+            }
+            out.push_str(&format!("{n} message(s)\n"));
+            ok(out)
+        }
+        Request::QueueShow(id) => {
+            let id = match id_arg(&id, "queue") {
+                Ok(i) => i,
+                Err(r) => return Ok(r),
+            };
+            match store.entry(id)? {
+                None => fail(format!("no queued message {}", fmt_id(id))),
+                Some(e) => {
+                    let body = store.body(id)?.map(|b| b.to_vec()).unwrap_or_default();
+                    ok(show_queue(&e, &body))
+                }
+            }
+        }
+        Request::QueueRetry(id) => queue_change(store, scheduler, &id, |e| {
+            if e.state == QueueState::Held {
+                return Err("it is held: release it instead".into());
+            }
+            e.next_attempt_ms = now_ms();
+            Ok("will be retried now")
+        })?,
+        Request::QueueHold(id) => queue_change(store, scheduler, &id, |e| {
+            e.state = QueueState::Held;
+            Ok("held")
+        })?,
+        Request::QueueRelease(id) => queue_change(store, scheduler, &id, |e| {
+            if e.state != QueueState::Held {
+                return Err("it is not held".into());
+            }
+            e.state = QueueState::Queued;
+            e.next_attempt_ms = now_ms();
+            Ok("released to the queue")
+        })?,
+        Request::QueueDelete(id) => {
+            let id = match id_arg(&id, "queue") {
+                Ok(i) => i,
+                Err(r) => return Ok(r),
+            };
+            match store.remove(id)? {
+                Some(_) => {
+                    store.durable().await?;
+                    ok(format!("{} deleted\n", fmt_id(id)))
+                }
+                None => fail(format!("no queued message {}", fmt_id(id))),
+            }
+        }
+        Request::QuarantineList(f) => {
+            let mut out =
+                String::from("ID               SIZE     AGE    SENDER -> RECIPIENT  (REASON)\n");
+            let mut n = 0;
+            for e in store.held_entries()? {
+                if !matches(&f, &e.sender, &[e.recipient.as_str()], "held") {
+                    continue;
+                }
+                n += 1;
+                out.push_str(&format!(
+                    "{} {:<8} {:<6} {} -> {}  ({})\n",
+                    fmt_id(e.id),
+                    e.size,
+                    age(e.received),
+                    sender_or_null(&e.sender),
+                    e.recipient,
+                    e.reason
+                ));
+            }
+            out.push_str(&format!("{n} message(s)\n"));
+            ok(out)
+        }
+        Request::QuarantineShow(id) => {
+            let id = match id_arg(&id, "quarantine") {
+                Ok(i) => i,
+                Err(r) => return Ok(r),
+            };
+            match store.held_entry(id)? {
+                None => fail(format!("no quarantined message {}", fmt_id(id))),
+                Some(e) => {
+                    let body = store.held_body(&e)?.map(|b| b.to_vec()).unwrap_or_default();
+                    ok(show_held(&e, &body))
+                }
+            }
+        }
+        Request::QuarantineRelease(id) => {
+            let id = match id_arg(&id, "quarantine") {
+                Ok(i) => i,
+                Err(r) => return Ok(r),
+            };
+            match store.release_held(id).await? {
+                Some(qid) => {
+                    if let Some(s) = scheduler {
+                        s.now(qid);
+                    }
+                    ok(format!(
+                        "{} released: queued as {}\n",
+                        fmt_id(id),
+                        fmt_id(qid)
+                    ))
+                }
+                None => fail(format!("no quarantined message {}", fmt_id(id))),
+            }
+        }
+        Request::QuarantineDelete(id) => {
+            let id = match id_arg(&id, "quarantine") {
+                Ok(i) => i,
+                Err(r) => return Ok(r),
+            };
+            match store.unhold(id)? {
+                Some(_) => {
+                    store.durable().await?;
+                    ok(format!("{} deleted\n", fmt_id(id)))
+                }
+                None => fail(format!("no quarantined message {}", fmt_id(id))),
+            }
+        }
+    };
+    Ok(r)
+}
+
+fn queue_change(
+    store: &Store,
+    scheduler: Option<&Scheduler>,
+    id: &str,
+    change: impl Fn(&mut QueueEntry) -> Result<&'static str, String>,
+) -> store::Result<Response> {
+    let id = match id_arg(id, "queue") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
+    };
+    // Retry a few times: a delivery task may update the entry concurrently.
+    for _ in 0..5 {
+        let Some(mut e) = store.entry(id)? else {
+            return Ok(fail(format!("no queued message {}", fmt_id(id))));
+        };
+        let what = match change(&mut e) {
+            Ok(w) => w,
+            Err(why) => return Ok(fail(format!("{}: {why}", fmt_id(id)))),
+        };
+        if store.update(&e)? {
+            if e.state != QueueState::Held
+                && let Some(s) = scheduler
+            {
+                s.at(id, e.next_attempt_ms);
+            }
+            return Ok(ok(format!("{} {what}\n", fmt_id(id))));
+        }
+    }
+    Ok(fail(format!("{}: busy, try again", fmt_id(id))))
+}
+
+fn header_block(body: &[u8]) -> String {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 2)
+        .unwrap_or(body.len().min(8192));
+    String::from_utf8_lossy(&body[..end]).replace("\r\n", "\n")
+}
+
+fn show_queue(e: &QueueEntry, body: &[u8]) -> String {
+    let mut s = format!(
+        "id:        {}\nstate:     {}\nsender:    {}\nsize:      {}\nage:       {}\nattempts:  {}\nclient:    {} ({})\n",
+        fmt_id(e.id),
+        e.state.as_str(),
+        sender_or_null(&e.sender),
+        e.size,
+        age(e.created),
+        e.attempts,
+        e.client_ip,
+        e.helo
+    );
+    if e.state != QueueState::Held && e.attempts > 0 {
+        let secs = ((e.next_attempt_ms - now_ms()) / 1000).max(0);
+        s.push_str(&format!("next try:  in {secs}s\n"));
+    }
+    for r in &e.recipients {
+        let st = match r.status {
+            RcptStatus::Pending => "pending",
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Failed => "failed",
+        };
+        s.push_str(&format!(
+            "rcpt:      {} [{st}] {}\n",
+            r.address,
+            r.last_reply.as_deref().unwrap_or("")
+        ));
+    }
+    s.push('\n');
+    s.push_str(&header_block(body));
+    s
+}
+
+fn show_held(e: &HeldEntry, body: &[u8]) -> String {
+    format!(
+        "id:        {}\nsender:    {}\nrecipient: {}\nreason:    {}\nscript:    {}\nsize:      {}\nage:       {}\nclient:    {} ({})\n\n{}",
+        fmt_id(e.id),
+        sender_or_null(&e.sender),
+        e.recipient,
+        e.reason,
+        e.script.as_deref().unwrap_or("-"),
+        e.size,
+        age(e.received),
+        e.client_ip,
+        e.helo,
+        header_block(body)
+    )
+}
+
+/// Serve admin requests on the control socket until shutdown.
+pub async fn serve_control(
+    path: PathBuf,
+    store: Store,
+    scheduler: Scheduler,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => break,
+            acc = listener.accept() => {
+                let Ok((stream, _)) = acc else { continue };
+                let store = store.clone();
+                let scheduler = scheduler.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    if let Ok(Some(line)) = lines.next_line().await {
+                        let resp = match serde_json::from_str::<Request>(&line) {
+                            Ok(req) => execute(&store, Some(&scheduler), req).await,
+                            Err(e) => fail(format!("bad control request: {e}")),
+                        };
+                        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                        out.push(b'\n');
+                        let _ = w.write_all(&out).await;
+                    }
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Send a request to a running gateway; `None` if none is listening.
+pub async fn send_control(path: &Path, req: &Request) -> Option<Response> {
+    let stream = tokio::net::UnixStream::connect(path).await.ok()?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).ok()?;
+    line.push(b'\n');
+    w.write_all(&line).await.ok()?;
+    let mut lines = BufReader::new(r).lines();
+    let resp = lines.next_line().await.ok()??;
+    serde_json::from_str(&resp).ok()
+}

@@ -1,0 +1,571 @@
+//! `postern.toml`: the configuration model, its defaults and its validation.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every error names the file,
+//! the line and the key, because an administrator reads these at 3 a.m.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem, already formatted as `file:line: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The whole configuration, with relative paths already resolved against the
+/// directory of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub checks: ChecksConfig,
+    #[serde(default)]
+    pub dkim_sign: Option<DkimSignConfig>,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub policies: PoliciesConfig,
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Where the file was read from (not a TOML key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    /// How long `serve` waits for sessions in flight after SIGTERM.
+    pub shutdown_grace: DurationStr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            data_dir: "data".into(),
+            shutdown_grace: DurationStr(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub relay: Vec<SocketAddr>,
+    pub submission: Vec<SocketAddr>,
+    pub submissions: Vec<SocketAddr>,
+    pub max_message_size: Size,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout: DurationStr,
+    /// Longest command line accepted, CRLF included (RFC 5321 says at least 512).
+    pub max_line_length: usize,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            relay: vec![],
+            submission: vec![],
+            submissions: vec![],
+            max_message_size: Size(25 * 1000 * 1000),
+            max_recipients: 100,
+            max_connections: 10_000,
+            idle_timeout: DurationStr(Duration::from_secs(300)),
+            max_line_length: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    pub domains: Vec<String>,
+    pub networks: Vec<IpNet>,
+}
+
+impl RelayConfig {
+    /// Is `domain` one we accept mail for from anyone? Exact, case-insensitive.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// May this client relay to any domain?
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Where mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    Smtp(String),
+    Lmtp(String),
+    Maildir(PathBuf),
+    /// Look up the recipient domain's MX.
+    Mx,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Smtp(a) => write!(f, "smtp://{a}"),
+            Route::Lmtp(a) => write!(f, "lmtp://{a}"),
+            Route::Maildir(p) => write!(f, "maildir:{}", p.display()),
+            Route::Mx => write!(f, "mx"),
+        }
+    }
+}
+
+impl Route {
+    pub fn parse(s: &str) -> Result<Route, String> {
+        if let Some(rest) = s.strip_prefix("smtp://") {
+            check_host_port(rest)?;
+            Ok(Route::Smtp(rest.trim_end_matches('/').to_string()))
+        } else if let Some(rest) = s.strip_prefix("lmtp://") {
+            check_host_port(rest)?;
+            Ok(Route::Lmtp(rest.trim_end_matches('/').to_string()))
+        } else if let Some(rest) = s.strip_prefix("maildir:") {
+            if rest.is_empty() {
+                return Err("maildir: needs a path, e.g. \"maildir:data/maildir\"".into());
+            }
+            Ok(Route::Maildir(PathBuf::from(rest)))
+        } else if s == "mx" {
+            Ok(Route::Mx)
+        } else {
+            Err(format!(
+                "unknown route \"{s}\": expected \"smtp://host:port\", \"lmtp://host:port\", \"maildir:PATH\" or \"mx\""
+            ))
+        }
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let s = s.trim_end_matches('/');
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("\"{s}\" is not host:port")),
+    }
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Route::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub route: Route,
+    pub outbound: Route,
+    pub concurrency: usize,
+    pub retry: Vec<DurationStr>,
+    pub max_age: DurationStr,
+    /// Per-attempt network timeout towards the next hop.
+    pub timeout: DurationStr,
+    /// Port of the MX hosts (25; tests point it at a loopback sink).
+    pub mx_port: u16,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            route: Route::Maildir("data/maildir".into()),
+            outbound: Route::Mx,
+            concurrency: 64,
+            retry: ["1m", "5m", "15m", "1h", "4h"]
+                .iter()
+                .filter_map(|s| humantime::parse_duration(s).ok().map(DurationStr))
+                .collect(),
+            max_age: DurationStr(Duration::from_secs(5 * 86400)),
+            timeout: DurationStr(Duration::from_secs(60)),
+            mx_port: 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    pub spf: bool,
+    pub dkim: bool,
+    pub dmarc: bool,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        ChecksConfig {
+            spf: true,
+            dkim: true,
+            dmarc: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSignConfig {
+    pub domain: String,
+    pub selector: String,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    Tempfail,
+    Accept,
+    Quarantine,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub dir: PathBuf,
+    pub max_operations: u64,
+    pub on_error: OnError,
+    pub quarantine_score: f64,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: "rules".into(),
+            max_operations: 100_000,
+            on_error: OnError::Tempfail,
+            quarantine_score: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        PoliciesConfig {
+            dir: "policies".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    pub pop3: Vec<SocketAddr>,
+    pub pop3s: Vec<SocketAddr>,
+    pub imap: Vec<SocketAddr>,
+    pub imaps: Vec<SocketAddr>,
+    pub retention: DurationStr,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            pop3: vec![],
+            pop3s: vec![],
+            imap: vec![],
+            imaps: vec![],
+            retention: DurationStr(Duration::from_secs(30 * 86400)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"4h"`, `"5d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationStr(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(DurationStr)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration \"{s}\" ({e}); write e.g. \"30s\", \"5m\", \"4h\", \"5d\""
+                ))
+            })
+    }
+}
+
+/// A size written as `"25MB"`, `"512KB"`, `"1GiB"` or a plain byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size \"{s}\"; write e.g. \"25MB\""))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1024,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1024 * 1024,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1024 * 1024 * 1024,
+            other => return Err(format!("invalid size unit \"{other}\" in \"{s}\"")),
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("size \"{s}\" is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => Size::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Turn a byte offset into a 1-based line number.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len()))
+        .map(|t| t.matches('\n').count() + 1)
+        .unwrap_or(1)
+}
+
+/// Format a TOML error as `file:line: message` (used for policies too).
+pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
+    format!("{}:{}: {}", path.display(), line, e.message().trim_end())
+}
+
+/// Find the line of `key = ...` inside `[table]`, for errors found after parsing.
+fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut in_table = table.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            in_table = l.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            continue;
+        }
+        if in_table
+            && let Some((k, _)) = l.split_once('=')
+            && k.trim() == key
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+impl Config {
+    /// The embedded default, as shipped in the repository's `postern.toml`.
+    pub const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
+
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::from_str(&text, path)
+    }
+
+    /// Parse `text` as if read from `path`; resolve relative paths against
+    /// its directory; check what the types alone cannot.
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError(toml_error(path, text, &e)))?;
+        cfg.source = path.to_path_buf();
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        cfg.server.data_dir = abs(&cfg.server.data_dir);
+        if let Some(tls) = &mut cfg.tls {
+            tls.cert = abs(&tls.cert);
+            tls.key = abs(&tls.key);
+        }
+        if let Route::Maildir(p) = &cfg.delivery.route {
+            cfg.delivery.route = Route::Maildir(abs(p));
+        }
+        if let Some(d) = &mut cfg.dkim_sign {
+            d.key = abs(&d.key);
+        }
+        cfg.rules.dir = abs(&cfg.rules.dir);
+        cfg.policies.dir = abs(&cfg.policies.dir);
+
+        let err = |table: &str, key: &str, msg: String| {
+            let line = line_of_key(text, table, key).unwrap_or(1);
+            ConfigError(format!("{}:{line}: [{table}] {key}: {msg}", path.display()))
+        };
+        if cfg.server.hostname.trim().is_empty()
+            || cfg.server.hostname.contains(char::is_whitespace)
+        {
+            return Err(err("server", "hostname", "must be a host name".into()));
+        }
+        if matches!(cfg.delivery.route, Route::Mx) {
+            return Err(err(
+                "delivery",
+                "route",
+                "the mailbox backend cannot be \"mx\"; use smtp://, lmtp:// or maildir:".into(),
+            ));
+        }
+        if matches!(cfg.delivery.outbound, Route::Maildir(_)) {
+            return Err(err(
+                "delivery",
+                "outbound",
+                "outbound mail goes to \"mx\" or a smarthost (smtp://host:port)".into(),
+            ));
+        }
+        if cfg.delivery.retry.is_empty() {
+            return Err(err("delivery", "retry", "needs at least one step".into()));
+        }
+        if cfg.delivery.concurrency == 0 {
+            return Err(err("delivery", "concurrency", "must be at least 1".into()));
+        }
+        if cfg.smtp.max_recipients == 0 {
+            return Err(err("smtp", "max_recipients", "must be at least 1".into()));
+        }
+        if cfg.smtp.max_line_length < 512 {
+            return Err(err(
+                "smtp",
+                "max_line_length",
+                "RFC 5321 requires at least 512".into(),
+            ));
+        }
+        for d in &cfg.relay.domains {
+            if d.is_empty()
+                || d.contains('@')
+                || d.ends_with('.')
+                || d.contains(char::is_whitespace)
+            {
+                return Err(err("relay", "domains", format!("\"{d}\" is not a domain")));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The maildir root when the backend is a Maildir.
+    pub fn maildir(&self) -> Option<&Path> {
+        match &self.delivery.route {
+            Route::Maildir(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::from_str(Config::DEFAULT_TOML, Path::new("postern.toml")).unwrap();
+        assert!(!c.smtp.relay.is_empty());
+        assert_eq!(c.smtp.max_message_size, Size(25_000_000));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let t = "[server]\nhostname = \"a\"\n\n[smtp]\nrelai = []\n";
+        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        assert!(e.starts_with("x.toml:5:"), "{e}");
+        assert!(e.contains("relai"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_line() {
+        let t = "[smtp]\nidle_timeout = \"5 parsecs\"\n";
+        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        assert!(e.starts_with("x.toml:2:"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn bad_route_named() {
+        let t = "[delivery]\nroute = \"ftp://x\"\n";
+        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        assert!(
+            e.starts_with("x.toml:2:") && e.contains("unknown route"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("25MB").unwrap(), Size(25_000_000));
+        assert_eq!(Size::parse("1KiB").unwrap(), Size(1024));
+        assert!(Size::parse("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn trusted_networks_handle_mapped_v6() {
+        let r = RelayConfig {
+            domains: vec![],
+            networks: vec!["127.0.0.0/8".parse().unwrap()],
+        };
+        assert!(r.is_trusted("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!r.is_trusted("10.0.0.1".parse().unwrap()));
+    }
+}

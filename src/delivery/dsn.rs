@@ -1,0 +1,131 @@
+//! Delivery status notifications (RFC 3464): the bounce sent to the sender
+//! when recipients fail permanently or the message outlives `max_age`.
+
+use crate::store::Recipient;
+
+/// One failed recipient for the report.
+pub struct Failure<'a> {
+    pub recipient: &'a Recipient,
+    /// `Status:` (RFC 3463), e.g. `5.1.1` or `4.4.7` for expiry.
+    pub status: String,
+    pub diagnostic: String,
+}
+
+/// Build the multipart/report. `original` is the failed message; only its
+/// header is returned (text/rfc822-headers), which is what senders need and
+/// keeps bounces small.
+pub fn build(
+    hostname: &str,
+    sender: &str,
+    queue_id: &str,
+    arrival_unix: i64,
+    failures: &[Failure<'_>],
+    original: &[u8],
+) -> Vec<u8> {
+    let now = chrono::Utc::now();
+    let boundary = format!("{queue_id}/{}.{hostname}", now.timestamp());
+    let arrival = chrono::DateTime::from_timestamp(arrival_unix, 0)
+        .unwrap_or(now)
+        .to_rfc2822();
+    let mut human = String::new();
+    for f in failures {
+        human.push_str(&format!("<{}>: {}\r\n", f.recipient.address, f.diagnostic));
+    }
+    let mut per_rcpt = String::new();
+    for f in failures {
+        per_rcpt.push_str(&format!(
+            "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            f.recipient.address, f.status
+        ));
+        if let Some(remote) = &f.recipient.remote {
+            per_rcpt.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
+        }
+        per_rcpt.push_str(&format!("Diagnostic-Code: smtp; {}\r\n\r\n", f.diagnostic));
+    }
+    let headers = original_headers(original);
+    let mut out = format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{sender}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{queue_id}.{ts}.dsn@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         \tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated delivery status notification.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         This is the mail system at {hostname}.\r\n\
+         \r\n\
+         Your message (queue id {queue_id}) could not be delivered to one or more\r\n\
+         recipients. It has been returned below.\r\n\
+         \r\n\
+         {human}\r\n\
+         --{boundary}\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Postern-Queue-ID: {queue_id}\r\n\
+         Arrival-Date: {arrival}\r\n\
+         \r\n\
+         {per_rcpt}\
+         --{boundary}\r\n\
+         Content-Type: text/rfc822-headers\r\n\
+         \r\n",
+        date = now.to_rfc2822(),
+        ts = now.timestamp_micros(),
+    )
+    .into_bytes();
+    out.extend_from_slice(headers);
+    if !headers.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// The header block of a message (up to the first empty line).
+fn original_headers(msg: &[u8]) -> &[u8] {
+    msg.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| &msg[..i + 2])
+        .unwrap_or(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RcptStatus;
+
+    #[test]
+    fn report_has_the_parts() {
+        let r = Recipient {
+            address: "x@y.test".into(),
+            status: RcptStatus::Failed,
+            last_reply: None,
+            remote: Some("mx.y.test".into()),
+        };
+        let dsn = build(
+            "gw.test",
+            "s@a.test",
+            "00AB",
+            0,
+            &[Failure {
+                recipient: &r,
+                status: "5.1.1".into(),
+                diagnostic: "550 5.1.1 no such user".into(),
+            }],
+            b"Subject: hi\r\nFrom: s@a.test\r\n\r\nbody\r\n",
+        );
+        let t = String::from_utf8(dsn).unwrap();
+        assert!(t.contains("report-type=delivery-status"));
+        assert!(t.contains("Final-Recipient: rfc822; x@y.test"));
+        assert!(t.contains("Status: 5.1.1"));
+        assert!(t.contains("Subject: hi"));
+        assert!(!t.contains("\r\nbody\r\n"));
+    }
+}

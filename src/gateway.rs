@@ -1,0 +1,157 @@
+//! `postern serve`: open the store, bind every listener, start the workers,
+//! and shut down gracefully on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::delivery::{self, Delivery, Scheduler};
+use crate::intake::Intake;
+use crate::metrics::{self, Metrics};
+use crate::smtp::server::{SmtpContext, bind_all, serve as serve_smtp};
+use crate::smtp::session::{ListenerKind, SessionConfig};
+use crate::store::Store;
+use crate::{admin, tls};
+
+/// Run until SIGTERM or SIGINT.
+pub async fn serve(cfg: Config) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    let data_dir = &cfg.server.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
+    let store = Store::open(&data_dir.join("store"))?;
+    let metrics = Metrics::new();
+    let acceptor = tls::acceptor(&cfg)?;
+    let (scheduler, sched_rx) = Scheduler::channel();
+    let delivery = Delivery::new(
+        cfg.clone(),
+        store.clone(),
+        metrics.clone(),
+        scheduler.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let resumed = delivery.resume()?;
+    if resumed > 0 {
+        tracing::info!(messages = resumed, "resuming the queue");
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let sessions = TaskTracker::new();
+    let workers = TaskTracker::new();
+
+    let smtp = Arc::new(SmtpContext {
+        cfg: Arc::new(SessionConfig {
+            hostname: cfg.server.hostname.clone(),
+            relay: cfg.relay.clone(),
+            max_message_size: cfg.smtp.max_message_size.0,
+            max_recipients: cfg.smtp.max_recipients,
+            tls_available: true,
+        }),
+        tls: Some(acceptor),
+        intake: Arc::new(Intake {
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+            metrics: metrics.clone(),
+        }),
+        metrics: metrics.clone(),
+        connections: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
+        idle_timeout: cfg.smtp.idle_timeout.0,
+        max_line_length: cfg.smtp.max_line_length,
+        shutdown: shutdown_rx.clone(),
+        tracker: sessions.clone(),
+    });
+
+    // Bind everything first so a port conflict fails the start, not later.
+    let listeners = [
+        (ListenerKind::Relay, &cfg.smtp.relay),
+        (ListenerKind::Submission, &cfg.smtp.submission),
+        (ListenerKind::Submissions, &cfg.smtp.submissions),
+    ];
+    let mut bound = Vec::new();
+    for (kind, addrs) in listeners {
+        for l in bind_all(addrs).await? {
+            tracing::info!(listener = kind.label(), addr = %l.local_addr()?, "SMTP listening");
+            bound.push((kind, l));
+        }
+    }
+    for (kind, l) in bound {
+        tokio::spawn(serve_smtp(l, kind, smtp.clone()));
+    }
+    if let Some(addr) = cfg.metrics.listen {
+        let m = metrics.clone();
+        let s = store.clone();
+        let rx = shutdown_rx.clone();
+        let listener_check = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        drop(listener_check);
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, s, rx).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let control = admin::socket_path(data_dir);
+    tokio::spawn(admin::serve_control(
+        control,
+        store.clone(),
+        scheduler.clone(),
+        shutdown_rx.clone(),
+    ));
+    let dispatcher = tokio::spawn(delivery::run(
+        delivery.clone(),
+        sched_rx,
+        shutdown_rx.clone(),
+        workers.clone(),
+    ));
+    tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
+    println!(
+        "postern: serving (hostname {}, data in {})",
+        cfg.server.hostname,
+        data_dir.display()
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections; finishing sessions in flight");
+    let _ = shutdown_tx.send(true);
+    sessions.close();
+    let grace = cfg.server.shutdown_grace.0;
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "sessions still open after the grace period; closing them"
+        );
+    }
+    let _ = dispatcher.await;
+    workers.close();
+    // Delivery attempts stop at a message boundary: wait for those running.
+    if tokio::time::timeout(grace + Duration::from_secs(5), workers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("delivery attempts still running; their messages stay queued");
+    }
+    store.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Cannot install handlers: run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,22 @@
+//! Postern, a mail gateway: SMTP front → checks → durable sled queue →
+//! delivery to the mailbox backend or the recipient's MX; quarantine over
+//! POP3 and IMAP; Prometheus metrics.
+//!
+//! The binary (`src/main.rs`) only parses arguments and calls into here.
+
+pub mod admin;
+pub mod config;
+pub mod delivery;
+pub mod gateway;
+pub mod intake;
+pub mod metrics;
+pub mod policy;
+pub mod smtp;
+pub mod store;
+pub mod tls;
+
+/// Resolve once the shutdown flag is set. The watch guard is dropped inside,
+/// so callers' futures stay `Send`.
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

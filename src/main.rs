@@ -1,0 +1,194 @@
+//! The `postern` command: argument parsing and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use postern::admin::{self, Filter, Request};
+use postern::config::Config;
+use postern::store::Store;
+
+#[derive(Parser)]
+#[command(name = "postern", version, about = "Postern mail gateway")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = "postern.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run all listeners and workers until SIGTERM/SIGINT.
+    Serve,
+    /// Validate the configuration; print each problem with file and line.
+    Check,
+    /// Queue administration.
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
+    /// Quarantine administration.
+    Quarantine {
+        #[command(subcommand)]
+        cmd: QuarantineCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct FilterArgs {
+    /// Only messages whose sender contains this.
+    #[arg(long)]
+    sender: Option<String>,
+    /// Only messages with a recipient containing this.
+    #[arg(long)]
+    rcpt: Option<String>,
+    /// Only messages from or to this domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Only messages in this state (queued, deferred, held).
+    #[arg(long)]
+    state: Option<String>,
+}
+
+impl From<FilterArgs> for Filter {
+    fn from(a: FilterArgs) -> Filter {
+        Filter {
+            sender: a.sender,
+            rcpt: a.rcpt,
+            domain: a.domain,
+            state: a.state,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// List queued messages.
+    List(FilterArgs),
+    /// Show one message: envelope, per-recipient status, headers.
+    Show { id: String },
+    /// Attempt delivery now.
+    Retry { id: String },
+    /// Delete a message without delivering or bouncing it.
+    Delete { id: String },
+    /// Stop delivering a message until released.
+    Hold { id: String },
+    /// Release a held message.
+    Release { id: String },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCmd {
+    /// List quarantined messages (one line per held recipient).
+    List(FilterArgs),
+    /// Show one held message.
+    Show { id: String },
+    /// Deliver a held message to its recipient.
+    Release { id: String },
+    /// Delete a held message.
+    Delete { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve => match postern::gateway::serve(cfg).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("postern: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Check => {
+                println!("{}: ok", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Command::Queue { cmd } => {
+                admin_cmd(
+                    &cfg,
+                    match cmd {
+                        QueueCmd::List(f) => Request::QueueList(f.into()),
+                        QueueCmd::Show { id } => Request::QueueShow(id),
+                        QueueCmd::Retry { id } => Request::QueueRetry(id),
+                        QueueCmd::Delete { id } => Request::QueueDelete(id),
+                        QueueCmd::Hold { id } => Request::QueueHold(id),
+                        QueueCmd::Release { id } => Request::QueueRelease(id),
+                    },
+                )
+                .await
+            }
+            Command::Quarantine { cmd } => {
+                admin_cmd(
+                    &cfg,
+                    match cmd {
+                        QuarantineCmd::List(f) => Request::QuarantineList(f.into()),
+                        QuarantineCmd::Show { id } => Request::QuarantineShow(id),
+                        QuarantineCmd::Release { id } => Request::QuarantineRelease(id),
+                        QuarantineCmd::Delete { id } => Request::QuarantineDelete(id),
+                    },
+                )
+                .await
+            }
+        }
+    })
+}
+
+/// Ask the running gateway, or open the store when none runs.
+async fn admin_cmd(cfg: &Config, req: Request) -> ExitCode {
+    let data_dir = &cfg.server.data_dir;
+    let resp = match admin::send_control(&admin::socket_path(data_dir), &req).await {
+        Some(r) => r,
+        None => {
+            let path = data_dir.join("store");
+            if !path.exists() {
+                eprintln!(
+                    "postern: no store at {} (has `postern serve` ever run with this config?)",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            match Store::open(&path) {
+                Ok(store) => {
+                    let r = admin::execute(&store, None, req).await;
+                    let _ = store.flush();
+                    r
+                }
+                Err(e) => {
+                    eprintln!("postern: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    if resp.ok {
+        print!("{}", resp.output);
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("postern: {}", resp.output.trim_end());
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,227 @@
+//! The Prometheus registry and the `GET /metrics` endpoint.
+//!
+//! Every metric SPEC.md names is registered here, in one place, so the names
+//! cannot drift; each stage increments its metric where it decides.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::store::{QueueState, Store};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub smtp_connections: IntCounterVec,
+    pub smtp_sessions_active: IntGaugeVec,
+    pub messages_received: IntCounterVec,
+    pub verdicts: IntCounterVec,
+    pub ratelimited: IntCounterVec,
+    pub auth_results: IntCounterVec,
+    pub rule_errors: IntCounterVec,
+    pub rule_seconds: Histogram,
+    pub queue_messages: IntGaugeVec,
+    pub quarantine_messages: IntGauge,
+    pub delivery_attempts: IntCounterVec,
+    pub delivery_seconds: Histogram,
+    pub bounces: IntCounter,
+    pub mailbox_logins: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    h
+}
+
+impl Metrics {
+    /// Build the registry. Names are constants, so registration cannot fail at run time.
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let quarantine_messages = IntGauge::new(
+            "postern_quarantine_messages",
+            "Quarantine entries currently held (one per held recipient).",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(quarantine_messages.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let bounces = IntCounter::new("postern_bounces_total", "DSN bounces generated.")
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(bounces.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let m = Metrics {
+            smtp_connections: counter(
+                &r,
+                "postern_smtp_connections_total",
+                "SMTP connections accepted.",
+                &["listener"],
+            ),
+            smtp_sessions_active: gauge(
+                &r,
+                "postern_smtp_sessions_active",
+                "SMTP sessions in progress.",
+                &["listener"],
+            ),
+            messages_received: counter(
+                &r,
+                "postern_messages_received_total",
+                "Messages acknowledged with 250 after DATA.",
+                &["listener"],
+            ),
+            verdicts: counter(
+                &r,
+                "postern_verdicts_total",
+                "Decisions taken on sessions and messages.",
+                &["verdict", "stage"],
+            ),
+            ratelimited: counter(
+                &r,
+                "postern_ratelimited_total",
+                "Transactions refused by a rate limit.",
+                &["limit"],
+            ),
+            auth_results: counter(
+                &r,
+                "postern_auth_results_total",
+                "SPF, DKIM and DMARC results.",
+                &["method", "result"],
+            ),
+            rule_errors: counter(
+                &r,
+                "postern_rule_errors_total",
+                "Rule script errors and runaway scripts.",
+                &["script"],
+            ),
+            rule_seconds: histogram(
+                &r,
+                "postern_rule_seconds",
+                "Time spent evaluating rules per stage call.",
+                vec![
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
+                ],
+            ),
+            queue_messages: gauge(
+                &r,
+                "postern_queue_messages",
+                "Messages in the queue by state.",
+                &["state"],
+            ),
+            quarantine_messages,
+            delivery_attempts: counter(
+                &r,
+                "postern_delivery_attempts_total",
+                "Delivery attempts per recipient group, by result.",
+                &["result"],
+            ),
+            delivery_seconds: histogram(
+                &r,
+                "postern_delivery_seconds",
+                "Time of one delivery attempt.",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ],
+            ),
+            bounces,
+            mailbox_logins: counter(
+                &r,
+                "postern_mailbox_logins_total",
+                "POP3 and IMAP logins by result.",
+                &["protocol", "result"],
+            ),
+            config_reloads: counter(
+                &r,
+                "postern_config_reloads_total",
+                "Rule and policy reloads by result.",
+                &["result"],
+            ),
+            registry: r,
+        };
+        // Make the label sets visible from the first scrape.
+        for s in QueueState::ALL {
+            m.queue_messages.with_label_values(&[s.as_str()]).set(0);
+        }
+        for res in ["ok", "tempfail", "permfail"] {
+            m.delivery_attempts.with_label_values(&[res]);
+        }
+        for res in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[res]);
+        }
+        Arc::new(m)
+    }
+
+    /// Refresh the gauges that mirror the store, then encode everything.
+    pub fn render(&self, store: Option<&Store>) -> String {
+        if let Some(store) = store {
+            let counts = store.counts();
+            for s in QueueState::ALL {
+                self.queue_messages
+                    .with_label_values(&[s.as_str()])
+                    .set(counts.get(&s).copied().unwrap_or(0));
+            }
+            self.quarantine_messages.set(store.held_count() as i64);
+        }
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Serve `GET /metrics` until `shutdown` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    store: Store,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use axum::{Router, http::header, response::IntoResponse, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            let store = store.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(Some(&store)),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = crate::stopped(&mut shutdown).await;
+        })
+        .await
+}

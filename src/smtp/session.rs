@@ -1,0 +1,456 @@
+//! The SMTP session state machine, without I/O.
+//!
+//! The shell ([`super::server`]) hands it one complete command line at a
+//! time and performs the [`Action`] it returns. Parsing is smtp-proto's; the
+//! states, limits and reply codes are ours.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use smtp_proto::{Error as ProtoError, Request};
+
+use crate::config::RelayConfig;
+use crate::policy::relay::{self, RcptDecision};
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Port 25: mail from the world (and relaying for trusted networks).
+    Relay,
+    /// Port 587: STARTTLS, then AUTH.
+    Submission,
+    /// Port 465: implicit TLS, then AUTH.
+    Submissions,
+}
+
+impl ListenerKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Relay => "relay",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Submissions => "submissions",
+        }
+    }
+}
+
+/// What every session of a listener shares.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub relay: RelayConfig,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// STARTTLS can be offered (a certificate is loaded).
+    pub tls_available: bool,
+}
+
+/// What the shell must do after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send these reply bytes and read the next command.
+    Reply(Vec<u8>),
+    /// Send these bytes, then start TLS (discarding anything the client pipelined).
+    StartTls(Vec<u8>),
+    /// Send the 354, then read the message up to the final dot.
+    Data(Vec<u8>),
+    /// Send these bytes and close the connection.
+    Close(Vec<u8>),
+}
+
+/// One accepted recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rcpt {
+    pub address: String,
+    /// In one of `[relay] domains` (else: outbound).
+    pub local: bool,
+}
+
+/// The envelope being built between MAIL and the end of DATA.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    pub from: String,
+    pub rcpts: Vec<Rcpt>,
+    pub declared_size: u64,
+}
+
+/// Too many protocol errors in one session and we hang up.
+const MAX_ERRORS: u32 = 20;
+
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    pub kind: ListenerKind,
+    pub ip: IpAddr,
+    pub tls: bool,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+    pub auth_user: Option<String>,
+    pub tx: Option<Transaction>,
+    errors: u32,
+}
+
+/// Format one reply line.
+pub fn reply(code: u16, text: &str) -> Vec<u8> {
+    format!("{code} {text}\r\n").into_bytes()
+}
+
+/// Keep peer-supplied text printable and on one line (it goes into headers and logs).
+pub fn sanitize(s: &str) -> String {
+    s.chars()
+        .take(255)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>, kind: ListenerKind, ip: IpAddr, tls: bool) -> Session {
+        Session {
+            cfg,
+            kind,
+            ip,
+            tls,
+            helo: None,
+            esmtp: false,
+            auth_user: None,
+            tx: None,
+            errors: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    pub fn greeting(&self) -> Vec<u8> {
+        reply(220, &format!("{} ESMTP Postern", self.cfg.hostname))
+    }
+
+    /// The TLS handshake succeeded: RFC 3207 says forget everything said before.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+    }
+
+    /// The client may relay to any domain.
+    pub fn may_relay(&self) -> bool {
+        self.auth_user.is_some() || self.cfg.relay.is_trusted(self.ip)
+    }
+
+    /// Count a protocol error; after too many, hang up.
+    fn error(&mut self, bytes: Vec<u8>) -> Action {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            let mut b = bytes;
+            b.extend(reply(421, "4.7.0 Too many errors, closing connection"));
+            return Action::Close(b);
+        }
+        Action::Reply(bytes)
+    }
+
+    /// Handle one complete command line (CRLF included).
+    pub fn command(&mut self, line: &[u8]) -> Action {
+        let mut it = line.iter();
+        let req = match Request::parse(&mut it) {
+            Ok(r) => r,
+            Err(e) => return self.parse_error(e),
+        };
+        match req {
+            Request::Ehlo { host } => self.hello(host, true),
+            Request::Helo { host } => self.hello(host, false),
+            Request::Lhlo { .. } => self.error(reply(500, "5.5.1 This is SMTP, not LMTP")),
+            Request::Mail { from } => self.mail(from.address, from.size as u64),
+            Request::Rcpt { to } => self.rcpt(to.address),
+            Request::Data => self.data(),
+            Request::Rset => {
+                self.tx = None;
+                Action::Reply(reply(250, "2.0.0 Ok"))
+            }
+            Request::Noop { .. } => Action::Reply(reply(250, "2.0.0 Ok")),
+            Request::Quit => Action::Close(reply(221, "2.0.0 Bye")),
+            Request::Vrfy { .. } => Action::Reply(reply(
+                252,
+                "2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Request::Help { .. } => Action::Reply(reply(
+                214,
+                "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS",
+            )),
+            Request::StartTls => {
+                if self.tls {
+                    self.error(reply(503, "5.5.1 TLS already active"))
+                } else if !self.cfg.tls_available {
+                    self.error(reply(502, "5.5.1 STARTTLS not available"))
+                } else if self.tx.is_some() {
+                    self.error(reply(
+                        503,
+                        "5.5.1 STARTTLS not allowed during a transaction",
+                    ))
+                } else {
+                    Action::StartTls(reply(220, "2.0.0 Ready to start TLS"))
+                }
+            }
+            Request::Auth { .. } => self.error(reply(502, "5.5.1 AUTH not available")),
+            Request::Bdat { .. } => self.error(reply(502, "5.5.1 CHUNKING not supported")),
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error(reply(502, "5.5.1 Command not implemented")),
+        }
+    }
+
+    fn parse_error(&mut self, e: ProtoError) -> Action {
+        let r = match e {
+            ProtoError::UnknownCommand => reply(500, "5.5.2 Command not recognised"),
+            ProtoError::SyntaxError { syntax } => reply(501, &format!("5.5.4 Syntax: {syntax}")),
+            ProtoError::InvalidSenderAddress => reply(501, "5.1.7 Bad sender address syntax"),
+            ProtoError::InvalidRecipientAddress => reply(501, "5.1.3 Bad recipient address syntax"),
+            ProtoError::InvalidParameter { param } => {
+                reply(501, &format!("5.5.4 Invalid parameter {}", sanitize(param)))
+            }
+            ProtoError::UnsupportedParameter { param } => reply(
+                555,
+                &format!("5.5.4 Unsupported parameter {}", sanitize(&param)),
+            ),
+            _ => reply(500, "5.5.2 Syntax error"),
+        };
+        self.error(r)
+    }
+
+    fn hello(&mut self, host: Cow<'_, str>, esmtp: bool) -> Action {
+        self.helo = Some(sanitize(&host));
+        self.esmtp = esmtp;
+        self.tx = None;
+        let host = &self.cfg.hostname;
+        if !esmtp {
+            return Action::Reply(reply(250, host));
+        }
+        let mut caps = vec![
+            format!("{host} greets {}", self.ip),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.cfg.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.cfg.tls_available && !self.tls {
+            caps.push("STARTTLS".into());
+        }
+        let mut out = Vec::new();
+        let n = caps.len();
+        for (i, c) in caps.iter().enumerate() {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            out.extend(format!("250{sep}{c}\r\n").into_bytes());
+        }
+        Action::Reply(out)
+    }
+
+    fn mail(&mut self, from: Cow<'_, str>, size: u64) -> Action {
+        if self.helo.is_none() {
+            return self.error(reply(503, "5.5.1 Send EHLO or HELO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(reply(503, "5.5.1 Nested MAIL command"));
+        }
+        if size > self.cfg.max_message_size {
+            return Action::Reply(reply(552, "5.3.4 Message size exceeds fixed maximum"));
+        }
+        if !from.is_empty() && relay::split(&from).is_none() {
+            return self.error(reply(501, "5.1.7 Bad sender address syntax"));
+        }
+        self.tx = Some(Transaction {
+            from: from.into_owned(),
+            rcpts: Vec::new(),
+            declared_size: size,
+        });
+        Action::Reply(reply(250, "2.1.0 Ok"))
+    }
+
+    fn rcpt(&mut self, to: Cow<'_, str>) -> Action {
+        let may_relay = self.may_relay();
+        let max = self.cfg.max_recipients;
+        let postmaster = self
+            .cfg
+            .relay
+            .domains
+            .first()
+            .map(|d| format!("postmaster@{d}"));
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(reply(503, "5.5.1 Need MAIL before RCPT"));
+        };
+        if tx.rcpts.len() >= max {
+            return Action::Reply(reply(452, "4.5.3 Too many recipients"));
+        }
+        // smtp-proto turns the bare `<postmaster>` (RFC 5321 4.1.1.3) into "".
+        let address = if to.is_empty() {
+            match postmaster {
+                Some(p) => p,
+                None => return self.error(reply(550, "5.1.1 No postmaster here")),
+            }
+        } else {
+            to.into_owned()
+        };
+        match relay::decide(&self.cfg.relay, &address, may_relay) {
+            RcptDecision::Local | RcptDecision::Outbound
+                if tx
+                    .rcpts
+                    .iter()
+                    .any(|r| r.address.eq_ignore_ascii_case(&address)) =>
+            {
+                Action::Reply(reply(250, "2.1.5 Ok (duplicate recipient)"))
+            }
+            d @ (RcptDecision::Local | RcptDecision::Outbound) => {
+                tx.rcpts.push(Rcpt {
+                    address,
+                    local: d == RcptDecision::Local,
+                });
+                Action::Reply(reply(250, "2.1.5 Ok"))
+            }
+            RcptDecision::Refuse(code, text) => self.error(reply(code, &sanitize_line(&text))),
+        }
+    }
+
+    fn data(&mut self) -> Action {
+        match &self.tx {
+            None => self.error(reply(503, "5.5.1 Need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => self.error(reply(554, "5.5.1 No valid recipients")),
+            Some(_) => Action::Data(reply(354, "End data with <CR><LF>.<CR><LF>")),
+        }
+    }
+
+    /// The message has been read (or refused); the transaction is over either way.
+    pub fn take_transaction(&mut self) -> Option<Transaction> {
+        self.tx.take()
+    }
+
+    /// The `with` word of the Received header (RFC 3848).
+    pub fn protocol(&self) -> &'static str {
+        match (self.esmtp, self.tls, self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        }
+    }
+
+    /// The trace header prepended to every accepted message (RFC 5321 4.4).
+    pub fn received_header(&self, id: &str, tx: &Transaction) -> String {
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let ip = match self.ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("IPv6:{v6}"),
+        };
+        let for_clause = match tx.rcpts.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", sanitize(&one.address)),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ([{ip}])\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
+            self.cfg.hostname,
+            self.protocol(),
+            chrono::Utc::now().to_rfc2822()
+        )
+    }
+}
+
+/// Reply text must not carry CR or LF.
+fn sanitize_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(trusted: bool) -> Session {
+        let cfg = SessionConfig {
+            hostname: "mx.test".into(),
+            relay: RelayConfig {
+                domains: vec!["local.test".into()],
+                networks: if trusted {
+                    vec!["127.0.0.0/8".parse().unwrap()]
+                } else {
+                    vec![]
+                },
+            },
+            max_message_size: 1000,
+            max_recipients: 2,
+            tls_available: true,
+        };
+        Session::new(
+            Arc::new(cfg),
+            ListenerKind::Relay,
+            "127.0.0.1".parse().unwrap(),
+            false,
+        )
+    }
+
+    fn text(a: Action) -> String {
+        match a {
+            Action::Reply(b) | Action::StartTls(b) | Action::Data(b) | Action::Close(b) => {
+                String::from_utf8(b).unwrap()
+            }
+        }
+    }
+
+    #[test]
+    fn transaction_flow_and_null_sender() {
+        let mut s = session(false);
+        assert!(text(s.command(b"EHLO c.test\r\n")).contains("PIPELINING"));
+        assert!(text(s.command(b"MAIL FROM:<> SIZE=10\r\n")).starts_with("250"));
+        assert!(text(s.command(b"RCPT TO:<a@local.test>\r\n")).starts_with("250"));
+        assert!(text(s.command(b"RCPT TO:<a@other.test>\r\n")).starts_with("550 5.7.1"));
+        assert!(matches!(s.command(b"DATA\r\n"), Action::Data(_)));
+        let tx = s.take_transaction().unwrap();
+        assert_eq!(tx.from, "");
+        assert_eq!(tx.rcpts.len(), 1);
+        assert!(text(s.command(b"MAIL FROM:<x@y.test>\r\n")).starts_with("250"));
+    }
+
+    #[test]
+    fn limits_and_order() {
+        let mut s = session(true);
+        assert!(text(s.command(b"MAIL FROM:<a@b.test>\r\n")).starts_with("503"));
+        s.command(b"HELO c\r\n");
+        assert!(text(s.command(b"MAIL FROM:<a@b.test> SIZE=5000\r\n")).starts_with("552"));
+        assert!(text(s.command(b"RCPT TO:<a@b.test>\r\n")).starts_with("503"));
+        s.command(b"MAIL FROM:<a@b.test>\r\n");
+        assert!(text(s.command(b"RCPT TO:<a@x.test>\r\n")).starts_with("250"));
+        assert!(text(s.command(b"RCPT TO:<b@x.test>\r\n")).starts_with("250"));
+        assert!(text(s.command(b"RCPT TO:<c@x.test>\r\n")).starts_with("452"));
+        assert!(text(s.command(b"FOO\r\n")).starts_with("500"));
+        assert!(matches!(s.command(b"QUIT\r\n"), Action::Close(_)));
+    }
+
+    #[test]
+    fn quoted_and_routed_tricks_refused() {
+        let mut s = session(false);
+        s.command(b"EHLO c\r\n");
+        s.command(b"MAIL FROM:<a@b.test>\r\n");
+        for t in [
+            &b"RCPT TO:<\"user@other.test\"@local.test>\r\n"[..],
+            b"RCPT TO:<@local.test:user@other.test>\r\n",
+            b"RCPT TO:<user%other.test@local.test>\r\n",
+            b"RCPT TO:<user@[127.0.0.1]>\r\n",
+        ] {
+            let r = text(s.command(t));
+            assert!(r.starts_with('5'), "{} -> {r}", String::from_utf8_lossy(t));
+        }
+        assert!(s.tx.as_ref().unwrap().rcpts.is_empty());
+    }
+
+    #[test]
+    fn errors_eventually_close() {
+        let mut s = session(false);
+        let mut closed = false;
+        for _ in 0..MAX_ERRORS {
+            if let Action::Close(_) = s.command(b"BOGUS\r\n") {
+                closed = true;
+            }
+        }
+        assert!(closed);
+    }
+}

@@ -1,0 +1,525 @@
+//! The durable store: one sled database holding the queue and the quarantine.
+//!
+//! Layout (one tree each):
+//! - `body`: queue id → the message bytes, exactly as they will be delivered;
+//! - `queue`: queue id → [`QueueEntry`] (JSON), the envelope and delivery state;
+//! - `held`: quarantine id → [`HeldEntry`] (JSON), one per held recipient;
+//! - `held_body`: message key → the held message bytes (shared by its entries);
+//! - `state`: small key/value space for the mailbox servers (UIDs, flags).
+//!
+//! A body is written before the entry that points at it, and sled recovers a
+//! prefix of its writes, so after a crash an entry never lacks its body; a
+//! body without an entry is swept at open. "250 OK" waits for
+//! [`Store::durable`], which shares one fsync among every session that asks
+//! for it at the same time (group commit).
+
+mod commit;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use commit::GroupCommit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: corrupt record {0}: {1}")]
+    Corrupt(String, serde_json::Error),
+    #[error("no such message {0}")]
+    NotFound(String),
+    #[error("cannot open the store at {path}: {why}")]
+    Open { path: String, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a queued message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueState {
+    /// Waiting for its first attempt (or an admin's retry).
+    Queued,
+    /// At least one attempt failed temporarily; waiting for the next.
+    Deferred,
+    /// Held by an admin: not delivered until released.
+    Held,
+}
+
+impl QueueState {
+    pub const ALL: [QueueState; 3] = [QueueState::Queued, QueueState::Deferred, QueueState::Held];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueState::Queued => "queued",
+            QueueState::Deferred => "deferred",
+            QueueState::Held => "held",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QueueState> {
+        QueueState::ALL.into_iter().find(|q| q.as_str() == s)
+    }
+}
+
+/// One recipient's delivery status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "status")]
+pub enum RcptStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recipient {
+    pub address: String,
+    pub status: RcptStatus,
+    /// The last reply or error for this recipient, for `queue show` and DSNs.
+    #[serde(default)]
+    pub last_reply: Option<String>,
+    /// The host that gave `last_reply`.
+    #[serde(default)]
+    pub remote: Option<String>,
+}
+
+/// A queued message's envelope and delivery state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueEntry {
+    pub id: u64,
+    /// Envelope sender; empty for a bounce (`MAIL FROM:<>`).
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub state: QueueState,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix milliseconds of the next attempt.
+    pub next_attempt_ms: i64,
+    pub attempts: u32,
+    pub size: u64,
+    #[serde(default)]
+    pub client_ip: String,
+    #[serde(default)]
+    pub helo: String,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+impl QueueEntry {
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Pending)
+    }
+}
+
+/// A quarantine entry: one held message for one recipient.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldEntry {
+    pub id: u64,
+    /// Key of the shared body in `held_body`.
+    pub body_key: u64,
+    pub sender: String,
+    pub recipient: String,
+    pub reason: String,
+    /// The script (and function) that decided, if a script did.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// Unix seconds.
+    pub received: i64,
+    pub size: u64,
+    #[serde(default)]
+    pub client_ip: String,
+    #[serde(default)]
+    pub helo: String,
+}
+
+pub fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn key_id(k: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
+}
+
+/// Queue ids are shown as 16 hex digits.
+pub fn fmt_id(id: u64) -> String {
+    format!("{id:016X}")
+}
+
+pub fn parse_id(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+pub fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    body: sled::Tree,
+    queue: sled::Tree,
+    held: sled::Tree,
+    held_body: sled::Tree,
+    state: sled::Tree,
+    commit: GroupCommit,
+    counts: Arc<Mutex<HashMap<QueueState, i64>>>,
+    changes: tokio::sync::broadcast::Sender<()>,
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`. Fails if another process holds it.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: dir.display().to_string(),
+                why: match e {
+                    sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                        "it is in use by another process (is `postern serve` running with a different data_dir or control socket?)".into()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+        let (changes, _) = tokio::sync::broadcast::channel(64);
+        let store = Store {
+            body: db.open_tree("body")?,
+            queue: db.open_tree("queue")?,
+            held: db.open_tree("held")?,
+            held_body: db.open_tree("held_body")?,
+            state: db.open_tree("state")?,
+            commit: GroupCommit::new(db.clone()),
+            counts: Arc::default(),
+            changes,
+            db,
+        };
+        store.sweep_orphans()?;
+        store.recount()?;
+        Ok(store)
+    }
+
+    /// Remove bodies whose entry never made it to disk (a crash between the two writes).
+    fn sweep_orphans(&self) -> Result<()> {
+        for kv in self.body.iter() {
+            let (k, _) = kv?;
+            if !self.queue.contains_key(&k)? {
+                self.body.remove(&k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn recount(&self) -> Result<()> {
+        let mut counts = HashMap::new();
+        for e in self.queue_entries()? {
+            *counts.entry(e.state).or_insert(0) += 1;
+        }
+        if let Ok(mut c) = self.counts.lock() {
+            *c = counts;
+        }
+        Ok(())
+    }
+
+    /// Messages per queue state, for the `postern_queue_messages` gauge.
+    pub fn counts(&self) -> HashMap<QueueState, i64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    fn count(&self, old: Option<QueueState>, new: Option<QueueState>) {
+        if old == new {
+            return;
+        }
+        if let Ok(mut c) = self.counts.lock() {
+            if let Some(o) = old {
+                *c.entry(o).or_insert(0) -= 1;
+            }
+            if let Some(n) = new {
+                *c.entry(n).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// A fresh id, unique across restarts.
+    pub fn next_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Wait until everything written so far is on disk.
+    pub async fn durable(&self) -> Result<()> {
+        self.commit.flush().await
+    }
+
+    /// Write a new queue entry and its body (not yet durable: call [`Store::durable`]).
+    pub fn enqueue(&self, entry: &QueueEntry, body: &[u8]) -> Result<()> {
+        let k = id_key(entry.id);
+        self.body.insert(k, body)?;
+        self.queue.insert(k, encode(entry))?;
+        self.count(None, Some(entry.state));
+        Ok(())
+    }
+
+    pub fn entry(&self, id: u64) -> Result<Option<QueueEntry>> {
+        match self.queue.get(id_key(id))? {
+            Some(v) => Ok(Some(decode(&v, id)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn body(&self, id: u64) -> Result<Option<sled::IVec>> {
+        Ok(self.body.get(id_key(id))?)
+    }
+
+    /// Replace an existing entry; returns false if it is gone (deleted meanwhile).
+    pub fn update(&self, entry: &QueueEntry) -> Result<bool> {
+        let k = id_key(entry.id);
+        let old = self.queue.get(k)?;
+        let Some(old) = old else { return Ok(false) };
+        let old_state = decode::<QueueEntry>(&old, entry.id).map(|o| o.state).ok();
+        // Compare-and-swap so a concurrent admin change is not silently overwritten.
+        match self
+            .queue
+            .compare_and_swap(k, Some(old), Some(encode(entry)))?
+        {
+            Ok(()) => {
+                self.count(old_state, Some(entry.state));
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Remove an entry and its body; returns the removed entry.
+    pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
+        let k = id_key(id);
+        let old = self.queue.remove(k)?;
+        self.body.remove(k)?;
+        match old {
+            Some(v) => {
+                let e: QueueEntry = decode(&v, id)?;
+                self.count(Some(e.state), None);
+                Ok(Some(e))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Every queue entry, in id order.
+    pub fn queue_entries(&self) -> Result<Vec<QueueEntry>> {
+        let mut out = Vec::new();
+        for kv in self.queue.iter() {
+            let (k, v) = kv?;
+            let id = key_id(&k).unwrap_or(0);
+            out.push(decode(&v, id)?);
+        }
+        Ok(out)
+    }
+
+    // ----- quarantine -----
+
+    /// Hold a message for the given recipients; one entry per recipient.
+    pub fn quarantine(
+        &self,
+        template: &HeldEntry,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Result<Vec<u64>> {
+        let body_key = self.next_id()?;
+        self.held_body.insert(id_key(body_key), body)?;
+        let mut ids = Vec::new();
+        for r in recipients {
+            let id = self.next_id()?;
+            let e = HeldEntry {
+                id,
+                body_key,
+                recipient: r.clone(),
+                ..template.clone()
+            };
+            self.held.insert(id_key(id), encode(&e))?;
+            ids.push(id);
+        }
+        let _ = self.changes.send(());
+        Ok(ids)
+    }
+
+    pub fn held_entries(&self) -> Result<Vec<HeldEntry>> {
+        let mut out = Vec::new();
+        for kv in self.held.iter() {
+            let (k, v) = kv?;
+            out.push(decode(&v, key_id(&k).unwrap_or(0))?);
+        }
+        Ok(out)
+    }
+
+    pub fn held_entry(&self, id: u64) -> Result<Option<HeldEntry>> {
+        match self.held.get(id_key(id))? {
+            Some(v) => Ok(Some(decode(&v, id)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn held_body(&self, entry: &HeldEntry) -> Result<Option<sled::IVec>> {
+        Ok(self.held_body.get(id_key(entry.body_key))?)
+    }
+
+    /// Remove a quarantine entry (and its body once no entry shares it).
+    pub fn unhold(&self, id: u64) -> Result<Option<HeldEntry>> {
+        let Some(v) = self.held.remove(id_key(id))? else {
+            return Ok(None);
+        };
+        let e: HeldEntry = decode(&v, id)?;
+        let shared = self
+            .held_entries()?
+            .iter()
+            .any(|o| o.body_key == e.body_key);
+        if !shared {
+            self.held_body.remove(id_key(e.body_key))?;
+        }
+        let _ = self.changes.send(());
+        Ok(Some(e))
+    }
+
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Release a quarantine entry: queue its message for its recipient and
+    /// drop the entry. Returns the new queue id, or None if it was gone.
+    pub async fn release_held(&self, id: u64) -> Result<Option<u64>> {
+        let Some(e) = self.held_entry(id)? else {
+            return Ok(None);
+        };
+        let Some(body) = self.held_body(&e)? else {
+            self.unhold(id)?;
+            return Ok(None);
+        };
+        let qid = self.next_id()?;
+        let entry = QueueEntry {
+            id: qid,
+            sender: e.sender.clone(),
+            recipients: vec![Recipient {
+                address: e.recipient.clone(),
+                status: RcptStatus::Pending,
+                last_reply: None,
+                remote: None,
+            }],
+            state: QueueState::Queued,
+            created: now_unix(),
+            next_attempt_ms: now_ms(),
+            attempts: 0,
+            size: body.len() as u64,
+            client_ip: e.client_ip.clone(),
+            helo: e.helo.clone(),
+            last_error: None,
+        };
+        self.enqueue(&entry, &body)?;
+        // Queued durably before the held copy goes: a crash leaves at worst both.
+        self.durable().await?;
+        self.unhold(id)?;
+        Ok(Some(qid))
+    }
+
+    /// Fires whenever the quarantine changes.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    // ----- small state for the mailbox servers -----
+
+    pub fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.state.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_state(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.state.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Flush everything (shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising our own plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(v: &[u8], id: u64) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(fmt_id(id), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> QueueEntry {
+        QueueEntry {
+            id,
+            sender: "a@b.test".into(),
+            recipients: vec![Recipient {
+                address: "c@d.test".into(),
+                status: RcptStatus::Pending,
+                last_reply: None,
+                remote: None,
+            }],
+            state: QueueState::Queued,
+            created: now_unix(),
+            next_attempt_ms: 0,
+            attempts: 0,
+            size: 3,
+            client_ip: String::new(),
+            helo: String::new(),
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn enqueue_reopen_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let s = Store::open(dir.path()).unwrap();
+            id = s.next_id().unwrap();
+            s.enqueue(&entry(id), b"abc").unwrap();
+            s.durable().await.unwrap();
+            assert_eq!(s.counts()[&QueueState::Queued], 1);
+        }
+        // The committer task lets go of the database once it sees the store dropped.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.entry(id).unwrap().unwrap().sender, "a@b.test");
+        assert_eq!(&*s.body(id).unwrap().unwrap(), b"abc");
+        assert_eq!(s.counts()[&QueueState::Queued], 1);
+        s.remove(id).unwrap();
+        assert_eq!(s.counts()[&QueueState::Queued], 0);
+        assert!(s.body(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        assert_eq!(parse_id(&fmt_id(0xABCDEF)), Some(0xABCDEF));
+        assert_eq!(parse_id("zz"), None);
+    }
+}

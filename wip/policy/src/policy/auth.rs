@@ -1,0 +1,399 @@
+//! SPF, DKIM and DMARC with mail-auth over a hickory resolver, under one
+//! deadline; the `Authentication-Results` header (RFC 8601); and removal of
+//! forged ones.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use mail_auth::dmarc::Policy as DmarcPolicy;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::hickory_resolver::config::{
+    NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput,
+    SpfResult,
+};
+use tokio::time::{Instant, timeout_at};
+
+use crate::policy::types::ChecksConfig;
+
+/// The outcome of the checks on one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOutcome {
+    pub spf: &'static str,
+    pub dkim: &'static str,
+    pub dmarc: &'static str,
+    /// The DMARC policy of the From domain: `reject`, `quarantine`, `none`
+    /// (also when there is no record).
+    pub dmarc_policy: &'static str,
+    /// The value of the `Authentication-Results` header (after the name).
+    pub header: String,
+}
+
+/// Builds the resolver used for all checks. Empty `nameservers` = the
+/// system configuration (`/etc/resolv.conf`).
+pub fn build_resolver(
+    nameservers: &[SocketAddr],
+    per_query: Duration,
+) -> Result<MessageAuthenticator, String> {
+    let mut opts = ResolverOpts::default();
+    opts.timeout = per_query;
+    opts.attempts = 1;
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.ndots = 0;
+    if nameservers.is_empty() {
+        return MessageAuthenticator::new_system_conf().map_err(|e| e.to_string());
+    }
+    let servers = nameservers
+        .iter()
+        .map(|addr| {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            ns
+        })
+        .collect();
+    MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
+        .map_err(|e| e.to_string())
+}
+
+fn spf_word(r: SpfResult) -> &'static str {
+    match r {
+        SpfResult::Pass => "pass",
+        SpfResult::Fail => "fail",
+        SpfResult::SoftFail => "softfail",
+        SpfResult::Neutral => "neutral",
+        SpfResult::TempError => "temperror",
+        SpfResult::PermError => "permerror",
+        SpfResult::None => "none",
+    }
+}
+
+fn dkim_word(r: &DkimResult) -> &'static str {
+    match r {
+        DkimResult::Pass => "pass",
+        // mail-auth says neutral for a body changed in transit; RFC 6376
+        // 3.7 calls that PERMFAIL, which RFC 8601 reports as "fail".
+        DkimResult::Neutral(mail_auth::Error::Dkim(
+            mail_auth::dkim::DkimError::FailedBodyHashMatch,
+        )) => "fail",
+        DkimResult::Neutral(_) => "neutral",
+        DkimResult::Fail(_) => "fail",
+        DkimResult::PermError(_) => "permerror",
+        DkimResult::TempError(_) => "temperror",
+        DkimResult::None => "none",
+    }
+}
+
+fn dmarc_word(r: &DmarcResult) -> &'static str {
+    match r {
+        DmarcResult::Pass => "pass",
+        DmarcResult::Fail(_) => "fail",
+        DmarcResult::TempError(_) => "temperror",
+        DmarcResult::PermError(_) => "permerror",
+        DmarcResult::None => "none",
+    }
+}
+
+/// A pvalue (RFC 8601): a token as is, anything else quoted.
+fn pvalue(s: &str) -> Cow<'_, str> {
+    // token (RFC 2045) or local-part@domain: printable, no tspecials but '@'.
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>,;:\\\"/[]?=".contains(&b));
+    if plain {
+        Cow::Borrowed(s)
+    } else {
+        let mut q = String::with_capacity(s.len() + 2);
+        q.push('"');
+        for c in s.chars().filter(|c| !c.is_control()) {
+            if c == '"' || c == '\\' {
+                q.push('\\');
+            }
+            q.push(c);
+        }
+        q.push('"');
+        Cow::Owned(q)
+    }
+}
+
+fn helo_is_domain(helo: &str) -> bool {
+    !helo.is_empty()
+        && !helo.starts_with('[')
+        && helo.parse::<IpAddr>().is_err()
+        && helo.contains('.')
+}
+
+/// Runs the enabled checks. Never takes longer than `checks.deadline`
+/// (plus scheduling): what is unfinished then is `temperror`.
+#[allow(clippy::too_many_arguments)]
+pub async fn check_message(
+    resolver: &MessageAuthenticator,
+    checks: &ChecksConfig,
+    hostname: &str,
+    ip: IpAddr,
+    helo: &str,
+    mail_from: &str,
+    message: &[u8],
+) -> AuthOutcome {
+    let deadline = Instant::now() + checks.deadline;
+    let helo = helo.trim();
+    let mail_from_domain = mail_from
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .unwrap_or_else(|| helo.to_ascii_lowercase());
+    let parsed = AuthenticatedMessage::parse(message);
+
+    // SPF: the MAIL FROM identity, or the HELO identity for bounces.
+    let spf_fut = async {
+        if !checks.spf {
+            return None;
+        }
+        let out = if mail_from.is_empty() {
+            if !helo_is_domain(helo) {
+                return Some(SpfOutput::new(mail_from_domain.clone()));
+            }
+            let params = SpfParameters::verify_ehlo(ip, helo, hostname);
+            timeout_at(deadline, resolver.verify_spf(params)).await
+        } else {
+            let params = SpfParameters::verify_mail_from(ip, helo, hostname, mail_from);
+            timeout_at(deadline, resolver.verify_spf(params)).await
+        };
+        Some(out.unwrap_or_else(|_| {
+            SpfOutput::new(mail_from_domain.clone()).with_result(SpfResult::TempError)
+        }))
+    };
+    let dkim_fut = async {
+        if !(checks.dkim || checks.dmarc) {
+            return None;
+        }
+        let msg = parsed.as_ref()?;
+        Some(
+            timeout_at(deadline, resolver.verify_dkim(msg))
+                .await
+                .unwrap_or_else(|_| {
+                    vec![DkimOutput::temp_err(mail_auth::Error::Dns(
+                        mail_auth::DnsError::Resolver("deadline exceeded".into()),
+                    ))]
+                }),
+        )
+    };
+    let (spf, dkim) = tokio::join!(spf_fut, dkim_fut);
+
+    let spf_result = spf.as_ref().map(|s| s.result());
+    let dkim_outputs = dkim.unwrap_or_default();
+    let dkim_result: Option<&'static str> = if !checks.dkim {
+        None
+    } else if parsed.is_none() {
+        Some("permerror")
+    } else if dkim_outputs.iter().any(|d| d.result() == &DkimResult::Pass) {
+        Some("pass")
+    } else {
+        Some(
+            dkim_outputs
+                .first()
+                .map_or("none", |d| dkim_word(d.result())),
+        )
+    };
+
+    let mut dmarc_out = None;
+    if checks.dmarc
+        && let Some(msg) = parsed.as_ref()
+    {
+        let spf_for_dmarc = spf.clone().unwrap_or_else(|| {
+            // SPF disabled: DMARC can still align on DKIM.
+            SpfOutput::new(mail_from_domain.clone())
+        });
+        let params = DmarcParameters::new(msg, &dkim_outputs, &mail_from_domain, &spf_for_dmarc);
+        dmarc_out = Some(
+            timeout_at(deadline, resolver.verify_dmarc(params))
+                .await
+                .map_err(|_| ()),
+        );
+    }
+    let (dmarc_word_, dmarc_policy, dmarc_domain) = match &dmarc_out {
+        None if checks.dmarc => (Some("permerror"), "none", String::new()),
+        None => (None, "none", String::new()),
+        Some(Err(())) => (Some("temperror"), "none", String::new()),
+        Some(Ok(out)) => {
+            let policy = match out.dmarc_record() {
+                None => "none",
+                Some(_) => match out.policy() {
+                    DmarcPolicy::Reject => "reject",
+                    DmarcPolicy::Quarantine => "quarantine",
+                    DmarcPolicy::None | DmarcPolicy::Unspecified => "none",
+                },
+            };
+            (
+                Some(dmarc_word(&out.result())),
+                policy,
+                out.domain().to_string(),
+            )
+        }
+    };
+
+    // The Authentication-Results value.
+    let mut header = String::from(hostname);
+    if let Some(r) = spf_result {
+        header.push_str("; spf=");
+        header.push_str(spf_word(r));
+        if mail_from.is_empty() {
+            if !helo.is_empty() {
+                header.push_str(" smtp.helo=");
+                header.push_str(&pvalue(helo));
+            }
+        } else {
+            header.push_str(" smtp.mailfrom=");
+            header.push_str(&pvalue(mail_from));
+        }
+    }
+    if let Some(word) = dkim_result {
+        header.push_str("; dkim=");
+        header.push_str(word);
+        let shown = dkim_outputs
+            .iter()
+            .find(|d| d.result() == &DkimResult::Pass)
+            .or_else(|| dkim_outputs.first());
+        if let Some(sig) = shown.and_then(|d| d.signature()) {
+            header.push_str(" header.d=");
+            header.push_str(&pvalue(&sig.d));
+            header.push_str(" header.s=");
+            header.push_str(&pvalue(&sig.s));
+        }
+    }
+    if let Some(word) = dmarc_word_ {
+        header.push_str("; dmarc=");
+        header.push_str(word);
+        if !dmarc_domain.is_empty() {
+            header.push_str(" header.from=");
+            header.push_str(&pvalue(&dmarc_domain));
+        }
+        header.push_str(" policy.dmarc=");
+        header.push_str(dmarc_policy);
+    }
+    if spf_result.is_none() && dkim_result.is_none() && dmarc_word_.is_none() {
+        header.push_str("; none");
+    }
+
+    AuthOutcome {
+        spf: spf_result.map_or("none", spf_word),
+        dkim: dkim_result.unwrap_or("none"),
+        dmarc: dmarc_word_.unwrap_or("none"),
+        dmarc_policy,
+        header,
+    }
+}
+
+/// The authserv-id of an `Authentication-Results` value: its first token,
+/// comments (CFWS) skipped.
+fn authserv_id(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    let mut out = String::new();
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth > 0 => depth -= 1,
+            _ if depth > 0 => {}
+            ';' => break,
+            c if c.is_whitespace() => {
+                if !out.is_empty() {
+                    break;
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Removes `Authentication-Results` header fields whose authserv-id is
+/// `hostname` (case-insensitive) from the header section of `message`.
+/// Returns the message unchanged (borrowed) when there is none.
+pub fn strip_forged_auth_results<'a>(message: &'a [u8], hostname: &str) -> Cow<'a, [u8]> {
+    // Split the header section into fields (a field = its first line and
+    // its continuation lines).
+    let mut fields: Vec<(usize, usize)> = Vec::new();
+    let mut pos = 0;
+    let mut body_start = message.len();
+    while pos < message.len() {
+        let line_end = message[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(message.len(), |i| pos + i + 1);
+        let line = &message[pos..line_end];
+        if line == b"\r\n" || line == b"\n" {
+            body_start = pos;
+            break;
+        }
+        if (line[0] == b' ' || line[0] == b'\t')
+            && let Some(last) = fields.last_mut()
+        {
+            last.1 = line_end;
+        } else {
+            fields.push((pos, line_end));
+        }
+        pos = line_end;
+    }
+    let header_end = if body_start == message.len() {
+        pos.min(message.len())
+    } else {
+        body_start
+    };
+    let forged = |&(start, end): &(usize, usize)| {
+        let field = &message[start..end];
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let name = field[..colon].trim_ascii();
+        name.eq_ignore_ascii_case(b"Authentication-Results")
+            && authserv_id(&field[colon + 1..]).eq_ignore_ascii_case(hostname)
+    };
+    if !fields.iter().any(forged) {
+        return Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len());
+    for f in &fields {
+        if !forged(f) {
+            out.extend_from_slice(&message[f.0..f.1]);
+        }
+    }
+    out.extend_from_slice(&message[header_end..]);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_ours() {
+        let msg = b"Received: x\r\nAuthentication-Results: mx.example.test;\r\n spf=pass\r\nAuthentication-Results: (c) other.test; dkim=pass\r\nauthentication-results:  MX.EXAMPLE.TEST ; dmarc=pass\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.example.test; body\r\n";
+        let out = strip_forged_auth_results(msg, "mx.example.test");
+        assert_eq!(
+            &*out,
+            &b"Received: x\r\nAuthentication-Results: (c) other.test; dkim=pass\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.example.test; body\r\n"[..]
+        );
+        let clean = b"Subject: x\r\n\r\nbody";
+        assert!(matches!(
+            strip_forged_auth_results(clean, "mx.example.test"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn authserv() {
+        assert_eq!(authserv_id(b" (comment) host.test; spf=pass"), "host.test");
+        assert_eq!(authserv_id(b" host.test 1; spf=pass"), "host.test");
+    }
+
+    #[test]
+    fn pvalues() {
+        assert_eq!(pvalue("a@b.test"), "a@b.test");
+        assert_eq!(pvalue("a b"), "\"a b\"");
+    }
+}

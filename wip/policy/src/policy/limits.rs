@@ -1,0 +1,450 @@
+//! Rate limits from `policies/ratelimits.toml` (governor keyed limiters).
+//!
+//! The limiter of a limit whose definition did not change is carried over a
+//! reload, so its counts survive; [`LimiterRegistry::housekeeping`] forgets
+//! keys that are back to a full bucket, so millions of distinct senders do
+//! not pile up.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::types::{Problem, TxInfo, Verdict};
+
+/// What a limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    Sender,
+    SenderDomain,
+    ClientIp,
+    AuthUser,
+    Recipient,
+}
+
+impl LimitKey {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "sender" => LimitKey::Sender,
+            "sender_domain" => LimitKey::SenderDomain,
+            "client_ip" => LimitKey::ClientIp,
+            "auth_user" => LimitKey::AuthUser,
+            "recipient" => LimitKey::Recipient,
+            _ => return None,
+        })
+    }
+}
+
+/// Which listeners a limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Inbound,
+    Submission,
+    All,
+}
+
+impl Scope {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "inbound" => Scope::Inbound,
+            "submission" => Scope::Submission,
+            "all" => Scope::All,
+            _ => return None,
+        })
+    }
+
+    fn applies(self, submission: bool) -> bool {
+        match self {
+            Scope::Inbound => !submission,
+            Scope::Submission => submission,
+            Scope::All => true,
+        }
+    }
+}
+
+/// One `[[limit]]`, validated. Two equal specs share one limiter across reloads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LimitSpec {
+    pub name: String,
+    pub key: LimitKey,
+    /// `count` per `per`.
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub scope: Scope,
+}
+
+type Limiter = DefaultKeyedRateLimiter<String>;
+
+/// A limit with its (shared) limiter.
+pub struct Limit {
+    pub spec: LimitSpec,
+    limiter: Arc<Limiter>,
+}
+
+/// The limits of one rule set.
+#[derive(Default)]
+pub struct Limits {
+    limits: Vec<Limit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    #[serde(default)]
+    limit: Vec<Spanned<LimitToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitToml {
+    name: Spanned<String>,
+    key: Spanned<String>,
+    rate: Spanned<String>,
+    burst: Option<Spanned<i64>>,
+    scope: Option<Spanned<String>>,
+}
+
+/// 1-based line of a byte offset.
+pub(crate) fn line_of(source: &str, offset: usize) -> usize {
+    let end = offset.min(source.len());
+    source.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses `"100/1h"` into (100, 1h).
+fn parse_rate(rate: &str) -> Result<(u32, Duration), String> {
+    let (count, per) = rate
+        .split_once('/')
+        .ok_or_else(|| format!("rate {rate:?} is not N/duration, e.g. \"100/1h\""))?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("rate {rate:?}: {count:?} is not a whole number"))?;
+    if count == 0 {
+        return Err(format!("rate {rate:?}: the count must be at least 1"));
+    }
+    let per = per.trim();
+    // "100/h" means "100/1h".
+    let per_owned;
+    let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
+        per
+    } else {
+        per_owned = format!("1{per}");
+        &per_owned
+    };
+    let per =
+        humantime::parse_duration(per).map_err(|e| format!("rate {rate:?}: bad duration: {e}"))?;
+    if per.is_zero() {
+        return Err(format!("rate {rate:?}: the duration must not be zero"));
+    }
+    Ok((count, per))
+}
+
+/// Reads and validates `ratelimits.toml`. A missing file means no limits.
+pub fn parse_file(path: &Path) -> Result<Vec<LimitSpec>, Vec<Problem>> {
+    let source = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(vec![Problem::new(path, None, format!("cannot read: {e}"))]),
+    };
+    parse_str(path, &source)
+}
+
+/// Validates the text of a `ratelimits.toml`; `path` names it in problems.
+pub fn parse_str(path: &Path, source: &str) -> Result<Vec<LimitSpec>, Vec<Problem>> {
+    let file: LimitsFile = toml::from_str(source).map_err(|e| {
+        let line = e.span().map(|s| line_of(source, s.start));
+        vec![Problem::new(path, line, e.message().to_string())]
+    })?;
+    let mut problems = Vec::new();
+    let mut specs: Vec<LimitSpec> = Vec::new();
+    for entry in file.limit {
+        let entry_line = line_of(source, entry.span().start);
+        let entry = entry.into_inner();
+        let at = |s: &std::ops::Range<usize>| Some(line_of(source, s.start));
+        let name = entry.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            problems.push(Problem::new(
+                path,
+                at(&entry.name.span()),
+                "empty limit name",
+            ));
+            continue;
+        }
+        if specs.iter().any(|s| s.name == name) {
+            problems.push(Problem::new(
+                path,
+                at(&entry.name.span()),
+                format!("limit {name:?} is defined twice"),
+            ));
+            continue;
+        }
+        let Some(key) = LimitKey::parse(entry.key.get_ref()) else {
+            problems.push(Problem::new(
+                path,
+                at(&entry.key.span()),
+                format!(
+                    "limit {name:?}: key {:?} is not one of sender, sender_domain, client_ip, auth_user, recipient",
+                    entry.key.get_ref()
+                ),
+            ));
+            continue;
+        };
+        let (count, per) = match parse_rate(entry.rate.get_ref()) {
+            Ok(r) => r,
+            Err(msg) => {
+                problems.push(Problem::new(
+                    path,
+                    at(&entry.rate.span()),
+                    format!("limit {name:?}: {msg}"),
+                ));
+                continue;
+            }
+        };
+        let burst = match &entry.burst {
+            None => count,
+            Some(b) => match u32::try_from(*b.get_ref()) {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    problems.push(Problem::new(
+                        path,
+                        at(&b.span()),
+                        format!("limit {name:?}: burst must be a whole number >= 1"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let scope = match &entry.scope {
+            None => Scope::Inbound,
+            Some(s) => match Scope::parse(s.get_ref()) {
+                Some(scope) => scope,
+                None => {
+                    problems.push(Problem::new(
+                        path,
+                        at(&s.span()),
+                        format!(
+                            "limit {name:?}: scope {:?} is not one of inbound, submission, all",
+                            s.get_ref()
+                        ),
+                    ));
+                    continue;
+                }
+            },
+        };
+        if Quota::with_period(per / count).is_none() {
+            problems.push(Problem::new(
+                path,
+                Some(entry_line),
+                format!("limit {name:?}: rate too high"),
+            ));
+            continue;
+        }
+        specs.push(LimitSpec {
+            name,
+            key,
+            count,
+            per,
+            burst,
+            scope,
+        });
+    }
+    if problems.is_empty() {
+        Ok(specs)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Limiters by their definition, shared by the rule sets of one [`Policy`](crate::policy::Policy).
+#[derive(Default)]
+pub struct LimiterRegistry {
+    limiters: Mutex<HashMap<LimitSpec, Arc<Limiter>>>,
+}
+
+impl LimiterRegistry {
+    /// Builds the limits for `specs`, reusing the limiter of every unchanged
+    /// spec. Limiters of specs no longer used are forgotten.
+    pub fn build(&self, specs: Vec<LimitSpec>) -> Limits {
+        let mut map = self
+            .limiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = HashMap::new();
+        let mut limits = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let limiter = match map.remove(&spec) {
+                Some(l) => l,
+                None => Arc::new(new_limiter(&spec)),
+            };
+            next.insert(spec.clone(), limiter.clone());
+            limits.push(Limit { spec, limiter });
+        }
+        *map = next;
+        Limits { limits }
+    }
+
+    /// Forgets keys whose bucket is full again and returns memory; call it
+    /// every minute or so. Returns the number of keys still tracked.
+    pub fn housekeeping(&self) -> usize {
+        let limiters: Vec<Arc<Limiter>> = self
+            .limiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        limiters
+            .iter()
+            .map(|l| {
+                l.retain_recent();
+                l.shrink_to_fit();
+                l.len()
+            })
+            .sum()
+    }
+}
+
+fn new_limiter(spec: &LimitSpec) -> Limiter {
+    let period = (spec.per / spec.count).max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(spec.burst).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(burst);
+    RateLimiter::keyed(quota)
+}
+
+/// Lowercases an address and drops a `+tag` from its local part.
+pub fn normalize_address(addr: &str) -> String {
+    let addr = addr.trim().trim_start_matches('<').trim_end_matches('>');
+    let lower = addr.to_lowercase();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) => {
+            let local = local.split_once('+').map_or(local, |(l, _)| l);
+            format!("{local}@{domain}")
+        }
+        None => lower,
+    }
+}
+
+fn domain_of(addr: &str) -> Option<&str> {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d)
+        .filter(|d| !d.is_empty())
+}
+
+impl Limits {
+    pub fn specs(&self) -> impl Iterator<Item = &LimitSpec> {
+        self.limits.iter().map(|l| &l.spec)
+    }
+
+    /// Checks the MAIL FROM limits (every key but `recipient`). On the first
+    /// exceeded limit returns its name and the 450 answer.
+    pub fn check_mail_from(&self, tx: &TxInfo) -> Option<(String, Verdict)> {
+        let sender = normalize_address(&tx.from);
+        let ip_key = format!("ip:{}", tx.conn.ip);
+        for limit in &self.limits {
+            if !limit.spec.scope.applies(tx.submission) {
+                continue;
+            }
+            let key = match limit.spec.key {
+                LimitKey::Recipient => continue,
+                // Bounces (MAIL FROM:<>) are counted by client IP.
+                LimitKey::Sender if sender.is_empty() => ip_key.clone(),
+                LimitKey::Sender => sender.clone(),
+                LimitKey::SenderDomain => match domain_of(&sender) {
+                    Some(d) => d.to_string(),
+                    None => ip_key.clone(),
+                },
+                LimitKey::ClientIp => ip_key.clone(),
+                LimitKey::AuthUser => match &tx.auth_user {
+                    Some(u) => u.to_lowercase(),
+                    None => continue,
+                },
+            };
+            if let Some(v) = limit.check(&key) {
+                return Some((limit.spec.name.clone(), v));
+            }
+        }
+        None
+    }
+
+    /// Checks the `recipient` limits for one RCPT TO.
+    pub fn check_rcpt(&self, tx: &TxInfo, rcpt: &str) -> Option<(String, Verdict)> {
+        let key = normalize_address(rcpt);
+        for limit in &self.limits {
+            if limit.spec.key != LimitKey::Recipient || !limit.spec.scope.applies(tx.submission) {
+                continue;
+            }
+            if let Some(v) = limit.check(&key) {
+                return Some((limit.spec.name.clone(), v));
+            }
+        }
+        None
+    }
+}
+
+impl Limit {
+    fn check(&self, key: &String) -> Option<Verdict> {
+        match self.limiter.check_key(key) {
+            Ok(()) => None,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Some(Verdict::Tempfail {
+                    code: 450,
+                    text: format!(
+                        "4.7.1 Rate limit {} exceeded, try again in {}s",
+                        self.spec.name,
+                        secs.max(1)
+                    ),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(
+            normalize_address("Alice+News@Example.TEST"),
+            "alice@example.test"
+        );
+        assert_eq!(normalize_address("<bob@x.test>"), "bob@x.test");
+        assert_eq!(normalize_address(""), "");
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100/1h"), Ok((100, Duration::from_secs(3600))));
+        assert_eq!(parse_rate("5/m"), Ok((5, Duration::from_secs(60))));
+        assert!(parse_rate("0/1h").is_err());
+        assert!(parse_rate("x/1h").is_err());
+        assert!(parse_rate("10").is_err());
+    }
+
+    #[test]
+    fn problems_have_lines() {
+        let src = "[[limit]]\nname = \"a\"\nkey = \"sender\"\nrate = \"10/1h\"\n\n[[limit]]\nname = \"b\"\nkey = \"nope\"\nrate = \"1/1s\"\n";
+        let err = parse_str(Path::new("r.toml"), src).unwrap_err();
+        assert_eq!(err.len(), 1);
+        assert_eq!(err[0].line, Some(8));
+        let err =
+            parse_str(Path::new("r.toml"), "[[limit]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
+        assert_eq!(err[0].line, Some(3), "{:?}", err);
+    }
+}

@@ -1,0 +1,334 @@
+//! The objects and functions scripts see: `c` (connection/transaction),
+//! `m` (the message) and the verdict functions.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mail_parser::{MessageParser, MimeHeaders};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString};
+
+use crate::policy::auth::AuthOutcome;
+use crate::policy::types::{ConnInfo, TxInfo, Verdict};
+
+/// Longest body text handed to scripts (bytes); the rest is cut off.
+pub const MAX_BODY_TEXT: usize = 1 << 20;
+/// Most headers the scripts of one message may add.
+pub const MAX_ADDED_HEADERS: usize = 32;
+
+type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// A verdict as a script value.
+#[derive(Debug, Clone)]
+pub struct ScriptVerdict(pub Verdict);
+
+/// `c` in `connect(c)`, `mail_from(c)`, `rcpt(c)`.
+#[derive(Debug, Clone, Default)]
+pub struct Conn {
+    pub ip: ImmutableString,
+    pub port: INT,
+    pub tls: bool,
+    pub helo: ImmutableString,
+    pub from: ImmutableString,
+    pub auth_user: ImmutableString,
+    pub rcpt: ImmutableString,
+    pub submission: bool,
+}
+
+impl Conn {
+    pub fn from_conn(c: &ConnInfo) -> Self {
+        Self {
+            ip: c.ip.to_string().into(),
+            port: INT::from(c.port),
+            tls: c.tls,
+            ..Self::default()
+        }
+    }
+
+    pub fn from_tx(tx: &TxInfo, rcpt: Option<&str>) -> Self {
+        Self {
+            helo: tx.helo.as_str().into(),
+            from: tx.from.as_str().into(),
+            auth_user: tx.auth_user.as_deref().unwrap_or("").into(),
+            rcpt: rcpt.unwrap_or("").into(),
+            submission: tx.submission,
+            ..Self::from_conn(&tx.conn)
+        }
+    }
+}
+
+/// What scripts did to a message besides returning a verdict.
+#[derive(Debug, Default, Clone)]
+pub struct Effects {
+    pub headers: Vec<(String, String)>,
+    pub score: f64,
+    pub reasons: Vec<String>,
+}
+
+/// The read-only part of `m`.
+#[derive(Debug, Default)]
+pub struct MsgData {
+    pub from: ImmutableString,
+    pub from_domain: ImmutableString,
+    pub rcpt: Array,
+    pub helo: ImmutableString,
+    pub ip: ImmutableString,
+    pub auth_user: ImmutableString,
+    pub tls: bool,
+    pub size: INT,
+    pub subject: ImmutableString,
+    /// (lowercased name, unfolded value), in message order.
+    pub headers: Vec<(String, ImmutableString)>,
+    pub body: ImmutableString,
+    pub attachments: Array,
+    pub spf: ImmutableString,
+    pub dkim: ImmutableString,
+    pub dmarc: ImmutableString,
+    pub dmarc_policy: ImmutableString,
+}
+
+/// `m` in `data(m)`. Clones share the effects, so `m.score(..)` inside a
+/// script function (which gets a copy of `m`) still counts.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub data: Arc<MsgData>,
+    pub effects: Arc<Mutex<Effects>>,
+}
+
+fn unfold(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if c != '\r' && c != '\n' {
+            out.push(c);
+        }
+    }
+    out.trim().to_string()
+}
+
+impl Msg {
+    /// Parses `message` (mail-parser) and gathers what scripts may read.
+    pub fn build(tx: &TxInfo, message: &[u8], auth: &AuthOutcome) -> Self {
+        let from_domain = tx
+            .from
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        let mut data = MsgData {
+            from: tx.from.as_str().into(),
+            from_domain: from_domain.into(),
+            rcpt: tx.rcpts.iter().map(|r| Dynamic::from(r.clone())).collect(),
+            helo: tx.helo.as_str().into(),
+            ip: tx.conn.ip.to_string().into(),
+            auth_user: tx.auth_user.as_deref().unwrap_or("").into(),
+            tls: tx.conn.tls,
+            size: INT::try_from(message.len()).unwrap_or(INT::MAX),
+            spf: auth.spf.into(),
+            dkim: auth.dkim.into(),
+            dmarc: auth.dmarc.into(),
+            dmarc_policy: auth.dmarc_policy.into(),
+            ..MsgData::default()
+        };
+        if let Some(parsed) = MessageParser::default().parse(message) {
+            data.subject = parsed.subject().unwrap_or("").into();
+            data.headers = parsed
+                .headers_raw()
+                .map(|(name, value)| (name.to_ascii_lowercase(), unfold(value).into()))
+                .collect();
+            if let Some(text) = parsed.body_text(0) {
+                let mut end = text.len().min(MAX_BODY_TEXT);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                data.body = text[..end].into();
+            }
+            data.attachments = parsed
+                .attachments()
+                .filter_map(|p| p.attachment_name())
+                .map(|n| Dynamic::from(n.to_string()))
+                .collect();
+        }
+        Self {
+            data: Arc::new(data),
+            effects: Arc::new(Mutex::new(Effects::default())),
+        }
+    }
+
+    pub fn effects(&self) -> Effects {
+        self.effects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn header(&self, name: &str) -> ImmutableString {
+        let name = name.to_ascii_lowercase();
+        self.data
+            .headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    fn headers(&self, name: &str) -> Array {
+        let name = name.to_ascii_lowercase();
+        self.data
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| Dynamic::from(v.clone()))
+            .collect()
+    }
+
+    fn add_header(&self, name: &str, value: &str) -> RhaiResult<()> {
+        let name_ok = !name.is_empty()
+            && name.len() <= 76
+            && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !name_ok {
+            return Err(format!("add_header: bad header name {name:?}").into());
+        }
+        if value.contains(['\r', '\n', '\0']) || value.len() > 900 {
+            return Err(format!(
+                "add_header: the value of {name} must be one line of at most 900 bytes"
+            )
+            .into());
+        }
+        let mut fx = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        if fx.headers.len() >= MAX_ADDED_HEADERS {
+            return Err(format!("add_header: more than {MAX_ADDED_HEADERS} headers").into());
+        }
+        fx.headers.push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    fn score(&self, points: FLOAT, why: &str) -> RhaiResult<()> {
+        if !points.is_finite() {
+            return Err("score: points must be a finite number".into());
+        }
+        let mut fx = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        fx.score += points;
+        if fx.reasons.len() < 64 {
+            fx.reasons.push(format!("{why} ({points:+})"));
+        }
+        Ok(())
+    }
+}
+
+/// True when `text` starts with an enhanced status code like `5.7.1`.
+fn has_enhanced_code(text: &str) -> bool {
+    let code = text.split_whitespace().next().unwrap_or("");
+    let parts: Vec<&str> = code.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Makes a reply text safe (one line) and gives it an enhanced status code.
+pub fn reply_text(text: &str, default_code: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect();
+    let clean = clean.trim();
+    if has_enhanced_code(clean) {
+        clean.to_string()
+    } else if clean.is_empty() {
+        default_code.to_string()
+    } else {
+        format!("{default_code} {clean}")
+    }
+}
+
+fn sanitize_reason(reason: &str) -> String {
+    reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Registers `c`, `m` and the verdict functions on `engine`.
+pub fn register(engine: &mut Engine) {
+    engine.register_type_with_name::<ScriptVerdict>("Verdict");
+    engine.register_fn("accept", || ScriptVerdict(Verdict::Accept));
+    engine.register_fn("discard", || ScriptVerdict(Verdict::Discard));
+    engine.register_fn(
+        "reject",
+        |code: INT, text: &str| -> RhaiResult<ScriptVerdict> {
+            if !(500..=599).contains(&code) {
+                return Err(format!("reject() needs a 5xx code, not {code}").into());
+            }
+            let code = u16::try_from(code).unwrap_or(550);
+            Ok(ScriptVerdict(Verdict::Reject {
+                code,
+                text: reply_text(text, "5.7.1"),
+            }))
+        },
+    );
+    engine.register_fn("tempfail", |text: &str| {
+        ScriptVerdict(Verdict::Tempfail {
+            code: 451,
+            text: reply_text(text, "4.7.1"),
+        })
+    });
+    engine.register_fn("quarantine", |reason: &str| {
+        ScriptVerdict(Verdict::Quarantine {
+            reason: sanitize_reason(reason),
+        })
+    });
+
+    engine.register_type_with_name::<Conn>("Connection");
+    engine.register_get("ip", |c: &mut Conn| c.ip.clone());
+    engine.register_get("port", |c: &mut Conn| c.port);
+    engine.register_get("tls", |c: &mut Conn| c.tls);
+    engine.register_get("helo", |c: &mut Conn| c.helo.clone());
+    engine.register_get("from", |c: &mut Conn| c.from.clone());
+    engine.register_get("auth_user", |c: &mut Conn| c.auth_user.clone());
+    engine.register_get("rcpt", |c: &mut Conn| c.rcpt.clone());
+    engine.register_get("submission", |c: &mut Conn| c.submission);
+
+    engine.register_type_with_name::<Msg>("Message");
+    engine.register_get("from", |m: &mut Msg| m.data.from.clone());
+    engine.register_get("from_domain", |m: &mut Msg| m.data.from_domain.clone());
+    engine.register_get("rcpt", |m: &mut Msg| m.data.rcpt.clone());
+    engine.register_get("helo", |m: &mut Msg| m.data.helo.clone());
+    engine.register_get("ip", |m: &mut Msg| m.data.ip.clone());
+    engine.register_get("auth_user", |m: &mut Msg| m.data.auth_user.clone());
+    engine.register_get("tls", |m: &mut Msg| m.data.tls);
+    engine.register_get("size", |m: &mut Msg| m.data.size);
+    engine.register_get("subject", |m: &mut Msg| m.data.subject.clone());
+    engine.register_get("body", |m: &mut Msg| m.data.body.clone());
+    engine.register_get("attachments", |m: &mut Msg| m.data.attachments.clone());
+    engine.register_get("spf", |m: &mut Msg| m.data.spf.clone());
+    engine.register_get("dkim", |m: &mut Msg| m.data.dkim.clone());
+    engine.register_get("dmarc", |m: &mut Msg| m.data.dmarc.clone());
+    engine.register_get("dmarc_policy", |m: &mut Msg| m.data.dmarc_policy.clone());
+    engine.register_fn("header", |m: &mut Msg, name: &str| m.header(name));
+    engine.register_fn("headers", |m: &mut Msg, name: &str| m.headers(name));
+    engine.register_fn("add_header", |m: &mut Msg, name: &str, value: &str| {
+        m.add_header(name, value)
+    });
+    engine.register_fn("score", |m: &mut Msg, points: FLOAT, why: &str| {
+        m.score(points, why)
+    });
+    engine.register_fn("score", |m: &mut Msg, points: INT, why: &str| {
+        // Precision loss above 2^53 points does not matter.
+        #[allow(clippy::cast_precision_loss)]
+        m.score(points as FLOAT, why)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_texts() {
+        assert_eq!(reply_text("5.7.1 go away", "5.7.1"), "5.7.1 go away");
+        assert_eq!(reply_text("go away", "5.7.1"), "5.7.1 go away");
+        assert_eq!(reply_text("a\r\n250 OK", "4.7.1"), "4.7.1 a  250 OK");
+        assert_eq!(reply_text("", "4.7.1"), "4.7.1");
+    }
+}
