@@ -155,7 +155,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(None);
             }
         };
-        match session.command(&line) {
+        let action = session.command(&line);
+        if let Some((verdict, stage)) = session.verdict.take() {
+            ctx.metrics
+                .verdicts
+                .with_label_values(&[verdict, stage])
+                .inc();
+        }
+        match action {
             Action::Reply(b) => out.extend(b),
             Action::Close(b) => {
                 out.extend(b);
@@ -300,6 +307,9 @@ async fn read_body<S: AsyncRead + Unpin>(
         limit,
     };
     let mut line_start = true;
+    // Did the previous line end with CRLF? Only then can "." end the message:
+    // "\n.\r\n" is not CRLF.CRLF, and treating it as the end is how smuggling works.
+    let mut after_crlf = true;
     // A line that starts with '.', held until we know whether it is the final ".\r\n".
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -325,19 +335,32 @@ async fn read_body<S: AsyncRead + Unpin>(
         if !pending.is_empty() || (line_start && chunk[0] == b'.') {
             pending.extend_from_slice(&chunk[..take]);
             r.consume(take);
-            if pending == b".\r\n" {
+            if after_crlf && pending == b".\r\n" {
                 return Ok(st.fault);
             }
             if eol || pending.len() >= 3 {
                 let p = std::mem::take(&mut pending);
                 st.process(&p, true, body);
                 line_start = eol;
+                if eol {
+                    after_crlf = p.ends_with(b"\r\n");
+                }
             }
             continue;
         }
-        st.process(&chunk[..take], line_start, body);
+        let piece = &chunk[..take];
+        let crlf = eol
+            && if take >= 2 {
+                piece[take - 2] == b'\r'
+            } else {
+                st.prev_cr
+            };
+        st.process(piece, line_start, body);
         r.consume(take);
         line_start = eol;
+        if eol {
+            after_crlf = crlf;
+        }
     }
 }
 
@@ -428,6 +451,21 @@ mod tests {
         assert!(f.bare_newline);
         let (_, f) = body_of(b"hello\r\n.\rMAIL\r\n.\r\n").await;
         assert!(f.bare_newline);
+        // "\n.\r\n" is not the end: what follows stays inside the message.
+        for cap in [1, 2, 3, 7, 64] {
+            let mut r =
+                BufReader::with_capacity(cap, &b"hi\r\n\n.\r\nRCPT TO:<x@y>\r\n.\r\nNOOP\r\n"[..]);
+            let mut body = Vec::new();
+            let f = read_body(&mut r, &mut body, 1000, Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert!(f.bare_newline, "capacity {cap}");
+            let mut rest = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut r, &mut rest)
+                .await
+                .unwrap();
+            assert_eq!(rest, b"NOOP\r\n", "capacity {cap}");
+        }
     }
 
     #[tokio::test]

@@ -87,6 +87,9 @@ pub struct Session {
     pub auth_user: Option<String>,
     pub tx: Option<Transaction>,
     errors: u32,
+    /// The last decision taken, as `(verdict, stage)`, for the verdict metric;
+    /// the shell takes it after each command.
+    pub verdict: Option<(&'static str, &'static str)>,
 }
 
 /// Format one reply line.
@@ -114,6 +117,7 @@ impl Session {
             auth_user: None,
             tx: None,
             errors: 0,
+            verdict: None,
         }
     }
 
@@ -306,7 +310,10 @@ impl Session {
                 });
                 Action::Reply(reply(250, "2.1.5 Ok"))
             }
-            RcptDecision::Refuse(code, text) => self.error(reply(code, &sanitize_line(&text))),
+            RcptDecision::Refuse(code, text) => {
+                self.verdict = Some(("reject", "rcpt"));
+                self.error(reply(code, &sanitize_line(&text)))
+            }
         }
     }
 

@@ -1,0 +1,575 @@
+//! Test support: the real `postern` binary on ephemeral loopback ports, a
+//! real SMTP/LMTP sink as the mailbox backend, and a plain-socket SMTP client.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
+
+/// A port nobody listens on right now (bind :0, read it, close).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+// ---------------------------------------------------------------- the sink
+
+/// One message the sink accepted.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub from: String,
+    pub rcpts: Vec<String>,
+    pub body: Vec<u8>,
+}
+
+/// A real SMTP (or LMTP) server standing in for the mailbox backend.
+#[derive(Clone)]
+pub struct Sink {
+    pub port: u16,
+    pub got: Arc<Mutex<Vec<Got>>>,
+    /// Answer 451 at the end of DATA this many more times.
+    pub tempfail_data: Arc<AtomicUsize>,
+    /// Recipients refused with 550 (at RCPT for SMTP, after DATA for LMTP).
+    pub reject: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
+    pub lmtp: bool,
+}
+
+impl Sink {
+    pub async fn start(lmtp: bool) -> Sink {
+        Sink::start_on(0, lmtp).await
+    }
+
+    /// Listen on a given port (0: any), e.g. one a gateway was configured with earlier.
+    pub async fn start_on(port: u16, lmtp: bool) -> Sink {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let sink = Sink {
+            port: listener.local_addr().unwrap().port(),
+            got: Arc::default(),
+            tempfail_data: Arc::default(),
+            reject: Arc::default(),
+            connections: Arc::default(),
+            lmtp,
+        };
+        let s = sink.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = s.session(tcp).await;
+                });
+            }
+        });
+        sink
+    }
+
+    pub fn messages(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    async fn session(&self, tcp: TcpStream) -> std::io::Result<()> {
+        let (r, mut w) = tcp.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 sink.test ESMTP\r\n").await?;
+        let mut from = String::new();
+        let mut rcpts: Vec<String> = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let upper = line.to_ascii_uppercase();
+            let reply: String = if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
+                "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+                    .into()
+            } else if upper.starts_with("HELO") {
+                "250 sink.test\r\n".into()
+            } else if upper.starts_with("MAIL FROM:") {
+                from = addr(&line);
+                rcpts.clear();
+                "250 2.1.0 ok\r\n".into()
+            } else if upper.starts_with("RCPT TO:") {
+                let a = addr(&line);
+                let refused = self.reject.lock().unwrap().contains(&a);
+                if refused && !self.lmtp {
+                    "550 5.1.1 no such user here\r\n".into()
+                } else {
+                    rcpts.push(a);
+                    "250 2.1.5 ok\r\n".into()
+                }
+            } else if upper.starts_with("DATA") {
+                if rcpts.is_empty() {
+                    "554 5.5.1 no valid recipients\r\n".into()
+                } else {
+                    w.write_all(b"354 go ahead\r\n").await?;
+                    let body = read_data(&mut r).await?;
+                    let temp = self
+                        .tempfail_data
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if self.lmtp {
+                        let mut out = String::new();
+                        let mut ok_rcpts = Vec::new();
+                        for a in &rcpts {
+                            if temp {
+                                out.push_str("451 4.3.0 try later\r\n");
+                            } else if self.reject.lock().unwrap().contains(a) {
+                                out.push_str("550 5.1.1 no such mailbox\r\n");
+                            } else {
+                                ok_rcpts.push(a.clone());
+                                out.push_str("250 2.0.0 delivered\r\n");
+                            }
+                        }
+                        if !ok_rcpts.is_empty() {
+                            self.got.lock().unwrap().push(Got {
+                                from: from.clone(),
+                                rcpts: ok_rcpts,
+                                body,
+                            });
+                        }
+                        out
+                    } else if temp {
+                        "451 4.3.0 try again later\r\n".into()
+                    } else {
+                        self.got.lock().unwrap().push(Got {
+                            from: from.clone(),
+                            rcpts: rcpts.clone(),
+                            body,
+                        });
+                        "250 2.0.0 queued\r\n".into()
+                    }
+                }
+            } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
+                rcpts.clear();
+                "250 2.0.0 ok\r\n".into()
+            } else if upper.starts_with("QUIT") {
+                w.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            } else {
+                "500 5.5.2 what?\r\n".into()
+            };
+            w.write_all(reply.as_bytes()).await?;
+        }
+    }
+}
+
+fn addr(line: &str) -> String {
+    let s = line.find('<').map(|i| i + 1).unwrap_or(0);
+    let e = line.find('>').unwrap_or(line.len());
+    line.get(s..e).unwrap_or("").to_string()
+}
+
+async fn read_data<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == b".\r\n" {
+            return Ok(body);
+        }
+        let start = usize::from(line.first() == Some(&b'.'));
+        body.extend_from_slice(&line[start..]);
+    }
+}
+
+// ---------------------------------------------------------------- the gateway
+
+/// Settings a test may change; everything else is the test default.
+#[derive(Clone)]
+pub struct Opts {
+    pub route: String,
+    pub outbound: String,
+    pub networks: Vec<String>,
+    pub max_message_size: String,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout: String,
+    pub retry: String,
+    pub max_age: String,
+    pub extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            route: "maildir:data/maildir".into(),
+            outbound: "smtp://127.0.0.1:9".into(),
+            networks: vec![],
+            max_message_size: "1MB".into(),
+            max_recipients: 50,
+            max_connections: 100,
+            idle_timeout: "30s".into(),
+            retry: "[\"1s\"]".into(),
+            max_age: "1h".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+impl Opts {
+    pub fn sink(port: u16) -> Opts {
+        Opts {
+            route: format!("smtp://127.0.0.1:{port}"),
+            outbound: format!("smtp://127.0.0.1:{port}"),
+            ..Opts::default()
+        }
+    }
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub smtp: u16,
+    pub submission: u16,
+    pub submissions: u16,
+    pub metrics: u16,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("postern.toml")
+    }
+
+    /// Write a config into a fresh directory and start `postern serve`.
+    pub async fn start(opts: Opts) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Gateway {
+            smtp: free_port(),
+            submission: free_port(),
+            submissions: free_port(),
+            metrics: free_port(),
+            log: dir.path().join("postern.log"),
+            dir,
+            child: None,
+        };
+        let nets: Vec<String> = opts.networks.iter().map(|n| format!("\"{n}\"")).collect();
+        let cfg = format!(
+            r#"
+[server]
+hostname = "gw.test"
+data_dir = "data"
+shutdown_grace = "3s"
+
+[smtp]
+relay = ["127.0.0.1:{smtp}"]
+submission = ["127.0.0.1:{sub}"]
+submissions = ["127.0.0.1:{subs}"]
+max_message_size = "{size}"
+max_recipients = {rcpts}
+max_connections = {conns}
+idle_timeout = "{idle}"
+
+[relay]
+domains = ["local.test"]
+networks = [{nets}]
+
+[delivery]
+route = "{route}"
+outbound = "{outbound}"
+concurrency = 16
+retry = {retry}
+max_age = "{max_age}"
+timeout = "5s"
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+{extra}
+"#,
+            smtp = g.smtp,
+            sub = g.submission,
+            subs = g.submissions,
+            metrics = g.metrics,
+            size = opts.max_message_size,
+            rcpts = opts.max_recipients,
+            conns = opts.max_connections,
+            idle = opts.idle_timeout,
+            nets = nets.join(", "),
+            route = opts.route,
+            outbound = opts.outbound,
+            retry = opts.retry,
+            max_age = opts.max_age,
+            extra = opts.extra,
+        );
+        std::fs::write(g.config_path(), cfg).unwrap();
+        let mut g = g;
+        g.spawn().await;
+        g
+    }
+
+    /// Start (or restart) the process on the same directory and wait until it answers.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .env("POSTERN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.smtp)).await.is_ok() {
+                break;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("postern exited early ({status}); log:\n{}", self.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "postern did not start; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("not running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().unwrap()
+    }
+
+    /// Wait for a process already told to stop.
+    pub fn term_wait(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("not running");
+        c.wait().unwrap()
+    }
+
+    /// Run a `postern` admin command against this gateway's config.
+    pub fn admin(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics))
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
+            .await
+            .unwrap();
+        out
+    }
+
+    pub fn maildir_files(&self, rcpt: &str) -> Vec<Vec<u8>> {
+        let dir = self.data_dir().join("maildir").join(rcpt).join("new");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------- a raw client
+
+/// A line-level SMTP client that shows the server's exact replies.
+pub struct Client<S> {
+    r: BufReader<S>,
+}
+
+impl Client<TcpStream> {
+    pub async fn connect(port: u16) -> Client<TcpStream> {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut c = Client {
+            r: BufReader::new(tcp),
+        };
+        let greeting = c.reply().await;
+        assert!(greeting.starts_with("220"), "greeting: {greeting}");
+        c
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Read one full reply (all its lines), joined with '\n'.
+    pub async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line))
+                .await
+                .expect("reply timed out")
+                .unwrap();
+            if n == 0 {
+                return if all.is_empty() { "EOF".into() } else { all };
+            }
+            all.push_str(line.trim_end());
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
+    pub async fn send(&mut self, raw: &[u8]) {
+        self.r.get_mut().write_all(raw).await.unwrap();
+    }
+
+    /// Send one command line and return the reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// A whole transaction that reports instead of asserting (for crash tests).
+    pub async fn try_mail(&mut self, from: &str, to: &str, data: &[u8]) -> Result<String, String> {
+        let steps = [
+            format!("MAIL FROM:<{from}>"),
+            format!("RCPT TO:<{to}>"),
+            "DATA".into(),
+        ];
+        for s in steps {
+            let line = format!("{s}\r\n");
+            self.r
+                .get_mut()
+                .write_all(line.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let r = self.reply_checked().await?;
+            if !(r.starts_with('2') || r.starts_with('3')) {
+                return Err(r);
+            }
+        }
+        let w = self.r.get_mut();
+        w.write_all(data).await.map_err(|e| e.to_string())?;
+        w.write_all(b"\r\n.\r\n").await.map_err(|e| e.to_string())?;
+        self.reply_checked().await
+    }
+
+    async fn reply_checked(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line)).await {
+            Ok(Ok(0)) => Err("EOF".into()),
+            Ok(Ok(_)) => {
+                let mut all = line.trim_end().to_string();
+                while line.len() >= 4 && line.as_bytes()[3] == b'-' {
+                    line.clear();
+                    match self.r.read_line(&mut line).await {
+                        Ok(n) if n > 0 => all.push_str(line.trim_end()),
+                        _ => return Err("EOF".into()),
+                    }
+                }
+                Ok(all)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        }
+    }
+
+    /// A whole transaction; returns the reply after the final dot.
+    pub async fn mail(&mut self, from: &str, to: &[&str], data: &[u8]) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>")).await;
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>")).await;
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA").await;
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(data).await;
+        self.send(b"\r\n.\r\n").await;
+        self.reply().await
+    }
+}
+
+/// Run a Python 3 script (stdlib only) and return its stdout; panics with stderr on failure.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 is needed for the tests");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn read_dir_count(p: &Path) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
