@@ -167,10 +167,12 @@ async fn size_and_recipient_limits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_limit_and_idle_timeout() {
-    let mut opts = Opts::default();
-    opts.max_connections = 2;
-    opts.idle_timeout = "1s".into();
-    let gw = Gateway::start(opts).await;
+    let gw = Gateway::start(Opts {
+        max_connections: 2,
+        idle_timeout: "1s".into(),
+        ..Opts::default()
+    })
+    .await;
     let _a = Client::connect(gw.smtp).await;
     let _b = Client::connect(gw.smtp).await;
     let mut third = tokio::net::TcpStream::connect(("127.0.0.1", gw.smtp))
