@@ -230,6 +230,8 @@ pub struct ChecksConfig {
     pub spf: bool,
     pub dkim: bool,
     pub dmarc: bool,
+    /// One deadline for all DNS work of one message; what is not done by then is `temperror`.
+    pub deadline: DurationStr,
 }
 
 impl Default for ChecksConfig {
@@ -238,6 +240,7 @@ impl Default for ChecksConfig {
             spf: true,
             dkim: true,
             dmarc: true,
+            deadline: DurationStr(Duration::from_secs(20)),
         }
     }
 }
@@ -413,6 +416,33 @@ fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
 }
 
 impl Config {
+    /// Load the rules and policies this config names (also what `check` validates).
+    pub fn load_policy(&self) -> Result<crate::policy::Policy, Vec<crate::policy::Problem>> {
+        use crate::policy;
+        let on_error = match self.rules.on_error {
+            OnError::Tempfail => policy::OnError::Tempfail,
+            OnError::Accept => policy::OnError::Accept,
+            OnError::Quarantine => policy::OnError::Quarantine,
+        };
+        policy::Policy::load(
+            &self.rules.dir,
+            &self.policies.dir,
+            policy::RulesConfig {
+                max_operations: self.rules.max_operations,
+                on_error,
+                quarantine_score: self.rules.quarantine_score,
+            },
+            policy::ChecksConfig {
+                spf: self.checks.spf,
+                dkim: self.checks.dkim,
+                dmarc: self.checks.dmarc,
+                deadline: self.checks.deadline.0,
+            },
+            self.dns.nameservers.clone(),
+            self.server.hostname.clone(),
+        )
+    }
+
     /// The embedded default, as shipped in the repository's `postern.toml`.
     pub const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
 

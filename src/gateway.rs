@@ -25,6 +25,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let store = Store::open(&data_dir.join("store"))?;
     let metrics = Metrics::new();
+    let policy = Arc::new(cfg.load_policy().map_err(|problems| {
+        anyhow::anyhow!(
+            "rules or policies do not load:\n{}",
+            problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?);
+    metrics.register_policy(policy.metrics())?;
     let acceptor = tls::acceptor(&cfg)?;
     let (scheduler, sched_rx) = Scheduler::channel();
     let delivery = Delivery::new(
@@ -56,7 +67,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
             store: store.clone(),
             scheduler: scheduler.clone(),
             metrics: metrics.clone(),
+            hostname: cfg.server.hostname.clone(),
         }),
+        policy: policy.clone(),
         metrics: metrics.clone(),
         connections: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
         idle_timeout: cfg.smtp.idle_timeout.0,
@@ -108,6 +121,21 @@ pub async fn serve(cfg: Config) -> Result<()> {
         shutdown_rx.clone(),
         workers.clone(),
     ));
+    // Rules and policies reload on SIGHUP and when their files change.
+    let watcher = crate::policy::watch(policy.clone(), policy.dirs());
+    let housekeeping = crate::policy::spawn_housekeeping(policy.clone(), Duration::from_secs(60));
+    let hup_policy = policy.clone();
+    let hup = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading rules and policies");
+            // Errors are logged and counted by reload itself.
+            let _ = hup_policy.reload();
+        }
+    });
     tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
     println!(
         "postern: serving (hostname {}, data in {})",
@@ -116,6 +144,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     );
 
     wait_for_signal().await;
+    watcher.abort();
+    housekeeping.abort();
+    hup.abort();
     tracing::info!("shutting down: no new connections; finishing sessions in flight");
     let _ = shutdown_tx.send(true);
     sessions.close();

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod intake;
 pub mod metrics;
 pub mod policy;
+pub mod rules_test;
 pub mod smtp;
 pub mod store;
 pub mod tls;

@@ -34,6 +34,33 @@ enum Command {
         #[command(subcommand)]
         cmd: QuarantineCmd,
     },
+    /// Rule tools.
+    Rules {
+        #[command(subcommand)]
+        cmd: RulesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCmd {
+    /// Run the whole rule set on a message offline and print what it decided.
+    Test {
+        /// The message (RFC 5322, as it would arrive after DATA).
+        #[arg(long)]
+        message: PathBuf,
+        /// Envelope sender (default: the null sender <>).
+        #[arg(long, default_value = "")]
+        from: String,
+        /// Envelope recipient; repeat for several.
+        #[arg(long)]
+        rcpt: Vec<String>,
+        /// The client's IP address.
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: std::net::IpAddr,
+        /// The client's HELO name.
+        #[arg(long, default_value = "localhost")]
+        helo: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -123,10 +150,34 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::Check => {
-                println!("{}: ok", cli.config.display());
-                ExitCode::SUCCESS
-            }
+            Command::Check => match cfg.load_policy() {
+                Ok(p) => {
+                    let set = p.current();
+                    println!(
+                        "{}: ok ({} rule script(s), {} rate limit(s))",
+                        cli.config.display(),
+                        set.script_names().len(),
+                        set.limit_names().len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("{p}");
+                    }
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Rules {
+                cmd:
+                    RulesCmd::Test {
+                        message,
+                        from,
+                        rcpt,
+                        ip,
+                        helo,
+                    },
+            } => postern::rules_test::run(&cfg, &message, &from, &rcpt, ip, &helo).await,
             Command::Queue { cmd } => {
                 admin_cmd(
                     &cfg,

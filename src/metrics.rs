@@ -1,7 +1,9 @@
 //! The Prometheus registry and the `GET /metrics` endpoint.
 //!
-//! Every metric SPEC.md names is registered here, in one place, so the names
-//! cannot drift; each stage increments its metric where it decides.
+//! Every metric SPEC.md names is registered here, except the policy
+//! engine's own (rule errors and time, rate limits, auth results, reloads),
+//! which `policy::PolicyMetrics` defines and [`Metrics::register_policy`]
+//! adds to the same registry. Each stage increments its metric where it decides.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,17 +21,12 @@ pub struct Metrics {
     pub smtp_sessions_active: IntGaugeVec,
     pub messages_received: IntCounterVec,
     pub verdicts: IntCounterVec,
-    pub ratelimited: IntCounterVec,
-    pub auth_results: IntCounterVec,
-    pub rule_errors: IntCounterVec,
-    pub rule_seconds: Histogram,
     pub queue_messages: IntGaugeVec,
     pub quarantine_messages: IntGauge,
     pub delivery_attempts: IntCounterVec,
     pub delivery_seconds: Histogram,
     pub bounces: IntCounter,
     pub mailbox_logins: IntCounterVec,
-    pub config_reloads: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -96,32 +93,6 @@ impl Metrics {
                 "Decisions taken on sessions and messages.",
                 &["verdict", "stage"],
             ),
-            ratelimited: counter(
-                &r,
-                "postern_ratelimited_total",
-                "Transactions refused by a rate limit.",
-                &["limit"],
-            ),
-            auth_results: counter(
-                &r,
-                "postern_auth_results_total",
-                "SPF, DKIM and DMARC results.",
-                &["method", "result"],
-            ),
-            rule_errors: counter(
-                &r,
-                "postern_rule_errors_total",
-                "Rule script errors and runaway scripts.",
-                &["script"],
-            ),
-            rule_seconds: histogram(
-                &r,
-                "postern_rule_seconds",
-                "Time spent evaluating rules per stage call.",
-                vec![
-                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
-                ],
-            ),
             queue_messages: gauge(
                 &r,
                 "postern_queue_messages",
@@ -151,12 +122,6 @@ impl Metrics {
                 "POP3 and IMAP logins by result.",
                 &["protocol", "result"],
             ),
-            config_reloads: counter(
-                &r,
-                "postern_config_reloads_total",
-                "Rule and policy reloads by result.",
-                &["result"],
-            ),
             registry: r,
         };
         // Make the label sets visible from the first scrape.
@@ -166,10 +131,15 @@ impl Metrics {
         for res in ["ok", "tempfail", "permfail"] {
             m.delivery_attempts.with_label_values(&[res]);
         }
-        for res in ["ok", "error"] {
-            m.config_reloads.with_label_values(&[res]);
-        }
         Arc::new(m)
+    }
+
+    /// Add the policy engine's metrics to this registry.
+    pub fn register_policy(&self, pm: &crate::policy::PolicyMetrics) -> prometheus::Result<()> {
+        for res in ["ok", "error"] {
+            pm.config_reloads.with_label_values(&[res]);
+        }
+        pm.register(&self.registry)
     }
 
     /// Refresh the gauges that mirror the store, then encode everything.

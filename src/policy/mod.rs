@@ -1,5 +1,475 @@
-//! Policy: who may send what where.
+//! The policy engine: relay control, rate limits, SPF/DKIM/DMARC and the Rhai rules.
 //!
-//! `relay` is the open-relay guard every RCPT goes through.
+//! Sans-I/O except for DNS: the SMTP session calls [`RuleSet::connect`],
+//! [`RuleSet::mail_from`], [`RuleSet::rcpt`] and, at end of DATA, the async
+//! [`RuleSet::data`]. A session takes [`Policy::current`] once and keeps
+//! that set while a reload swaps in a new one.
 
+mod auth;
+mod limits;
+mod metrics;
+mod rules;
+mod script_api;
+mod types;
+mod watch;
+
+/// The open-relay guard every RCPT goes through.
 pub mod relay;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use mail_auth::MessageAuthenticator;
+use rhai::Dynamic;
+
+pub use auth::{AuthOutcome, strip_forged_auth_results};
+pub use limits::{LimitKey, LimitSpec, Scope, normalize_address};
+pub use metrics::PolicyMetrics;
+pub use rules::{CALL_TIME_LIMIT, STAGES};
+pub use types::{
+    ChecksConfig, ConnInfo, DataOutcome, Decision, OnError, Problem, RulesConfig, TxInfo, Verdict,
+};
+pub use watch::{spawn_housekeeping, watch, watch_every};
+
+use limits::{LimiterRegistry, Limits};
+use rules::Rules;
+use script_api::{Conn, Msg};
+
+/// The name of the rate-limit file inside the policies directory.
+pub const RATELIMITS_FILE: &str = "ratelimits.toml";
+
+/// The DNS side, shared by all rule sets of a [`Policy`].
+struct Dns {
+    checks: ChecksConfig,
+    hostname: String,
+    nameservers: Vec<SocketAddr>,
+    /// Built on first use, inside the runtime.
+    resolver: OnceLock<Result<MessageAuthenticator, String>>,
+}
+
+impl Dns {
+    fn resolver(&self) -> Result<&MessageAuthenticator, &str> {
+        let per_query = self
+            .checks
+            .deadline
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        self.resolver
+            .get_or_init(|| auth::build_resolver(&self.nameservers, per_query))
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
+/// One loaded set of rules and limits. Immutable; replaced whole on reload.
+pub struct RuleSet {
+    rules: Arc<Rules>,
+    limits: Limits,
+    dns: Arc<Dns>,
+    metrics: PolicyMetrics,
+    generation: u64,
+}
+
+/// The loader and holder of the current [`RuleSet`].
+pub struct Policy {
+    rules_dir: PathBuf,
+    policies_dir: PathBuf,
+    rules_config: RulesConfig,
+    dns: Arc<Dns>,
+    limiters: LimiterRegistry,
+    metrics: PolicyMetrics,
+    current: ArcSwap<RuleSet>,
+    generation: AtomicU64,
+    reloading: Mutex<()>,
+}
+
+impl Policy {
+    /// Compiles every rule and parses every policy; all problems at once.
+    pub fn load(
+        rules_dir: impl AsRef<Path>,
+        policies_dir: impl AsRef<Path>,
+        rules_config: RulesConfig,
+        checks: ChecksConfig,
+        dns_nameservers: Vec<SocketAddr>,
+        hostname: impl Into<String>,
+    ) -> Result<Policy, Vec<Problem>> {
+        let metrics = PolicyMetrics::new();
+        let dns = Arc::new(Dns {
+            checks,
+            hostname: hostname.into(),
+            nameservers: dns_nameservers,
+            resolver: OnceLock::new(),
+        });
+        let limiters = LimiterRegistry::default();
+        let rules_dir = rules_dir.as_ref().to_path_buf();
+        let policies_dir = policies_dir.as_ref().to_path_buf();
+        let set = build_set(
+            &rules_dir,
+            &policies_dir,
+            &rules_config,
+            &dns,
+            &limiters,
+            &metrics,
+            1,
+        )?;
+        Ok(Policy {
+            rules_dir,
+            policies_dir,
+            rules_config,
+            dns,
+            limiters,
+            metrics,
+            current: ArcSwap::from_pointee(set),
+            generation: AtomicU64::new(1),
+            reloading: Mutex::new(()),
+        })
+    }
+
+    /// Loads the files again and swaps the new set in atomically. On any
+    /// problem the running set stays and the problems are returned (and
+    /// logged, and counted in `postern_config_reloads_total{result="error"}`).
+    pub fn reload(&self) -> Result<(), Vec<Problem>> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let generation = self.generation.load(Ordering::SeqCst) + 1;
+        match build_set(
+            &self.rules_dir,
+            &self.policies_dir,
+            &self.rules_config,
+            &self.dns,
+            &self.limiters,
+            &self.metrics,
+            generation,
+        ) {
+            Ok(set) => {
+                let scripts = set.script_names().len();
+                let limits = set.limit_names().len();
+                self.current.store(Arc::new(set));
+                self.generation.store(generation, Ordering::SeqCst);
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(generation, scripts, limits, "rules and policies reloaded");
+                Ok(())
+            }
+            Err(problems) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                for p in &problems {
+                    tracing::error!("reload failed, keeping the running rules: {p}");
+                }
+                Err(problems)
+            }
+        }
+    }
+
+    /// The set to use for one session (or one transaction).
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.current.load_full()
+    }
+
+    pub fn metrics(&self) -> &PolicyMetrics {
+        &self.metrics
+    }
+
+    /// The directories whose files make up the set (for [`watch`]).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        vec![self.rules_dir.clone(), self.policies_dir.clone()]
+    }
+
+    /// Forgets rate-limit keys whose bucket is full again and frees the
+    /// memory; returns the number of keys still tracked. Call it every
+    /// minute or so (see [`spawn_housekeeping`]).
+    pub fn housekeeping(&self) -> usize {
+        self.limiters.housekeeping()
+    }
+}
+
+fn build_set(
+    rules_dir: &Path,
+    policies_dir: &Path,
+    rules_config: &RulesConfig,
+    dns: &Arc<Dns>,
+    limiters: &LimiterRegistry,
+    metrics: &PolicyMetrics,
+    generation: u64,
+) -> Result<RuleSet, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let rules = Rules::load(rules_dir, rules_config.clone(), metrics.clone())
+        .map_err(|p| problems.extend(p))
+        .ok();
+    if !policies_dir.is_dir() {
+        problems.push(Problem::new(
+            policies_dir,
+            None,
+            "the policies directory does not exist",
+        ));
+    }
+    let specs = limits::parse_file(&policies_dir.join(RATELIMITS_FILE))
+        .map_err(|p| problems.extend(p))
+        .ok();
+    match (rules, specs) {
+        (Some(rules), Some(specs)) if problems.is_empty() => Ok(RuleSet {
+            rules: Arc::new(rules),
+            // Only now, with everything valid, touch the shared limiters.
+            limits: limiters.build(specs),
+            dns: dns.clone(),
+            metrics: metrics.clone(),
+            generation,
+        }),
+        _ => Err(problems),
+    }
+}
+
+impl RuleSet {
+    /// Counts up by one on every successful reload (the first set is 1).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The scripts, in the order they run.
+    pub fn script_names(&self) -> Vec<String> {
+        self.rules.scripts.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The rate limits, in file order.
+    pub fn limit_names(&self) -> Vec<String> {
+        self.limits.specs().map(|s| s.name.clone()).collect()
+    }
+
+    fn decide(&self, function: &str, arg: Dynamic) -> Decision {
+        if !self.rules.defines(function) {
+            return Decision::pass();
+        }
+        let r = self.rules.run_stage(function, &arg);
+        Decision {
+            function: r.verdict.as_ref().map(|_| function.to_string()),
+            verdict: r.verdict,
+            script: r.script,
+        }
+    }
+
+    /// After the client connects: the `connect(c)` functions.
+    pub fn connect(&self, conn: &ConnInfo) -> Decision {
+        self.decide("connect", Dynamic::from(Conn::from_conn(conn)))
+    }
+
+    /// At MAIL FROM: the rate limits (all keys but `recipient`), then the
+    /// `mail_from(c)` functions.
+    pub fn mail_from(&self, tx: &TxInfo) -> Decision {
+        if let Some((limit, verdict)) = self.limits.check_mail_from(tx) {
+            return self.limited(limit, verdict, "mail_from");
+        }
+        self.decide("mail_from", Dynamic::from(Conn::from_tx(tx, None)))
+    }
+
+    /// At each RCPT TO: the `recipient` rate limits, then `rcpt(c)`.
+    pub fn rcpt(&self, tx: &TxInfo, rcpt: &str) -> Decision {
+        if let Some((limit, verdict)) = self.limits.check_rcpt(tx, rcpt) {
+            return self.limited(limit, verdict, "rcpt");
+        }
+        self.decide("rcpt", Dynamic::from(Conn::from_tx(tx, Some(rcpt))))
+    }
+
+    fn limited(&self, limit: String, verdict: Verdict, function: &str) -> Decision {
+        self.metrics
+            .ratelimited
+            .with_label_values(&[limit.as_str()])
+            .inc();
+        tracing::info!(limit = %limit, "rate limited");
+        Decision {
+            verdict: Some(verdict),
+            script: Some(format!("ratelimit:{limit}")),
+            function: Some(function.to_string()),
+        }
+    }
+
+    /// [`connect`](Self::connect) on a blocking thread when a script
+    /// defines `connect`, so a slow script never holds up the runtime.
+    pub async fn connect_async(self: &Arc<Self>, conn: &ConnInfo) -> Decision {
+        if !self.rules.defines("connect") {
+            return Decision::pass();
+        }
+        let (set, conn) = (self.clone(), conn.clone());
+        self.join_decision(tokio::task::spawn_blocking(move || set.connect(&conn)))
+            .await
+    }
+
+    /// [`mail_from`](Self::mail_from) on a blocking thread when a script
+    /// defines `mail_from` (the rate limits alone are cheap).
+    pub async fn mail_from_async(self: &Arc<Self>, tx: &TxInfo) -> Decision {
+        if !self.rules.defines("mail_from") {
+            return self.mail_from(tx);
+        }
+        let (set, tx) = (self.clone(), tx.clone());
+        self.join_decision(tokio::task::spawn_blocking(move || set.mail_from(&tx)))
+            .await
+    }
+
+    /// [`rcpt`](Self::rcpt) on a blocking thread when a script defines `rcpt`.
+    pub async fn rcpt_async(self: &Arc<Self>, tx: &TxInfo, rcpt: &str) -> Decision {
+        if !self.rules.defines("rcpt") {
+            return self.rcpt(tx, rcpt);
+        }
+        let (set, tx, rcpt) = (self.clone(), tx.clone(), rcpt.to_string());
+        self.join_decision(tokio::task::spawn_blocking(move || set.rcpt(&tx, &rcpt)))
+            .await
+    }
+
+    async fn join_decision(&self, handle: tokio::task::JoinHandle<Decision>) -> Decision {
+        match handle.await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("rule thread failed: {e}");
+                self.metrics.rule_errors.with_label_values(&["*"]).inc();
+                Decision {
+                    verdict: self.error_verdict(),
+                    script: None,
+                    function: None,
+                }
+            }
+        }
+    }
+
+    /// The verdict of `on_error` when no single script is to blame.
+    fn error_verdict(&self) -> Option<Verdict> {
+        match self.rules.config.on_error {
+            OnError::Accept => None,
+            OnError::Tempfail => Some(Verdict::Tempfail {
+                code: 451,
+                text: "4.3.0 Temporary local problem, please try again later".to_string(),
+            }),
+            OnError::Quarantine => Some(Verdict::Quarantine {
+                reason: "rule error".to_string(),
+            }),
+        }
+    }
+
+    /// At end of DATA: SPF, DKIM and DMARC (one deadline, see
+    /// [`ChecksConfig::deadline`]), then the `data(m)` functions on a
+    /// blocking thread, then the score. `message` is the message as
+    /// received (strip forged `Authentication-Results` first with
+    /// [`strip_forged_auth_results`]).
+    pub async fn data(&self, tx: &TxInfo, message: &[u8]) -> DataOutcome {
+        let started = Instant::now();
+        let auth = self.authenticate(tx, message).await;
+        for (method, result, enabled) in [
+            ("spf", auth.spf, self.dns.checks.spf),
+            ("dkim", auth.dkim, self.dns.checks.dkim),
+            ("dmarc", auth.dmarc, self.dns.checks.dmarc),
+        ] {
+            if enabled {
+                self.metrics
+                    .auth_results
+                    .with_label_values(&[method, result])
+                    .inc();
+            }
+        }
+
+        let mut outcome = DataOutcome {
+            verdict: Verdict::Accept,
+            script: None,
+            score: 0.0,
+            headers: vec![("Authentication-Results".to_string(), auth.header.clone())],
+            spf: auth.spf.to_string(),
+            dkim: auth.dkim.to_string(),
+            dmarc: auth.dmarc.to_string(),
+            elapsed: Duration::ZERO,
+        };
+
+        if self.rules.defines("data") {
+            let rules = self.rules.clone();
+            let tx = tx.clone();
+            let message = message.to_vec();
+            let joined = tokio::task::spawn_blocking(move || {
+                let msg = Msg::build(&tx, &message, &auth);
+                let result = rules.run_stage("data", &Dynamic::from(msg.clone()));
+                (result, msg.effects())
+            })
+            .await;
+            match joined {
+                Ok((result, effects)) => {
+                    outcome.score = effects.score;
+                    outcome.headers.extend(effects.headers);
+                    match result.verdict {
+                        Some(v) => {
+                            outcome.verdict = v;
+                            outcome.script = result.script;
+                        }
+                        None if effects.score >= self.rules.config.quarantine_score => {
+                            outcome.verdict = Verdict::Quarantine {
+                                reason: format!(
+                                    "score {} >= {}: {}",
+                                    effects.score,
+                                    self.rules.config.quarantine_score,
+                                    effects.reasons.join(", ")
+                                ),
+                            };
+                        }
+                        None => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("rule thread failed: {e}");
+                    self.metrics.rule_errors.with_label_values(&["*"]).inc();
+                    outcome.verdict = self.error_verdict().unwrap_or(Verdict::Accept);
+                }
+            }
+        }
+        outcome.elapsed = started.elapsed();
+        outcome
+    }
+
+    async fn authenticate(&self, tx: &TxInfo, message: &[u8]) -> AuthOutcome {
+        let checks = &self.dns.checks;
+        if !(checks.spf || checks.dkim || checks.dmarc) {
+            return AuthOutcome {
+                spf: "none",
+                dkim: "none",
+                dmarc: "none",
+                dmarc_policy: "none",
+                header: format!("{}; none", self.dns.hostname),
+            };
+        }
+        match self.dns.resolver() {
+            Ok(resolver) => {
+                auth::check_message(
+                    resolver,
+                    checks,
+                    &self.dns.hostname,
+                    tx.conn.ip,
+                    &tx.helo,
+                    &tx.from,
+                    message,
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!("no DNS resolver: {e}");
+                let word = |on: bool| if on { "temperror" } else { "none" };
+                let mut header = self.dns.hostname.clone();
+                for (m, on) in [
+                    ("spf", checks.spf),
+                    ("dkim", checks.dkim),
+                    ("dmarc", checks.dmarc),
+                ] {
+                    if on {
+                        header.push_str(&format!("; {m}=temperror"));
+                    }
+                }
+                AuthOutcome {
+                    spf: word(checks.spf),
+                    dkim: word(checks.dkim),
+                    dmarc: word(checks.dmarc),
+                    dmarc_policy: "none",
+                    header,
+                }
+            }
+        }
+    }
+}

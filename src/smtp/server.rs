@@ -13,15 +13,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::session::{Action, ListenerKind, Session, SessionConfig, reply};
+use super::session::{Action, Check, ListenerKind, Session, SessionConfig, reply};
 use crate::intake::Intake;
 use crate::metrics::Metrics;
+use crate::policy::{Policy, RuleSet, Verdict};
 
 /// Everything the sessions of all SMTP listeners share.
 pub struct SmtpContext {
     pub cfg: Arc<SessionConfig>,
     pub tls: Option<TlsAcceptor>,
     pub intake: Arc<Intake>,
+    pub policy: Arc<Policy>,
     pub metrics: Arc<Metrics>,
     /// One permit per open connection, across all SMTP listeners.
     pub connections: Arc<Semaphore>,
@@ -70,21 +72,27 @@ async fn handle(mut tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, ctx: A
     let _ = tcp.set_nodelay(true);
     let active = ctx.metrics.smtp_sessions_active.with_label_values(&[label]);
     active.inc();
-    let mut session = Session::new(ctx.cfg.clone(), kind, peer.ip(), false);
+    let mut session = Session::new(ctx.cfg.clone(), kind, peer, false);
+    // The session keeps the rule set it started with, whatever reloads happen.
+    let rules = ctx.policy.current();
     let result = match (kind, &ctx.tls) {
         (ListenerKind::Submissions, Some(tls)) => match tls.accept(tcp).await {
             Ok(stream) => {
                 session.tls = true;
-                run(stream, &mut session, &ctx, true).await.map(|_| ())
+                run(stream, &mut session, &ctx, &rules, true)
+                    .await
+                    .map(|_| ())
             }
             Err(e) => Err(e),
         },
-        _ => match run(tcp, &mut session, &ctx, true).await {
+        _ => match run(tcp, &mut session, &ctx, &rules, true).await {
             Ok(Some(tcp)) => match &ctx.tls {
                 Some(tls) => match tls.accept(tcp).await {
                     Ok(stream) => {
                         session.tls_started();
-                        run(stream, &mut session, &ctx, false).await.map(|_| ())
+                        run(stream, &mut session, &ctx, &rules, false)
+                            .await
+                            .map(|_| ())
                     }
                     Err(e) => Err(e),
                 },
@@ -116,12 +124,44 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     session: &mut Session,
     ctx: &SmtpContext,
+    rules: &Arc<RuleSet>,
     greet: bool,
 ) -> std::io::Result<Option<S>> {
     let mut r = BufReader::with_capacity(16 * 1024, io);
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut shutdown = ctx.shutdown.clone();
     if greet {
+        let d = rules.connect_async(&session.conn_info()).await;
+        let refusal = match d.verdict {
+            Some(Verdict::Reject { code, text }) => Some(reply(code, &text)),
+            // RFC 5321 3.8: a server that must go away says 421 and closes.
+            Some(Verdict::Tempfail { text, .. }) => Some(reply(421, &text)),
+            Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) => {
+                ctx.metrics
+                    .verdicts
+                    .with_label_values(&[v.word(), "connect"])
+                    .inc();
+                session.session_sticky = Some((v, d.script.clone()));
+                None
+            }
+            _ => None,
+        };
+        if let Some(b) = refusal {
+            let word = if b.starts_with(b"5") {
+                "reject"
+            } else {
+                "tempfail"
+            };
+            ctx.metrics
+                .verdicts
+                .with_label_values(&[word, "connect"])
+                .inc();
+            tracing::info!(script = ?d.script, "refused at connect");
+            out.extend(b);
+            write_out(&mut r, &mut out).await?;
+            let _ = r.get_mut().shutdown().await;
+            return Ok(None);
+        }
         out.extend(session.greeting());
     }
     loop {
@@ -155,7 +195,18 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(None);
             }
         };
-        let action = session.command(&line);
+        let mut action = session.command(&line);
+        if let Action::Policy(check) = action {
+            let info = session.tx_info(Some(&check));
+            let d = match &check {
+                Check::Mail => rules.mail_from_async(&info).await,
+                Check::Rcpt(rcpt) => rules.rcpt_async(&info, &rcpt.address).await,
+            };
+            if d.verdict.is_some() {
+                tracing::info!(script = ?d.script, function = ?d.function, verdict = ?d.verdict, "rule decision");
+            }
+            action = session.policy_answer(check, d);
+        }
         if let Some((verdict, stage)) = session.verdict.take() {
             ctx.metrics
                 .verdicts
@@ -178,9 +229,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Action::Data(b) => {
                 out.extend(b);
                 write_out(&mut r, &mut out).await?;
-                let answer = receive_data(&mut r, session, ctx).await?;
+                let answer = receive_data(&mut r, session, ctx, rules).await?;
                 out.extend(answer);
             }
+            // Answered above; a second question in a row cannot happen.
+            Action::Policy(_) => out.extend(reply(451, "4.3.0 Internal error")),
         }
     }
 }
@@ -261,6 +314,7 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     r: &mut BufReader<S>,
     session: &mut Session,
     ctx: &SmtpContext,
+    rules: &Arc<RuleSet>,
 ) -> std::io::Result<Vec<u8>> {
     let Some(tx) = session.take_transaction() else {
         return Ok(reply(503, "5.5.1 No transaction"));
@@ -276,10 +330,9 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(reply(451, "4.3.0 Temporary storage failure"));
         }
     };
-    let cap = (tx.declared_size as usize).clamp(4096, max.min(1 << 20)) + header.len();
+    let cap = (tx.declared_size as usize).clamp(4096, max.min(1 << 20));
     let mut body = Vec::with_capacity(cap);
-    body.extend_from_slice(header.as_bytes());
-    let fault = read_body(r, &mut body, max + header.len(), ctx.idle_timeout).await?;
+    let fault = read_body(r, &mut body, max, ctx.idle_timeout).await?;
     if fault.bare_newline {
         tracing::warn!("message refused: bare CR or LF in DATA");
         return Ok(reply(
@@ -290,7 +343,10 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     if fault.too_big {
         return Ok(reply(552, "5.3.4 Message size exceeds fixed maximum"));
     }
-    Ok(ctx.intake.accept(session, tx, id, body).await)
+    Ok(ctx
+        .intake
+        .accept(session, rules, tx, id, header, body)
+        .await)
 }
 
 /// Append the unstuffed message to `body` until the final dot line.

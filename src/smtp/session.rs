@@ -12,6 +12,7 @@ use smtp_proto::{Error as ProtoError, Request};
 
 use crate::config::RelayConfig;
 use crate::policy::relay::{self, RcptDecision};
+use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
 
 /// Which listener a session came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,16 @@ pub enum Action {
     Data(Vec<u8>),
     /// Send these bytes and close the connection.
     Close(Vec<u8>),
+    /// Ask the rules about this command ([`Session::tx_info`] says what),
+    /// then hand the decision to [`Session::policy_answer`].
+    Policy(Check),
+}
+
+/// A command waiting for the rules' decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Mail,
+    Rcpt(Rcpt),
 }
 
 /// One accepted recipient.
@@ -72,6 +83,8 @@ pub struct Transaction {
     pub from: String,
     pub rcpts: Vec<Rcpt>,
     pub declared_size: u64,
+    /// A quarantine or discard decided before DATA, applied to the message.
+    pub sticky: Option<(Verdict, Option<String>)>,
 }
 
 /// Too many protocol errors in one session and we hang up.
@@ -81,6 +94,8 @@ pub struct Session {
     cfg: Arc<SessionConfig>,
     pub kind: ListenerKind,
     pub ip: IpAddr,
+    /// The client's port.
+    pub port: u16,
     pub tls: bool,
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -90,6 +105,10 @@ pub struct Session {
     /// The last decision taken, as `(verdict, stage)`, for the verdict metric;
     /// the shell takes it after each command.
     pub verdict: Option<(&'static str, &'static str)>,
+    /// A MAIL command waiting for the rules.
+    pending_mail: Option<Transaction>,
+    /// A quarantine or discard decided at connect: applies to every message.
+    pub session_sticky: Option<(Verdict, Option<String>)>,
 }
 
 /// Format one reply line.
@@ -106,11 +125,17 @@ pub fn sanitize(s: &str) -> String {
 }
 
 impl Session {
-    pub fn new(cfg: Arc<SessionConfig>, kind: ListenerKind, ip: IpAddr, tls: bool) -> Session {
+    pub fn new(
+        cfg: Arc<SessionConfig>,
+        kind: ListenerKind,
+        peer: std::net::SocketAddr,
+        tls: bool,
+    ) -> Session {
         Session {
             cfg,
             kind,
-            ip,
+            ip: peer.ip(),
+            port: peer.port(),
             tls,
             helo: None,
             esmtp: false,
@@ -118,6 +143,8 @@ impl Session {
             tx: None,
             errors: 0,
             verdict: None,
+            pending_mail: None,
+            session_sticky: None,
         }
     }
 
@@ -262,12 +289,13 @@ impl Session {
         if !from.is_empty() && relay::split(&from).is_none() {
             return self.error(reply(501, "5.1.7 Bad sender address syntax"));
         }
-        self.tx = Some(Transaction {
+        self.pending_mail = Some(Transaction {
             from: from.into_owned(),
             rcpts: Vec::new(),
             declared_size: size,
+            sticky: self.session_sticky.clone(),
         });
-        Action::Reply(reply(250, "2.1.0 Ok"))
+        Action::Policy(Check::Mail)
     }
 
     fn rcpt(&mut self, to: Cow<'_, str>) -> Action {
@@ -304,11 +332,10 @@ impl Session {
                 Action::Reply(reply(250, "2.1.5 Ok (duplicate recipient)"))
             }
             d @ (RcptDecision::Local | RcptDecision::Outbound) => {
-                tx.rcpts.push(Rcpt {
+                Action::Policy(Check::Rcpt(Rcpt {
                     address,
                     local: d == RcptDecision::Local,
-                });
-                Action::Reply(reply(250, "2.1.5 Ok"))
+                }))
             }
             RcptDecision::Refuse(code, text) => {
                 self.verdict = Some(("reject", "rcpt"));
@@ -322,6 +349,78 @@ impl Session {
             None => self.error(reply(503, "5.5.1 Need MAIL command")),
             Some(tx) if tx.rcpts.is_empty() => self.error(reply(554, "5.5.1 No valid recipients")),
             Some(_) => Action::Data(reply(354, "End data with <CR><LF>.<CR><LF>")),
+        }
+    }
+
+    /// What the rules see for `check` (or, with `None`, for the message).
+    pub fn tx_info(&self, check: Option<&Check>) -> TxInfo {
+        let tx = match check {
+            Some(Check::Mail) => self.pending_mail.as_ref(),
+            _ => self.tx.as_ref(),
+        };
+        TxInfo {
+            conn: self.conn_info(),
+            helo: self.helo.clone().unwrap_or_default(),
+            from: tx.map(|t| t.from.clone()).unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            rcpts: tx
+                .map(|t| t.rcpts.iter().map(|r| r.address.clone()).collect())
+                .unwrap_or_default(),
+            submission: self.kind != ListenerKind::Relay,
+        }
+    }
+
+    pub fn conn_info(&self) -> ConnInfo {
+        ConnInfo {
+            ip: self.ip,
+            port: self.port,
+            tls: self.tls,
+        }
+    }
+
+    /// The rules decided on a MAIL or RCPT: finish the command.
+    pub fn policy_answer(&mut self, check: Check, d: Decision) -> Action {
+        let stage = match check {
+            Check::Mail => "mail",
+            Check::Rcpt(_) => "rcpt",
+        };
+        match d.verdict {
+            Some(Verdict::Reject { code, text }) | Some(Verdict::Tempfail { code, text }) => {
+                self.verdict = Some((if code >= 500 { "reject" } else { "tempfail" }, stage));
+                if matches!(check, Check::Mail) {
+                    self.pending_mail = None;
+                }
+                Action::Reply(reply(code, &sanitize_line(&text)))
+            }
+            other => {
+                let sticky = match other {
+                    Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) => {
+                        self.verdict = Some((v.word(), stage));
+                        Some((v, d.script))
+                    }
+                    _ => None,
+                };
+                match check {
+                    Check::Mail => {
+                        let mut tx = self.pending_mail.take().unwrap_or_default();
+                        if sticky.is_some() {
+                            tx.sticky = sticky;
+                        }
+                        self.tx = Some(tx);
+                        Action::Reply(reply(250, "2.1.0 Ok"))
+                    }
+                    Check::Rcpt(r) => match self.tx.as_mut() {
+                        Some(tx) => {
+                            if sticky.is_some() && tx.sticky.is_none() {
+                                tx.sticky = sticky;
+                            }
+                            tx.rcpts.push(r);
+                            Action::Reply(reply(250, "2.1.5 Ok"))
+                        }
+                        None => Action::Reply(reply(503, "5.5.1 Need MAIL before RCPT")),
+                    },
+                }
+            }
         }
     }
 
@@ -390,9 +489,17 @@ mod tests {
         Session::new(
             Arc::new(cfg),
             ListenerKind::Relay,
-            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:4000".parse().unwrap(),
             false,
         )
+    }
+
+    /// Run a command, answering any policy question with "no objection".
+    fn cmd(s: &mut Session, line: &[u8]) -> Action {
+        match s.command(line) {
+            Action::Policy(c) => s.policy_answer(c, Decision::pass()),
+            a => a,
+        }
     }
 
     fn text(a: Action) -> String {
@@ -400,50 +507,51 @@ mod tests {
             Action::Reply(b) | Action::StartTls(b) | Action::Data(b) | Action::Close(b) => {
                 String::from_utf8(b).unwrap()
             }
+            Action::Policy(c) => format!("policy {c:?}"),
         }
     }
 
     #[test]
     fn transaction_flow_and_null_sender() {
         let mut s = session(false);
-        assert!(text(s.command(b"EHLO c.test\r\n")).contains("PIPELINING"));
-        assert!(text(s.command(b"MAIL FROM:<> SIZE=10\r\n")).starts_with("250"));
-        assert!(text(s.command(b"RCPT TO:<a@local.test>\r\n")).starts_with("250"));
-        assert!(text(s.command(b"RCPT TO:<a@other.test>\r\n")).starts_with("550 5.7.1"));
-        assert!(matches!(s.command(b"DATA\r\n"), Action::Data(_)));
+        assert!(text(cmd(&mut s, b"EHLO c.test\r\n")).contains("PIPELINING"));
+        assert!(text(cmd(&mut s, b"MAIL FROM:<> SIZE=10\r\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"RCPT TO:<a@local.test>\r\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"RCPT TO:<a@other.test>\r\n")).starts_with("550 5.7.1"));
+        assert!(matches!(cmd(&mut s, b"DATA\r\n"), Action::Data(_)));
         let tx = s.take_transaction().unwrap();
         assert_eq!(tx.from, "");
         assert_eq!(tx.rcpts.len(), 1);
-        assert!(text(s.command(b"MAIL FROM:<x@y.test>\r\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"MAIL FROM:<x@y.test>\r\n")).starts_with("250"));
     }
 
     #[test]
     fn limits_and_order() {
         let mut s = session(true);
-        assert!(text(s.command(b"MAIL FROM:<a@b.test>\r\n")).starts_with("503"));
-        s.command(b"HELO c\r\n");
-        assert!(text(s.command(b"MAIL FROM:<a@b.test> SIZE=5000\r\n")).starts_with("552"));
-        assert!(text(s.command(b"RCPT TO:<a@b.test>\r\n")).starts_with("503"));
-        s.command(b"MAIL FROM:<a@b.test>\r\n");
-        assert!(text(s.command(b"RCPT TO:<a@x.test>\r\n")).starts_with("250"));
-        assert!(text(s.command(b"RCPT TO:<b@x.test>\r\n")).starts_with("250"));
-        assert!(text(s.command(b"RCPT TO:<c@x.test>\r\n")).starts_with("452"));
-        assert!(text(s.command(b"FOO\r\n")).starts_with("500"));
-        assert!(matches!(s.command(b"QUIT\r\n"), Action::Close(_)));
+        assert!(text(cmd(&mut s, b"MAIL FROM:<a@b.test>\r\n")).starts_with("503"));
+        cmd(&mut s, b"HELO c\r\n");
+        assert!(text(cmd(&mut s, b"MAIL FROM:<a@b.test> SIZE=5000\r\n")).starts_with("552"));
+        assert!(text(cmd(&mut s, b"RCPT TO:<a@b.test>\r\n")).starts_with("503"));
+        cmd(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert!(text(cmd(&mut s, b"RCPT TO:<a@x.test>\r\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"RCPT TO:<b@x.test>\r\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"RCPT TO:<c@x.test>\r\n")).starts_with("452"));
+        assert!(text(cmd(&mut s, b"FOO\r\n")).starts_with("500"));
+        assert!(matches!(cmd(&mut s, b"QUIT\r\n"), Action::Close(_)));
     }
 
     #[test]
     fn quoted_and_routed_tricks_refused() {
         let mut s = session(false);
-        s.command(b"EHLO c\r\n");
-        s.command(b"MAIL FROM:<a@b.test>\r\n");
+        cmd(&mut s, b"EHLO c\r\n");
+        cmd(&mut s, b"MAIL FROM:<a@b.test>\r\n");
         for t in [
             &b"RCPT TO:<\"user@other.test\"@local.test>\r\n"[..],
             b"RCPT TO:<@local.test:user@other.test>\r\n",
             b"RCPT TO:<user%other.test@local.test>\r\n",
             b"RCPT TO:<user@[127.0.0.1]>\r\n",
         ] {
-            let r = text(s.command(t));
+            let r = text(cmd(&mut s, t));
             assert!(r.starts_with('5'), "{} -> {r}", String::from_utf8_lossy(t));
         }
         assert!(s.tx.as_ref().unwrap().rcpts.is_empty());
@@ -454,10 +562,84 @@ mod tests {
         let mut s = session(false);
         let mut closed = false;
         for _ in 0..MAX_ERRORS {
-            if let Action::Close(_) = s.command(b"BOGUS\r\n") {
+            if let Action::Close(_) = cmd(&mut s, b"BOGUS\r\n") {
                 closed = true;
             }
         }
         assert!(closed);
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn session() -> Session {
+        let cfg = SessionConfig {
+            hostname: "mx.test".into(),
+            relay: RelayConfig {
+                domains: vec!["local.test".into()],
+                networks: vec![],
+            },
+            max_message_size: 1000,
+            max_recipients: 5,
+            tls_available: false,
+        };
+        Session::new(
+            Arc::new(cfg),
+            ListenerKind::Relay,
+            "192.0.2.1:4000".parse().unwrap(),
+            false,
+        )
+    }
+
+    #[test]
+    fn reject_at_mail_leaves_no_transaction() {
+        let mut s = session();
+        s.command(b"HELO c\r\n");
+        let Action::Policy(c) = s.command(b"MAIL FROM:<a@b.test>\r\n") else {
+            panic!()
+        };
+        assert_eq!(s.tx_info(Some(&c)).from, "a@b.test");
+        let d = Decision {
+            verdict: Some(Verdict::Tempfail {
+                code: 450,
+                text: "4.7.1 slow down".into(),
+            }),
+            script: None,
+            function: None,
+        };
+        assert_eq!(
+            s.policy_answer(c, d),
+            Action::Reply(reply(450, "4.7.1 slow down"))
+        );
+        assert!(s.tx.is_none());
+        assert_eq!(s.verdict, Some(("tempfail", "mail")));
+    }
+
+    #[test]
+    fn quarantine_at_rcpt_sticks_to_the_transaction() {
+        let mut s = session();
+        s.command(b"HELO c\r\n");
+        let Action::Policy(c) = s.command(b"MAIL FROM:<a@b.test>\r\n") else {
+            panic!()
+        };
+        s.policy_answer(c, Decision::pass());
+        let Action::Policy(c) = s.command(b"RCPT TO:<x@local.test>\r\n") else {
+            panic!()
+        };
+        let d = Decision {
+            verdict: Some(Verdict::Quarantine {
+                reason: "looks odd".into(),
+            }),
+            script: Some("50-x.rhai".into()),
+            function: Some("rcpt".into()),
+        };
+        assert!(matches!(s.policy_answer(c, d), Action::Reply(r) if r.starts_with(b"250")));
+        let tx = s.tx.as_ref().unwrap();
+        assert_eq!(tx.rcpts.len(), 1);
+        assert!(
+            matches!(tx.sticky, Some((Verdict::Quarantine { .. }, Some(ref sc))) if sc == "50-x.rhai")
+        );
     }
 }

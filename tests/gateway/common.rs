@@ -217,6 +217,12 @@ pub struct Opts {
     pub idle_timeout: String,
     pub retry: String,
     pub max_age: String,
+    /// Rule scripts (file name, text) written into the gateway's rules/.
+    pub rules: Vec<(String, String)>,
+    /// policies/ratelimits.toml (empty: no limits).
+    pub ratelimits: String,
+    /// SPF/DKIM/DMARC on, against this DNS server.
+    pub dns: Option<std::net::SocketAddr>,
     pub extra: String,
 }
 
@@ -232,6 +238,9 @@ impl Default for Opts {
             idle_timeout: "30s".into(),
             retry: "[\"1s\"]".into(),
             max_age: "1h".into(),
+            rules: Vec::new(),
+            ratelimits: String::new(),
+            dns: None,
             extra: String::new(),
         }
     }
@@ -304,7 +313,22 @@ max_age = "{max_age}"
 timeout = "5s"
 
 [dns]
-nameservers = ["127.0.0.1:9"]
+nameservers = ["{dns}"]
+
+[checks]
+spf = {checks}
+dkim = {checks}
+dmarc = {checks}
+deadline = "5s"
+
+[rules]
+dir = "rules"
+max_operations = 100000
+on_error = "tempfail"
+quarantine_score = 10
+
+[policies]
+dir = "policies"
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -323,9 +347,22 @@ listen = "127.0.0.1:{metrics}"
             outbound = opts.outbound,
             retry = opts.retry,
             max_age = opts.max_age,
+            dns = opts
+                .dns
+                .map(|a| a.to_string())
+                .unwrap_or("127.0.0.1:9".into()),
+            checks = opts.dns.is_some(),
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();
+        let rules = g.dir.path().join("rules");
+        let policies = g.dir.path().join("policies");
+        std::fs::create_dir_all(&rules).unwrap();
+        std::fs::create_dir_all(&policies).unwrap();
+        for (name, text) in &opts.rules {
+            std::fs::write(rules.join(name), text).unwrap();
+        }
+        std::fs::write(policies.join("ratelimits.toml"), &opts.ratelimits).unwrap();
         let mut g = g;
         g.spawn().await;
         g

@@ -1,12 +1,10 @@
 //! Rules, rate limits and reloads (no DNS: checks off).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-use postern_policy_wip::policy::{Decision, OnError, RulesConfig, Verdict, watch};
+use crate::common::*;
+use postern::policy::{Decision, OnError, RulesConfig, Verdict, watch};
 
 const STAGES: &str = r#"
 fn pick(word) {
@@ -509,7 +507,7 @@ fn reload_swaps_and_a_failed_reload_keeps_the_old_set() {
     let new = policy.current();
     assert_eq!(new.generation(), 2);
     let n = std::cell::Cell::new(0);
-    let text = |set: &postern_policy_wip::policy::RuleSet| {
+    let text = |set: &postern::policy::RuleSet| {
         n.set(n.get() + 1);
         let t = tx("192.0.2.1", "h", &format!("s{}@example.test", n.get()), &[]);
         match set.mail_from(&t).verdict {
@@ -586,7 +584,7 @@ async fn watch_reloads_on_file_change() {
 
 #[test]
 fn shipped_set_loads() {
-    let policy = postern_policy_wip::policy::Policy::load(
+    let policy = postern::policy::Policy::load(
         shipped_rules(),
         shipped_policies(),
         RulesConfig::default(),
@@ -623,7 +621,7 @@ fn wall_clock_and_size_limits_stop_scripts() {
     let took = started.elapsed();
     assert!(matches!(d.verdict, Some(Verdict::Tempfail { .. })), "{d:?}");
     assert!(
-        took < postern_policy_wip::policy::CALL_TIME_LIMIT + Duration::from_secs(2),
+        took < postern::policy::CALL_TIME_LIMIT + Duration::from_secs(2),
         "{took:?}"
     );
     // A string doubling forever hits the string size limit quickly.

@@ -14,7 +14,7 @@ use hickory_server::proto::rr::rdata::{SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-use postern_policy_wip::policy::{ChecksConfig, ConnInfo, Policy, Problem, RulesConfig, TxInfo};
+use postern::policy::{ChecksConfig, ConnInfo, Policy, Problem, RulesConfig, TxInfo};
 
 /// Starts a DNS server on 127.0.0.1 (UDP and TCP, one port) serving
 /// `records` (name, TXT text). It lives as long as the test's runtime.

@@ -1,15 +1,13 @@
 //! SPF, DKIM and DMARC against a real DNS server on 127.0.0.1.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use mail_auth::common::crypto::Ed25519Key;
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::DkimSigner;
-use postern_policy_wip::policy::{ChecksConfig, Policy, RulesConfig, Verdict};
+use postern::policy::{ChecksConfig, Policy, RulesConfig, Verdict};
 
 /// Signs `msg` for `domain` with selector `sel`; returns the signed message
 /// and the DKIM TXT record.

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# throughput.sh — Postern end to end (issue #2), beside Postfix and Haraka, in one run.
+#
+#   smtp-source (SESSIONS parallel, a NEW connection per message) --> postern relay 127.0.0.1:RELAY_PORT
+#     --> [delivery] route smtp://127.0.0.1:2526 --> smtp-sink -c (counts what arrived)
+#   + smtp_probe.py (PROBES extra sessions, alongside): per-message final-dot -> "250" latency
+#
+# Phase 1 (this script): postern alone, msgs/s end to end + p99 final-dot->250 from the probe.
+# Phase 2 (/work/shared/bench/peers.sh, PEERS="postfix haraka target"): the same smtp-source load
+#   through Postfix, Haraka and the already running postern ("target"), same harness, same sink;
+#   ratios postern/postfix and postern/haraka are taken from phase 2 (like against like).
+#
+# Env knobs: MESSAGES (20000) SESSIONS (20) SIZE (4096 payload bytes) PROBES (1)
+#            PEERS ("postfix haraka"; "" skips phase 2) RELAY_PORT (2600) METRICS_PORT (9726)
+#            CONCURRENCY (64, postern [delivery] concurrency) CHECKS (true: SPF/DKIM/DMARC on)
+#            RULES_DIR (repo rules/) POLICIES_DIR (an empty temp dir: no rate limits)
+#            POSTERN (repo target/release/postern) PEERS_SH (../shared/bench/peers.sh)
+#            DEADLINE (600 s per wait) KEEP (0|1: keep the temp dir) SKIP_INSTALL (0|1)
+# Everything is on 127.0.0.1. Every process started here is stopped by its PID at exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+MESSAGES=${MESSAGES:-20000}
+SESSIONS=${SESSIONS:-20}
+SIZE=${SIZE:-4096}
+PROBES=${PROBES:-1}
+PEERS=${PEERS-"postfix haraka"}
+RELAY_PORT=${RELAY_PORT:-2600}
+METRICS_PORT=${METRICS_PORT:-9726}
+SINK_PORT=2526                       # fixed: peers.sh's smtp-sink listens here too
+CONCURRENCY=${CONCURRENCY:-64}
+CHECKS=${CHECKS:-true}
+RULES_DIR=${RULES_DIR:-$REPO/rules}
+POSTERN=${POSTERN:-$REPO/target/release/postern}
+PEERS_SH=${PEERS_SH:-$REPO/../shared/bench/peers.sh}
+DEADLINE=${DEADLINE:-600}
+KEEP=${KEEP:-0}
+
+log() { echo "[throughput] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- install (postfix gives smtp-source/smtp-sink)
+INSTALLED_POSTFIX=0
+install() {
+  command -v python3 >/dev/null || die "python3 is needed for the latency probe"
+  if ! command -v smtp-source >/dev/null || ! command -v smtp-sink >/dev/null || ! command -v bc >/dev/null; then
+    log "installing postfix (smtp-source, smtp-sink) and bc"
+    # the package must not start a system postfix: a policy-rc.d that denies service starts
+    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    echo "postfix postfix/mailname string relay.example.test" | debconf-set-selections
+    [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ] || apt-get update >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix bc >&2
+    INSTALLED_POSTFIX=1
+  fi
+}
+no_system_postfix() {   # the package's own daemon (if anything started it) must not stay on port 25
+  if ss -ltn 'sport = :25' | grep -q LISTEN; then
+    if [ "$INSTALLED_POSTFIX" = 1 ] && [ -f /var/spool/postfix/pid/master.pid ]; then
+      log "stopping the system postfix that the package install started"; postfix stop >&2 || true
+    else
+      log "WARNING: something listens on port 25 (not started by this script; left alone)"
+    fi
+  fi
+}
+
+# ---------------------------------------------------------------- temp dir, processes, cleanup
+T=$(mktemp -d "${TMPDIR:-/tmp}/postern-bench.XXXXXX")
+POSTERN_PID="" SINK_PID="" PROBE_PID=""
+stop_pid() { # $1 pid: TERM, wait up to 15 s, then KILL
+  local p=$1; [ -n "$p" ] || return 0
+  kill -0 "$p" 2>/dev/null || return 0
+  kill -TERM "$p" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$p" 2>/dev/null || true
+}
+cleanup() {
+  stop_pid "$PROBE_PID"; stop_pid "$SINK_PID"; stop_pid "$POSTERN_PID"
+  no_system_postfix
+  if [ "$KEEP" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { for _ in $(seq 200); do ss -ltn "sport = :$1" | grep -q LISTEN && return 0; sleep 0.1; done; return 1; }
+port_free() { for _ in $(seq 200); do ss -ltn "sport = :$1" | grep -q LISTEN || return 0; sleep 0.1; done; return 1; }
+sink_count() { tail -c 200 "$T/sink.out" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 || true; }
+metric() { # $1 = exact series name with labels, e.g. postern_delivery_attempts_total{result="ok"}
+  curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null | awk -v k="$1" '$1==k {print $2}' | head -1
+}
+
+# ---------------------------------------------------------------- postern
+start_postern() {
+  [ -x "$POSTERN" ] || die "no postern binary at $POSTERN (build it: cargo build --release -j1)"
+  cp "$POSTERN" "$T/postern"         # a private copy: a rebuild during the run cannot swap it out
+  mkdir -p "$T/data" "$T/policies"
+  local pol=${POLICIES_DIR:-$T/policies}
+  cat >"$T/postern.toml" <<EOF
+# written by bench/throughput.sh
+[server]
+hostname = "postern.bench.test"
+data_dir = "$T/data"
+
+[smtp]
+relay       = ["127.0.0.1:$RELAY_PORT"]
+submission  = []
+submissions = []
+max_connections = 10000
+
+[relay]
+domains  = ["example.net"]          # the recipients' domain (smtp-source -t rcpt@example.net)
+networks = ["127.0.0.0/8"]
+
+[delivery]
+route    = "smtp://127.0.0.1:$SINK_PORT"
+outbound = "smtp://127.0.0.1:$SINK_PORT"
+concurrency = $CONCURRENCY
+retry = ["1s", "2s", "5s"]
+max_age = "10m"
+
+[dns]
+nameservers = ["127.0.0.1:9"]       # discard port: every lookup fails fast, nothing leaves the host
+
+[checks]
+spf = $CHECKS
+dkim = $CHECKS
+dmarc = $CHECKS
+
+[rules]
+dir = "$RULES_DIR"
+
+[policies]
+dir = "$pol"
+
+[quarantine]
+pop3 = []
+pop3s = []
+imap = []
+imaps = []
+
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+EOF
+  port_free "$RELAY_PORT" || die "port $RELAY_PORT is busy (set RELAY_PORT)"
+  port_free "$METRICS_PORT" || die "port $METRICS_PORT is busy (set METRICS_PORT)"
+  RUST_LOG=${RUST_LOG:-warn} "$T/postern" serve --config "$T/postern.toml" >"$T/postern.log" 2>&1 &
+  POSTERN_PID=$!
+  wait_port "$RELAY_PORT" && wait_port "$METRICS_PORT" || { tail -20 "$T/postern.log" >&2; die "postern did not start"; }
+  log "postern pid $POSTERN_PID on 127.0.0.1:$RELAY_PORT, metrics 127.0.0.1:$METRICS_PORT, data $T/data"
+}
+
+# ---------------------------------------------------------------- phase 1: postern + latency probe
+phase1() {
+  port_free $SINK_PORT || die "port $SINK_PORT is busy (peers.sh and this script need it for smtp-sink)"
+  : >"$T/sink.out"
+  smtp-sink -u nobody -c 127.0.0.1:$SINK_PORT 1024 >"$T/sink.out" 2>&1 &
+  SINK_PID=$!
+  wait_port $SINK_PORT || die "smtp-sink did not start"
+
+  local s i e got want n=0 probe_n
+  rm -f "$T/stop"
+  log "phase 1: MESSAGES=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE PROBES=$PROBES (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
+  rm -f "$T/ready"
+  if [ "$PROBES" -gt 0 ]; then
+    python3 "$HERE/smtp_probe.py" --port "$RELAY_PORT" --probes "$PROBES" --size "$SIZE" \
+        --stop "$T/stop" --ready "$T/ready" --max-seconds "$DEADLINE" >"$T/probe.json" &
+    PROBE_PID=$!
+    for _ in $(seq 100); do [ -e "$T/ready" ] && break; sleep 0.1; done
+  fi
+  s=$(date +%s.%N)
+  timeout "$DEADLINE" smtp-source -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" \
+      -f sender@example.test -t rcpt@example.net -M client.example.test 127.0.0.1:$RELAY_PORT \
+      || die "smtp-source failed (exit $?); postern log: $(tail -5 "$T/postern.log")"
+  i=$(date +%s.%N)
+  touch "$T/stop"
+  if [ -n "$PROBE_PID" ]; then wait "$PROBE_PID" || log "probe exited non-zero"; PROBE_PID=""; fi
+  probe_n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["messages"])' "$T/probe.json" 2>/dev/null || echo 0)
+  want=$((MESSAGES + probe_n))
+  while :; do
+    got=$(sink_count); got=${got:-0}
+    [ "$got" -ge "$want" ] && break
+    n=$((n+1)); [ $n -gt $((DEADLINE*10)) ] && { log "timeout: only $got/$want delivered"; break; }
+    sleep 0.05
+  done
+  e=$(date +%s.%N)
+
+  P1_INJECT=$(echo "scale=1; $MESSAGES/($i-$s)" | bc)
+  P1_RATE=$(echo "scale=1; $MESSAGES/($e-$s)" | bc)          # smtp-source's messages only
+  P1_RATE_ALL=$(echo "scale=1; $got/($e-$s)" | bc)            # everything the sink counted (incl. probe)
+  P1_SECS=$(echo "scale=2; ($e-$s)/1" | bc)
+  P1_GOT=$got; P1_WANT=$want
+  P1_OK=$(metric 'postern_delivery_attempts_total{result="ok"}')
+  P1_RECV=$(metric 'postern_messages_received_total{listener="relay"}')
+  P1_TEMP=$(metric 'postern_delivery_attempts_total{result="tempfail"}')
+  stop_pid "$SINK_PID"; SINK_PID=""
+  port_free $SINK_PORT || die "smtp-sink did not release port $SINK_PORT"
+}
+
+pyget() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); exec("v="+sys.argv[2]); print(v)' "$T/probe.json" "$1" 2>/dev/null || echo "n/a"; }
+
+# ---------------------------------------------------------------- main
+[ "${SKIP_INSTALL:-0}" = 1 ] || install
+no_system_postfix
+start_postern
+phase1
+
+echo "== postern end to end (phase 1: smtp-source -> postern -> smtp-sink, new connection per message) =="
+echo "messages:            $MESSAGES x ${SIZE} B payload, $SESSIONS smtp-source sessions (+$PROBES probe sessions)"
+echo "end-to-end:          $P1_RATE msgs/s  ($MESSAGES smtp-source messages, start -> sink counted all $P1_WANT in ${P1_SECS} s; $P1_RATE_ALL msgs/s counting the probe's too)"
+echo "injection only:      $P1_INJECT msgs/s  (smtp-source start -> exit)"
+echo "sink counted:        $P1_GOT / $P1_WANT   postern metrics: received(relay)=${P1_RECV:-?} delivery ok=${P1_OK:-?} tempfail=${P1_TEMP:-?}"
+if [ "$PROBES" -gt 0 ]; then
+  echo "final dot -> 250:    p50 $(pyget 'd["dot_to_250_ms"]["p50"]') ms, p90 $(pyget 'd["dot_to_250_ms"]["p90"]') ms, p99 $(pyget 'd["dot_to_250_ms"]["p99"]') ms, max $(pyget 'd["dot_to_250_ms"]["max"]') ms  over $(pyget 'd["messages"]') probe messages ($(pyget 'd["errors"]') errors)"
+  echo "   (method: $PROBES Python probe sessions running alongside smtp-source, same size, a new connection per message; t0 = sendall of the final CRLF.CRLF returned, t1 = the reply line read)"
+fi
+
+if [ -n "$PEERS" ]; then
+  [ -f "$PEERS_SH" ] || die "no peers.sh at $PEERS_SH"
+  log "phase 2: $PEERS_SH with PEERS=\"$PEERS target\" TARGET_PORT=$RELAY_PORT"
+  PEERS="$PEERS target" TARGET_PORT=$RELAY_PORT MSGS=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE DEADLINE=$DEADLINE \
+    BASE="${PEERS_BASE:-${TMPDIR:-/tmp}/postern-peers}" bash "$PEERS_SH" | tee "$T/peers.out"
+  rate_of() { awk -v p="$1" '$1==p {print $2}' "$T/peers.out" | tail -1; }
+  PF=$(rate_of postfix); HK=$(rate_of haraka); TG=$(rate_of target)
+  ratio() { [ -n "$1" ] && [ -n "$2" ] && [ "$2" != 0 ] && echo "scale=2; $1/$2" | bc || echo "n/a"; }
+  echo "== same harness (peers.sh, phase 2) =="
+  echo "postern: ${TG:-n/a} msgs/s   postfix: ${PF:-n/a} msgs/s   haraka: ${HK:-n/a} msgs/s"
+  echo "ratio postern/postfix: $(ratio "$TG" "$PF")   ratio postern/haraka: $(ratio "$TG" "$HK")"
+  echo "(phase 1 postern, with the probe alongside: $P1_RATE msgs/s)"
+fi
