@@ -5,4 +5,7 @@ mod admin;
 mod common;
 mod delivery;
 mod durability;
+#[path = "../policy/common.rs"]
+mod dns;
+mod policy;
 mod smtp_front;

@@ -1,0 +1,1 @@
+//! The policy engine over real SMTP (filled in by the policy tests).
