@@ -3,7 +3,10 @@
 #
 #   smtp-source (SESSIONS parallel, a NEW connection per message) --> postern relay 127.0.0.1:RELAY_PORT
 #     --> [delivery] route smtp://127.0.0.1:2526 --> smtp-sink -c (counts what arrived)
-#   + smtp_probe.py (PROBES extra sessions, alongside): per-message final-dot -> "250" latency
+#   + final-dot -> "250" latency, two independent ways (LATENCY=both|pcap|probe):
+#     pcap:  tcpdump on lo captures the relay port; pcap_latency.py measures EVERY message
+#            (server's reply segment - client's last data segment, kernel timestamps)
+#     probe: smtp_probe.py, PROBES extra Python sessions alongside, timed from the client side
 #
 # Phase 1 (this script): postern alone, msgs/s end to end + p99 final-dot->250 from the probe.
 # Phase 2 (/work/shared/bench/peers.sh, PEERS="postfix haraka target"): the same smtp-source load
@@ -13,6 +16,10 @@
 # Env knobs: MESSAGES (20000) SESSIONS (20) SIZE (4096 payload bytes) PROBES (1)
 #            PEERS ("postfix haraka"; "" skips phase 2) RELAY_PORT (2600) METRICS_PORT (9726)
 #            CONCURRENCY (64, postern [delivery] concurrency) CHECKS (true: SPF/DKIM/DMARC on)
+#            LATENCY (both: tcpdump capture of every message + Python probe; pcap; probe)
+#            DNS (stub: bench/dns_stub.py on 127.0.0.1:DNS_PORT (5355) answers NXDOMAIN at once;
+#                 discard: nameservers = ["127.0.0.1:9"], nothing answers, so with CHECKS=true every
+#                 message waits postern's [checks] deadline (20 s): use it only with CHECKS=false)
 #            RULES_DIR (repo rules/) POLICIES_DIR (an empty temp dir: no rate limits)
 #            POSTERN (repo target/release/postern) PEERS_SH (../shared/bench/peers.sh)
 #            DEADLINE (600 s per wait) KEEP (0|1: keep the temp dir) SKIP_INSTALL (0|1)
@@ -31,6 +38,11 @@ METRICS_PORT=${METRICS_PORT:-9726}
 SINK_PORT=2526                       # fixed: peers.sh's smtp-sink listens here too
 CONCURRENCY=${CONCURRENCY:-64}
 CHECKS=${CHECKS:-true}
+DNS=${DNS:-stub}
+LATENCY=${LATENCY:-both}
+case "$LATENCY" in both|pcap|probe) ;; *) echo "LATENCY must be both, pcap or probe" >&2; exit 2 ;; esac
+[ "$LATENCY" = pcap ] && PROBES=0
+DNS_PORT=${DNS_PORT:-5355}
 RULES_DIR=${RULES_DIR:-$REPO/rules}
 POSTERN=${POSTERN:-$REPO/target/release/postern}
 PEERS_SH=${PEERS_SH:-$REPO/../shared/bench/peers.sh}
@@ -54,6 +66,10 @@ install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix bc >&2
     INSTALLED_POSTFIX=1
   fi
+  if [ "$LATENCY" != probe ] && ! command -v tcpdump >/dev/null; then
+    log "installing tcpdump"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tcpdump >&2
+  fi
 }
 no_system_postfix() {   # the package's own daemon (if anything started it) must not stay on port 25
   if ss -ltn 'sport = :25' | grep -q LISTEN; then
@@ -67,7 +83,7 @@ no_system_postfix() {   # the package's own daemon (if anything started it) must
 
 # ---------------------------------------------------------------- temp dir, processes, cleanup
 T=$(mktemp -d "${TMPDIR:-/tmp}/postern-bench.XXXXXX")
-POSTERN_PID="" SINK_PID="" PROBE_PID=""
+POSTERN_PID="" SINK_PID="" PROBE_PID="" DNS_PID="" CAP_PID=""
 stop_pid() { # $1 pid: TERM, wait up to 15 s, then KILL
   local p=$1; [ -n "$p" ] || return 0
   kill -0 "$p" 2>/dev/null || return 0
@@ -76,7 +92,7 @@ stop_pid() { # $1 pid: TERM, wait up to 15 s, then KILL
   kill -KILL "$p" 2>/dev/null || true
 }
 cleanup() {
-  stop_pid "$PROBE_PID"; stop_pid "$SINK_PID"; stop_pid "$POSTERN_PID"
+  stop_pid "$CAP_PID"; stop_pid "$PROBE_PID"; stop_pid "$SINK_PID"; stop_pid "$POSTERN_PID"; stop_pid "$DNS_PID"
   no_system_postfix
   if [ "$KEEP" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
 }
@@ -95,7 +111,16 @@ start_postern() {
   [ -x "$POSTERN" ] || die "no postern binary at $POSTERN (build it: cargo build --release -j1)"
   cp "$POSTERN" "$T/postern"         # a private copy: a rebuild during the run cannot swap it out
   mkdir -p "$T/data" "$T/policies"
-  local pol=${POLICIES_DIR:-$T/policies}
+  local pol=${POLICIES_DIR:-$T/policies} ns
+  case "$DNS" in
+    stub)
+      port_free "$DNS_PORT" || die "port $DNS_PORT is busy (set DNS_PORT)"
+      python3 "$HERE/dns_stub.py" --port "$DNS_PORT" 2>"$T/dns.log" &
+      DNS_PID=$!
+      ns="127.0.0.1:$DNS_PORT" ;;
+    discard) ns="127.0.0.1:9" ;;
+    *) die "DNS must be stub or discard" ;;
+  esac
   cat >"$T/postern.toml" <<EOF
 # written by bench/throughput.sh
 [server]
@@ -120,7 +145,7 @@ retry = ["1s", "2s", "5s"]
 max_age = "10m"
 
 [dns]
-nameservers = ["127.0.0.1:9"]       # discard port: every lookup fails fast, nothing leaves the host
+nameservers = ["$ns"]               # loopback only: DNS=$DNS
 
 [checks]
 spf = $CHECKS
@@ -160,8 +185,16 @@ phase1() {
 
   local s i e got want n=0 probe_n
   rm -f "$T/stop"
-  log "phase 1: MESSAGES=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE PROBES=$PROBES (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
+  P1_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+  log "phase 1: MESSAGES=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE PROBES=$PROBES (loadavg $P1_LOAD)"
   rm -f "$T/ready"
+  if [ "$LATENCY" != probe ]; then
+    # headers + first payload bytes are enough; -B: a 64 MiB kernel buffer so nothing is dropped
+    tcpdump -i lo -n -s 96 -B 65536 -w "$T/relay.pcap" "tcp port $RELAY_PORT" 2>"$T/tcpdump.log" &
+    CAP_PID=$!
+    for _ in $(seq 100); do grep -q "listening on" "$T/tcpdump.log" 2>/dev/null && break; sleep 0.1; done
+    sleep 0.5   # "listening on" comes a moment before the capture really sees packets
+  fi
   if [ "$PROBES" -gt 0 ]; then
     python3 "$HERE/smtp_probe.py" --port "$RELAY_PORT" --probes "$PROBES" --size "$SIZE" \
         --stop "$T/stop" --ready "$T/ready" --max-seconds "$DEADLINE" >"$T/probe.json" &
@@ -184,6 +217,11 @@ phase1() {
     sleep 0.05
   done
   e=$(date +%s.%N)
+  if [ -n "$CAP_PID" ]; then
+    sleep 0.2; kill -INT "$CAP_PID" 2>/dev/null || true; wait "$CAP_PID" 2>/dev/null || true; CAP_PID=""
+    P1_CAPDROP=$(grep -o '[0-9]* packets dropped by kernel' "$T/tcpdump.log" || echo "? packets dropped by kernel")
+    python3 "$HERE/pcap_latency.py" "$T/relay.pcap" "$RELAY_PORT" >"$T/pcap.json" || log "pcap_latency.py found no messages"
+  fi
 
   P1_INJECT=$(echo "scale=1; $MESSAGES/($i-$s)" | bc)
   P1_RATE=$(echo "scale=1; $MESSAGES/($e-$s)" | bc)          # smtp-source's messages only
@@ -193,11 +231,17 @@ phase1() {
   P1_OK=$(metric 'postern_delivery_attempts_total{result="ok"}')
   P1_RECV=$(metric 'postern_messages_received_total{listener="relay"}')
   P1_TEMP=$(metric 'postern_delivery_attempts_total{result="tempfail"}')
+  P1_AUTH=$(metric_sum postern_auth_results_total)
   stop_pid "$SINK_PID"; SINK_PID=""
   port_free $SINK_PORT || die "smtp-sink did not release port $SINK_PORT"
 }
 
-pyget() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); exec("v="+sys.argv[2]); print(v)' "$T/probe.json" "$1" 2>/dev/null || echo "n/a"; }
+metric_sum() { # $1 = metric name: sum over all its series
+  curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null | awk -v k="$1" 'index($1, k"{")==1 || $1==k {s+=$2} END {print s+0}'
+}
+jget() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); exec("v="+sys.argv[2]); print(v)' "$1" "$2" 2>/dev/null || echo "n/a"; }
+pyget() { jget "$T/probe.json" "$1"; }
+pcget() { jget "$T/pcap.json" "$1"; }
 
 # ---------------------------------------------------------------- main
 [ "${SKIP_INSTALL:-0}" = 1 ] || install
@@ -206,18 +250,26 @@ start_postern
 phase1
 
 echo "== postern end to end (phase 1: smtp-source -> postern -> smtp-sink, new connection per message) =="
+echo "binary:              $POSTERN (built $(date -u -r "$POSTERN" +%FT%TZ), sha256 $(sha256sum "$T/postern" | cut -c1-12)), repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes')"
+echo "config:              checks spf/dkim/dmarc=$CHECKS, dns=$DNS, delivery concurrency=$CONCURRENCY, rules=$RULES_DIR ($(ls "$RULES_DIR"/*.rhai 2>/dev/null | wc -l) scripts), durability on (250 after the store's fsync)"
+echo "load:                loadavg at start of phase 1: $P1_LOAD (2 cores)"
 echo "messages:            $MESSAGES x ${SIZE} B payload, $SESSIONS smtp-source sessions (+$PROBES probe sessions)"
 echo "end-to-end:          $P1_RATE msgs/s  ($MESSAGES smtp-source messages, start -> sink counted all $P1_WANT in ${P1_SECS} s; $P1_RATE_ALL msgs/s counting the probe's too)"
 echo "injection only:      $P1_INJECT msgs/s  (smtp-source start -> exit)"
-echo "sink counted:        $P1_GOT / $P1_WANT   postern metrics: received(relay)=${P1_RECV:-?} delivery ok=${P1_OK:-?} tempfail=${P1_TEMP:-?}"
+echo "sink counted:        $P1_GOT / $P1_WANT   postern metrics: received(relay)=${P1_RECV:-?} delivery ok=${P1_OK:-?} tempfail=${P1_TEMP:-?} auth results=${P1_AUTH:-?}"
+if [ "$LATENCY" != probe ]; then
+  echo "final dot -> reply, every message (tcpdump): p50 $(pcget 'd["dot_to_reply_ms"]["p50"]') ms, p90 $(pcget 'd["dot_to_reply_ms"]["p90"]') ms, p99 $(pcget 'd["dot_to_reply_ms"]["p99"]') ms, p99.9 $(pcget 'd["dot_to_reply_ms"]["p999"]') ms, max $(pcget 'd["dot_to_reply_ms"]["max"]') ms"
+  echo "   measured $(pcget 'd["messages"]') of the $P1_WANT messages sent, replies $(pcget 'd["replies"]'), $P1_CAPDROP"
+  echo "   (method: tcpdump -i lo on the relay port; per connection, kernel timestamp of postern's reply segment minus that of the client's last DATA segment, the one with the final dot; server-side time, no client delay)"
+fi
 if [ "$PROBES" -gt 0 ]; then
-  echo "final dot -> 250:    p50 $(pyget 'd["dot_to_250_ms"]["p50"]') ms, p90 $(pyget 'd["dot_to_250_ms"]["p90"]') ms, p99 $(pyget 'd["dot_to_250_ms"]["p99"]') ms, max $(pyget 'd["dot_to_250_ms"]["max"]') ms  over $(pyget 'd["messages"]') probe messages ($(pyget 'd["errors"]') errors)"
+  echo "final dot -> 250, probe: p50 $(pyget 'd["dot_to_250_ms"]["p50"]') ms, p90 $(pyget 'd["dot_to_250_ms"]["p90"]') ms, p99 $(pyget 'd["dot_to_250_ms"]["p99"]') ms, max $(pyget 'd["dot_to_250_ms"]["max"]') ms  over $(pyget 'd["messages"]') probe messages ($(pyget 'd["errors"]') errors)"
   echo "   (method: $PROBES Python probe sessions running alongside smtp-source, same size, a new connection per message; t0 = sendall of the final CRLF.CRLF returned, t1 = the reply line read)"
 fi
 
 if [ -n "$PEERS" ]; then
   [ -f "$PEERS_SH" ] || die "no peers.sh at $PEERS_SH"
-  log "phase 2: $PEERS_SH with PEERS=\"$PEERS target\" TARGET_PORT=$RELAY_PORT"
+  log "phase 2: $PEERS_SH with PEERS=\"$PEERS target\" TARGET_PORT=$RELAY_PORT (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
   PEERS="$PEERS target" TARGET_PORT=$RELAY_PORT MSGS=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE DEADLINE=$DEADLINE \
     BASE="${PEERS_BASE:-${TMPDIR:-/tmp}/postern-peers}" bash "$PEERS_SH" | tee "$T/peers.out"
   rate_of() { awk -v p="$1" '$1==p {print $2}' "$T/peers.out" | tail -1; }

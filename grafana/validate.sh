@@ -14,7 +14,7 @@
 # installed with apt-get when missing and we are root; its daemon is not started). --live also needs `prometheus`
 # (same package) and a postern binary.
 # Env: VENV (~/.cache/postern-grafana-venv) SHARED (../shared) POSTERN PROM_PORT (9091) METRICS_PORT (9727)
-#      SMTP_PORT (2601) KEEP (0|1 keep the temp dir of --live)
+#      SMTP_PORT (2601) DNS_PORT (5354, bench/dns_stub.py: answers NXDOMAIN at once) KEEP (0|1 keep the temp dir of --live)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,6 +65,7 @@ POSTERN=${POSTERN:-$REPO/target/release/postern}
 PROM_PORT=${PROM_PORT:-9091}
 METRICS_PORT=${METRICS_PORT:-9727}
 SMTP_PORT=${SMTP_PORT:-2601}
+DNS_PORT=${DNS_PORT:-5354}
 T=$(mktemp -d "${TMPDIR:-/tmp}/postern-grafana.XXXXXX")
 PIDS=()
 cleanup() {
@@ -82,7 +83,7 @@ wait_port() { # $1 port [$2 pid that must stay alive]
     [ -z "${2:-}" ] || kill -0 "$2" 2>/dev/null || return 1
     sleep 0.1
   done; return 1; }
-for p in "$PROM_PORT" "$METRICS_PORT" "$SMTP_PORT"; do
+for p in "$PROM_PORT" "$METRICS_PORT" "$SMTP_PORT" "$DNS_PORT"; do
   ! ss -ltn "sport = :$p" | grep -q LISTEN || die "port $p is busy"
 done
 
@@ -119,7 +120,7 @@ networks = ["127.0.0.0/8"]
 route = "maildir:$T/data/maildir"
 retry = ["1s"]
 [dns]
-nameservers = ["127.0.0.1:9"]
+nameservers = ["127.0.0.1:$DNS_PORT"]   # bench/dns_stub.py: NXDOMAIN at once (SPF/DMARC "none")
 [rules]
 dir = "$T/rules"
 on_error = "tempfail"
@@ -133,6 +134,8 @@ imaps = []
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
 EOF
+python3 "$REPO/bench/dns_stub.py" --port "$DNS_PORT" 2>"$T/dns.log" &
+PIDS+=($!)
 "$T/postern" serve --config "$T/postern.toml" >"$T/postern.log" 2>&1 &
 PIDS+=($!)
 wait_port "$SMTP_PORT" "${PIDS[-1]}" && wait_port "$METRICS_PORT" "${PIDS[-1]}" || { tail -20 "$T/postern.log" >&2; die "postern did not start"; }

@@ -443,6 +443,21 @@ impl Config {
         )
     }
 
+    /// `policies/users.toml`: the quarantine (and, later, submission) accounts.
+    /// A missing file means no accounts.
+    pub fn load_accounts(&self) -> Result<crate::mailbox::accounts::Accounts, String> {
+        use crate::mailbox::accounts::Accounts;
+        let path = self.users_file();
+        if !path.exists() {
+            return Accounts::parse("", &path.display().to_string()).map_err(|e| e.to_string());
+        }
+        Accounts::load(&path).map_err(|e| e.to_string())
+    }
+
+    pub fn users_file(&self) -> PathBuf {
+        self.policies.dir.join("users.toml")
+    }
+
     /// The embedded default, as shipped in the repository's `postern.toml`.
     pub const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
 

@@ -11,7 +11,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::delivery::{self, Delivery, Scheduler};
 use crate::intake::Intake;
+use crate::mailbox::{self, MailboxCtx};
 use crate::metrics::{self, Metrics};
+use crate::quarantine::SledQuarantine;
 use crate::smtp::server::{SmtpContext, bind_all, serve as serve_smtp};
 use crate::smtp::session::{ListenerKind, SessionConfig};
 use crate::store::Store;
@@ -37,6 +39,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     })?);
     metrics.register_policy(policy.metrics())?;
     let acceptor = tls::acceptor(&cfg)?;
+    let tls_acceptor = acceptor.clone();
     let (scheduler, sched_rx) = Scheduler::channel();
     let delivery = Delivery::new(
         cfg.clone(),
@@ -108,6 +111,44 @@ pub async fn serve(cfg: Config) -> Result<()> {
             }
         });
     }
+    // The quarantine mailboxes: POP3 and IMAP over the held messages.
+    let accounts = cfg.load_accounts().map_err(anyhow::Error::msg)?;
+    let mailbox = Arc::new(MailboxCtx::new(
+        Arc::new(SledQuarantine {
+            store: store.clone(),
+            scheduler: scheduler.clone(),
+        }),
+        Arc::new(accounts),
+        tls_acceptor.clone(),
+        &cfg.server.hostname,
+        metrics.mailbox_logins.clone(),
+    ));
+    let q = &cfg.quarantine;
+    for (addrs, imap, tls) in [
+        (&q.pop3, false, false),
+        (&q.pop3s, false, true),
+        (&q.imap, true, false),
+        (&q.imaps, true, true),
+    ] {
+        for l in bind_all(addrs).await? {
+            let proto = if imap { "IMAP" } else { "POP3" };
+            tracing::info!(addr = %l.local_addr()?, tls, "{proto} listening");
+            let (ctx, rx) = (mailbox.clone(), shutdown_rx.clone());
+            if imap {
+                tokio::spawn(mailbox::serve_imap(l, tls, ctx, rx));
+            } else {
+                tokio::spawn(mailbox::serve_pop3(l, tls, ctx, rx));
+            }
+        }
+    }
+    let retention = cfg.quarantine.retention.0;
+    let purge = tokio::spawn(crate::quarantine::purge_loop(
+        store.clone(),
+        retention,
+        (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(600)),
+    ));
+    let accounts_watch = tokio::spawn(watch_accounts(cfg.clone(), mailbox.clone()));
+
     let control = admin::socket_path(data_dir);
     tokio::spawn(admin::serve_control(
         control,
@@ -125,15 +166,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let watcher = crate::policy::watch(policy.clone(), policy.dirs());
     let housekeeping = crate::policy::spawn_housekeeping(policy.clone(), Duration::from_secs(60));
     let hup_policy = policy.clone();
+    let (hup_cfg, hup_mailbox) = (cfg.clone(), mailbox.clone());
     let hup = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             return;
         };
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading rules and policies");
+            tracing::info!("SIGHUP: reloading rules, policies and accounts");
             // Errors are logged and counted by reload itself.
             let _ = hup_policy.reload();
+            reload_accounts(&hup_cfg, &hup_mailbox);
         }
     });
     tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
@@ -145,6 +188,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
     wait_for_signal().await;
     watcher.abort();
+    purge.abort();
+    accounts_watch.abort();
     housekeeping.abort();
     hup.abort();
     tracing::info!("shutting down: no new connections; finishing sessions in flight");
@@ -184,5 +229,33 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// Reload `users.toml`; a broken file keeps the accounts in use.
+fn reload_accounts(cfg: &Config, mailbox: &MailboxCtx) {
+    match cfg.load_accounts() {
+        Ok(a) => {
+            tracing::info!(accounts = a.len(), "accounts loaded");
+            mailbox.set_accounts(Arc::new(a));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "users.toml does not load; keeping the accounts in use")
+        }
+    }
+}
+
+/// Reload the accounts when `users.toml` changes (polled: no extra crate, works on every filesystem).
+async fn watch_accounts(cfg: Arc<Config>, mailbox: Arc<MailboxCtx>) {
+    let path = cfg.users_file();
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = stamp(&path);
+        if now != last {
+            last = now;
+            reload_accounts(&cfg, &mailbox);
+        }
     }
 }

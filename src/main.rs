@@ -34,6 +34,8 @@ enum Command {
         #[command(subcommand)]
         cmd: QuarantineCmd,
     },
+    /// Read a password on stdin, print its argon2id hash for policies/users.toml.
+    Passwd,
     /// Rule tools.
     Rules {
         #[command(subcommand)]
@@ -120,6 +122,9 @@ enum QuarantineCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Passwd = cli.command {
+        return passwd();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
@@ -150,7 +155,14 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Passwd => ExitCode::SUCCESS,
             Command::Check => match cfg.load_policy() {
+                Ok(_) if cfg.load_accounts().is_err() => {
+                    if let Err(e) = cfg.load_accounts() {
+                        eprintln!("{e}");
+                    }
+                    ExitCode::FAILURE
+                }
                 Ok(p) => {
                     let set = p.current();
                     println!(
@@ -242,4 +254,21 @@ async fn admin_cmd(cfg: &Config, req: Request) -> ExitCode {
         eprintln!("postern: {}", resp.output.trim_end());
         ExitCode::FAILURE
     }
+}
+
+/// `postern passwd`: one line from stdin (no echo handling: pipe it, or type
+/// it into a terminal you trust), its argon2id hash on stdout.
+fn passwd() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("postern: cannot read the password from stdin");
+        return ExitCode::FAILURE;
+    }
+    let pw = line.trim_end_matches(['\r', '\n']);
+    if pw.is_empty() {
+        eprintln!("postern: empty password");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", postern::mailbox::accounts::hash_password(pw));
+    ExitCode::SUCCESS
 }

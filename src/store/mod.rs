@@ -402,9 +402,8 @@ impl Store {
         self.held.len()
     }
 
-    /// Release a quarantine entry: queue its message for its recipient and
-    /// drop the entry. Returns the new queue id, or None if it was gone.
-    pub async fn release_held(&self, id: u64) -> Result<Option<u64>> {
+    /// Queue a held entry's message for its recipient (not yet durable).
+    fn requeue_held(&self, id: u64) -> Result<Option<u64>> {
         let Some(e) = self.held_entry(id)? else {
             return Ok(None);
         };
@@ -432,10 +431,40 @@ impl Store {
             last_error: None,
         };
         self.enqueue(&entry, &body)?;
-        // Queued durably before the held copy goes: a crash leaves at worst both.
-        self.durable().await?;
-        self.unhold(id)?;
         Ok(Some(qid))
+    }
+
+    /// Release a quarantine entry: queue its message for its recipient and
+    /// drop the entry. Returns the new queue id, or None if it was gone.
+    /// Queued durably before the held copy goes: a crash leaves at worst both.
+    pub async fn release_held(&self, id: u64) -> Result<Option<u64>> {
+        let qid = self.requeue_held(id)?;
+        if qid.is_some() {
+            self.durable().await?;
+            self.unhold(id)?;
+        }
+        Ok(qid)
+    }
+
+    /// [`Store::release_held`] for synchronous callers (the mailbox servers).
+    pub fn release_held_blocking(&self, id: u64) -> Result<Option<u64>> {
+        let qid = self.requeue_held(id)?;
+        if qid.is_some() {
+            self.db.flush()?;
+            self.unhold(id)?;
+        }
+        Ok(qid)
+    }
+
+    /// Delete quarantine entries received before `cutoff` (unix seconds).
+    pub fn purge_held(&self, cutoff: i64) -> Result<usize> {
+        let mut n = 0;
+        for e in self.held_entries()? {
+            if e.received < cutoff && self.unhold(e.id)?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Fires whenever the quarantine changes.

@@ -221,6 +221,10 @@ pub struct Opts {
     pub rules: Vec<(String, String)>,
     /// policies/ratelimits.toml (empty: no limits).
     pub ratelimits: String,
+    /// Accounts for policies/users.toml: (login, password, addresses, role).
+    pub users: Vec<(String, String, Vec<String>, String)>,
+    /// `[quarantine] retention`.
+    pub retention: String,
     /// SPF/DKIM/DMARC on, against this DNS server.
     pub dns: Option<std::net::SocketAddr>,
     pub extra: String,
@@ -240,6 +244,8 @@ impl Default for Opts {
             max_age: "1h".into(),
             rules: Vec::new(),
             ratelimits: String::new(),
+            users: Vec::new(),
+            retention: "30d".into(),
             dns: None,
             extra: String::new(),
         }
@@ -262,6 +268,10 @@ pub struct Gateway {
     pub submission: u16,
     pub submissions: u16,
     pub metrics: u16,
+    pub pop3: u16,
+    pub pop3s: u16,
+    pub imap: u16,
+    pub imaps: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
 }
@@ -279,6 +289,10 @@ impl Gateway {
             submission: free_port(),
             submissions: free_port(),
             metrics: free_port(),
+            pop3: free_port(),
+            pop3s: free_port(),
+            imap: free_port(),
+            imaps: free_port(),
             log: dir.path().join("postern.log"),
             dir,
             child: None,
@@ -330,6 +344,13 @@ quarantine_score = 10
 [policies]
 dir = "policies"
 
+[quarantine]
+pop3 = ["127.0.0.1:{pop3}"]
+pop3s = ["127.0.0.1:{pop3s}"]
+imap = ["127.0.0.1:{imap}"]
+imaps = ["127.0.0.1:{imaps}"]
+retention = "{retention}"
+
 [metrics]
 listen = "127.0.0.1:{metrics}"
 {extra}
@@ -352,6 +373,11 @@ listen = "127.0.0.1:{metrics}"
                 .map(|a| a.to_string())
                 .unwrap_or("127.0.0.1:9".into()),
             checks = opts.dns.is_some(),
+            pop3 = g.pop3,
+            pop3s = g.pop3s,
+            imap = g.imap,
+            imaps = g.imaps,
+            retention = opts.retention,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();
@@ -363,6 +389,16 @@ listen = "127.0.0.1:{metrics}"
             std::fs::write(rules.join(name), text).unwrap();
         }
         std::fs::write(policies.join("ratelimits.toml"), &opts.ratelimits).unwrap();
+        let mut users = String::new();
+        for (login, pw, addrs, role) in &opts.users {
+            let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+            users.push_str(&format!(
+                "[[user]]\nlogin = \"{login}\"\npassword = \"{}\"\naddresses = [{}]\nrole = \"{role}\"\n\n",
+                postern::mailbox::accounts::hash_password(pw),
+                addrs.join(", ")
+            ));
+        }
+        std::fs::write(policies.join("users.toml"), users).unwrap();
         let mut g = g;
         g.spawn().await;
         g

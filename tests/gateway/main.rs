@@ -4,8 +4,9 @@
 mod admin;
 mod common;
 mod delivery;
-mod durability;
 #[path = "../policy/common.rs"]
 mod dns;
+mod durability;
 mod policy;
+mod quarantine;
 mod smtp_front;

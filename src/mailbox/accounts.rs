@@ -1,0 +1,228 @@
+//! Quarantine accounts: `policies/users.toml`, argon2id password hashes.
+
+use std::path::Path;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use serde::Deserialize;
+
+use crate::mailbox::store::HeldMeta;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Admin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    login: String,
+    password: String,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default = "default_role")]
+    role: Role,
+}
+
+fn default_role() -> Role {
+    Role::User
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    user: Vec<UserEntry>,
+}
+
+/// One account, as the servers see it after a successful login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub login: String,
+    /// Lower-cased.
+    pub addresses: Vec<String>,
+    pub role: Role,
+}
+
+impl Account {
+    /// Whether this account may see (read, delete, release) the entry.
+    pub fn can_see(&self, meta: &HeldMeta) -> bool {
+        self.role == Role::Admin
+            || self
+                .addresses
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(meta.recipient.trim()))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    account: Account,
+    phc: String,
+}
+
+/// The parsed users file.
+#[derive(Clone, Debug, Default)]
+pub struct Accounts {
+    users: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// A hash of a random password nobody knows: verified against when the login is unknown, so
+/// that unknown and known logins take the same time.
+const DUMMY_PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4pO0xn6Sk3BeGoU7D4W9UYkKjLdrzyXf0TK+2JYZKbc";
+
+impl Accounts {
+    /// Parse the TOML text of `users.toml`; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Accounts, AccountsError> {
+        let file: UsersFile = toml::from_str(text).map_err(|e| AccountsError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let mut users: Vec<Entry> = Vec::new();
+        for (i, u) in file.user.into_iter().enumerate() {
+            let err = |m: String| AccountsError::Parse {
+                path: origin.to_string(),
+                message: format!("[[user]] #{} ({}): {m}", i + 1, u.login),
+            };
+            if u.login.trim().is_empty() {
+                return Err(err("empty login".into()));
+            }
+            match PasswordHash::new(&u.password) {
+                Ok(h) if h.algorithm.as_str() == "argon2id" => {}
+                Ok(h) => {
+                    return Err(err(format!(
+                        "password hash uses {}, not argon2id",
+                        h.algorithm
+                    )));
+                }
+                Err(e) => return Err(err(format!("password is not an argon2id PHC string: {e}"))),
+            }
+            if users
+                .iter()
+                .any(|x| x.account.login.eq_ignore_ascii_case(&u.login))
+            {
+                return Err(err("duplicate login".into()));
+            }
+            let addresses = u
+                .addresses
+                .iter()
+                .map(|a| a.trim().to_ascii_lowercase())
+                .collect();
+            users.push(Entry {
+                account: Account {
+                    login: u.login.clone(),
+                    addresses,
+                    role: u.role,
+                },
+                phc: u.password,
+            });
+        }
+        Ok(Accounts { users })
+    }
+
+    /// Read and parse a users file.
+    pub fn load(path: &Path) -> Result<Accounts, AccountsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AccountsError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The account for `login` if `password` matches its hash. CPU-heavy (argon2): call it
+    /// from a blocking thread in async code.
+    pub fn verify(&self, login: &str, password: &str) -> Option<Account> {
+        let entry = self
+            .users
+            .iter()
+            .find(|e| e.account.login.eq_ignore_ascii_case(login));
+        let phc = entry.map(|e| e.phc.as_str()).unwrap_or(DUMMY_PHC);
+        let ok = match PasswordHash::new(phc) {
+            Ok(h) => Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok(),
+            Err(_) => false,
+        };
+        match (ok, entry) {
+            (true, Some(e)) => Some(e.account.clone()),
+            _ => None,
+        }
+    }
+
+    /// Number of accounts.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+/// An argon2id PHC string for `password` (for `postern passwd`), with a random salt.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    match Argon2::default().hash_password(password.as_bytes(), &salt) {
+        Ok(h) => h.to_string(),
+        // Only fails for absurd parameters or lengths; the defaults are fixed.
+        Err(e) => panic!("argon2 hashing failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_verify_and_visibility() {
+        let h = hash_password("s3cret");
+        let text = format!(
+            "[[user]]\nlogin = \"alice@example.test\"\npassword = \"{h}\"\naddresses = [\"Alice@Example.test\", \"sales@example.test\"]\nrole = \"user\"\n\n[[user]]\nlogin = \"root\"\npassword = \"{h}\"\nrole = \"admin\"\n"
+        );
+        let a = Accounts::parse(&text, "users.toml").expect("parses");
+        assert_eq!(a.len(), 2);
+        let alice = a.verify("alice@example.test", "s3cret").expect("ok");
+        assert!(a.verify("alice@example.test", "wrong").is_none());
+        assert!(a.verify("nobody", "s3cret").is_none());
+        let meta = |r: &str| HeldMeta {
+            id: 1,
+            sender: "x@y".into(),
+            recipient: r.into(),
+            reason: "r".into(),
+            received_unix: 0,
+            size: 1,
+        };
+        assert!(alice.can_see(&meta("ALICE@example.test")));
+        assert!(!alice.can_see(&meta("bob@example.test")));
+        let root = a.verify("root", "s3cret").expect("ok");
+        assert!(root.can_see(&meta("bob@example.test")));
+    }
+
+    #[test]
+    fn dummy_hash_is_a_real_argon2id_hash() {
+        // Unknown logins must cost a full verification, so the dummy must parse.
+        let h = PasswordHash::new(DUMMY_PHC).expect("valid PHC");
+        assert_eq!(h.algorithm.as_str(), "argon2id");
+    }
+
+    #[test]
+    fn strict_parsing() {
+        let e = Accounts::parse("[[user]]\nlogin=\"a\"\npassword=\"x\"\nfoo=1\n", "u.toml");
+        assert!(e.unwrap_err().to_string().contains("foo"));
+        let e = Accounts::parse("[[user]]\nlogin=\"a\"\npassword=\"plain\"\n", "u.toml");
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,667 @@
+//! What IMAP FETCH and SEARCH need from a message: ENVELOPE, BODYSTRUCTURE, BODY[section]
+//! and header text, built on mail-parser.
+
+use base64::Engine;
+use imap_codec::imap_types::fetch::Section;
+use mail_parser::{Address, Message, MessageParser, MimeHeaders, PartType};
+
+use crate::mailbox::imap::resp::{nstring, string};
+use crate::mailbox::pop3::header_end;
+
+/// Nesting deeper than this is not described (bounded recursion on hostile input).
+const MAX_DEPTH: usize = 16;
+
+/// A message body with its MIME parse (absent when mail-parser could not make anything of it).
+pub struct Parsed<'a> {
+    raw: &'a [u8],
+    msg: Option<Message<'a>>,
+}
+
+pub fn parse(raw: &[u8]) -> Parsed<'_> {
+    // mail-parser has debug assertions on odd structures; a message from outside must not
+    // take the session down with it, so a panic there counts as "could not parse".
+    let msg = std::panic::catch_unwind(|| MessageParser::default().parse(raw))
+        .ok()
+        .flatten();
+    Parsed { raw, msg }
+}
+
+/// A string for a quoted/literal value; non-ASCII text becomes an RFC 2047 encoded word.
+fn text_word(s: &str) -> Vec<u8> {
+    if s.is_ascii() {
+        s.as_bytes().to_vec()
+    } else {
+        format!(
+            "=?utf-8?b?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+        )
+        .into_bytes()
+    }
+}
+
+/// Remove folding (CRLF before whitespace) and surrounding space from a raw header value.
+fn unfold(s: &str) -> Vec<u8> {
+    let mut v: Vec<u8> = s.bytes().filter(|&b| b != b'\r' && b != b'\n').collect();
+    while v.first().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.remove(0);
+    }
+    while v.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.pop();
+    }
+    v
+}
+
+fn addr_struct(out: &mut Vec<u8>, name: Option<&str>, address: Option<&str>) {
+    out.push(b'(');
+    nstring(out, name.map(text_word).as_deref());
+    out.extend_from_slice(b" NIL ");
+    match address {
+        Some(a) => match a.rsplit_once('@') {
+            Some((local, host)) => {
+                string(out, local.as_bytes());
+                out.push(b' ');
+                string(out, host.as_bytes());
+            }
+            None => {
+                string(out, a.as_bytes());
+                out.extend_from_slice(b" NIL");
+            }
+        },
+        None => out.extend_from_slice(b"NIL NIL"),
+    }
+    out.push(b')');
+}
+
+fn address_list(out: &mut Vec<u8>, addr: Option<&Address<'_>>) {
+    let Some(addr) = addr else {
+        out.extend_from_slice(b"NIL");
+        return;
+    };
+    let mut inner = Vec::new();
+    match addr {
+        Address::List(list) => {
+            for a in list {
+                addr_struct(&mut inner, a.name.as_deref(), a.address.as_deref());
+            }
+        }
+        Address::Group(groups) => {
+            for g in groups {
+                if let Some(name) = &g.name {
+                    // RFC 3501 group syntax: start (NIL NIL "name" NIL), end (NIL NIL NIL NIL).
+                    inner.extend_from_slice(b"(NIL NIL ");
+                    string(&mut inner, &text_word(name));
+                    inner.extend_from_slice(b" NIL)");
+                }
+                for a in &g.addresses {
+                    addr_struct(&mut inner, a.name.as_deref(), a.address.as_deref());
+                }
+                if g.name.is_some() {
+                    inner.extend_from_slice(b"(NIL NIL NIL NIL)");
+                }
+            }
+        }
+    }
+    if inner.is_empty() {
+        out.extend_from_slice(b"NIL");
+    } else {
+        out.push(b'(');
+        out.extend_from_slice(&inner);
+        out.push(b')');
+    }
+}
+
+fn envelope_of(out: &mut Vec<u8>, m: &Message<'_>) {
+    let raw = |name: &str| m.header_raw(name).map(unfold);
+    out.push(b'(');
+    nstring(out, raw("Date").as_deref());
+    out.push(b' ');
+    nstring(out, raw("Subject").as_deref());
+    out.push(b' ');
+    let from = m.from();
+    address_list(out, from);
+    out.push(b' ');
+    address_list(out, m.sender().or(from));
+    out.push(b' ');
+    address_list(out, m.reply_to().or(from));
+    out.push(b' ');
+    address_list(out, m.to());
+    out.push(b' ');
+    address_list(out, m.cc());
+    out.push(b' ');
+    address_list(out, m.bcc());
+    out.push(b' ');
+    nstring(out, raw("In-Reply-To").as_deref());
+    out.push(b' ');
+    nstring(out, raw("Message-ID").as_deref());
+    out.push(b')');
+}
+
+fn params(out: &mut Vec<u8>, attrs: Option<&Vec<mail_parser::Attribute<'_>>>) {
+    match attrs {
+        Some(a) if !a.is_empty() => {
+            out.push(b'(');
+            for (i, at) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(b' ');
+                }
+                string(out, at.name.as_bytes());
+                out.push(b' ');
+                string(out, &text_word(&at.value));
+            }
+            out.push(b')');
+        }
+        _ => out.extend_from_slice(b"NIL"),
+    }
+}
+
+fn count_lines(b: &[u8]) -> usize {
+    b.iter().filter(|&&c| c == b'\n').count()
+}
+
+fn part_body<'m>(m: &'m Message<'_>, idx: usize) -> &'m [u8] {
+    match m.parts.get(idx) {
+        Some(p) => m
+            .raw_message
+            .get(p.offset_body as usize..p.offset_end as usize)
+            .unwrap_or_default(),
+        None => &[],
+    }
+}
+
+fn part_header<'m>(m: &'m Message<'_>, idx: usize) -> &'m [u8] {
+    match m.parts.get(idx) {
+        Some(p) => m
+            .raw_message
+            .get(p.offset_header as usize..p.offset_body as usize)
+            .unwrap_or_default(),
+        None => &[],
+    }
+}
+
+fn structure_of(out: &mut Vec<u8>, m: &Message<'_>, idx: usize, ext: bool, depth: usize) {
+    let Some(part) = m.parts.get(idx) else {
+        out.extend_from_slice(b"(\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 0 0)");
+        return;
+    };
+    let ct = part.content_type();
+    if let PartType::Multipart(children) = &part.body
+        && depth < MAX_DEPTH
+        && !children.is_empty()
+    {
+        {
+            out.push(b'(');
+            for &c in children {
+                structure_of(out, m, c as usize, ext, depth + 1);
+            }
+            out.push(b' ');
+            let sub = ct
+                .and_then(|c| c.c_subtype.as_deref())
+                .unwrap_or("mixed")
+                .to_ascii_uppercase();
+            string(out, sub.as_bytes());
+            if ext {
+                out.push(b' ');
+                params(out, ct.and_then(|c| c.attributes.as_ref()));
+                out.push(b' ');
+                disposition(out, part);
+                out.extend_from_slice(b" NIL NIL");
+            }
+            out.push(b')');
+            return;
+        }
+    }
+    let (ty, sub) = match ct {
+        Some(c) => (
+            c.c_type.to_ascii_uppercase(),
+            c.c_subtype
+                .as_deref()
+                .unwrap_or(if c.c_type.eq_ignore_ascii_case("text") {
+                    "plain"
+                } else {
+                    "octet-stream"
+                })
+                .to_ascii_uppercase(),
+        ),
+        None => ("TEXT".to_string(), "PLAIN".to_string()),
+    };
+    let body = part_body(m, idx);
+    out.push(b'(');
+    string(out, ty.as_bytes());
+    out.push(b' ');
+    string(out, sub.as_bytes());
+    out.push(b' ');
+    match ct {
+        Some(c) => params(out, c.attributes.as_ref()),
+        None if ty == "TEXT" => out.extend_from_slice(b"(\"CHARSET\" \"US-ASCII\")"),
+        None => out.extend_from_slice(b"NIL"),
+    }
+    out.push(b' ');
+    nstring(out, part.content_id().map(|s| s.as_bytes()));
+    out.push(b' ');
+    nstring(out, part.content_description().map(text_word).as_deref());
+    out.push(b' ');
+    let enc = part
+        .content_transfer_encoding()
+        .unwrap_or("7bit")
+        .to_ascii_uppercase();
+    string(out, enc.as_bytes());
+    out.extend_from_slice(format!(" {}", body.len()).as_bytes());
+    if ty == "TEXT" {
+        out.extend_from_slice(format!(" {}", count_lines(body)).as_bytes());
+    } else if ty == "MESSAGE" && sub == "RFC822" {
+        // message/rfc822 must carry envelope, body and lines; describe an unparsable or
+        // too deeply nested one as empty rather than break the syntax.
+        out.push(b' ');
+        match &part.body {
+            PartType::Message(inner) if depth < MAX_DEPTH => {
+                envelope_of(out, inner);
+                out.push(b' ');
+                structure_of(out, inner, 0, ext, depth + 1);
+            }
+            _ => out.extend_from_slice(
+                b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) (\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 0 0)",
+            ),
+        }
+        out.extend_from_slice(format!(" {}", count_lines(body)).as_bytes());
+    }
+    if ext {
+        out.extend_from_slice(b" NIL ");
+        disposition(out, part);
+        out.extend_from_slice(b" NIL NIL");
+    }
+    out.push(b')');
+}
+
+fn disposition(out: &mut Vec<u8>, part: &mail_parser::MessagePart<'_>) {
+    match part.content_disposition() {
+        Some(d) => {
+            out.push(b'(');
+            string(out, d.c_type.to_ascii_uppercase().as_bytes());
+            out.push(b' ');
+            params(out, d.attributes.as_ref());
+            out.push(b')');
+        }
+        None => out.extend_from_slice(b"NIL"),
+    }
+}
+
+/// Resolve a part number path (RFC 3501 6.4.5) to (message owning the part, part index).
+fn resolve_root<'m, 'x>(
+    m: &'m Message<'x>,
+    path: &[u32],
+    depth: usize,
+) -> Option<(&'m Message<'x>, usize)> {
+    let (&first, rest) = path.split_first()?;
+    let idx = match &m.parts.first()?.body {
+        PartType::Multipart(children) => *children.get((first as usize).checked_sub(1)?)? as usize,
+        _ if first == 1 => 0,
+        _ => return None,
+    };
+    descend(m, idx, rest, depth)
+}
+
+fn descend<'m, 'x>(
+    m: &'m Message<'x>,
+    idx: usize,
+    path: &[u32],
+    depth: usize,
+) -> Option<(&'m Message<'x>, usize)> {
+    if path.is_empty() {
+        return Some((m, idx));
+    }
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    match &m.parts.get(idx)?.body {
+        PartType::Multipart(children) => {
+            let c = *children.get((path[0] as usize).checked_sub(1)?)? as usize;
+            descend(m, c, &path[1..], depth + 1)
+        }
+        PartType::Message(inner) => resolve_root(inner, path, depth + 1),
+        _ => None,
+    }
+}
+
+/// The header lines of `header` whose names are (`not` = false) or are not in `names`, then CRLF.
+pub fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut keep = false;
+    let mut i = 0;
+    while i < header.len() {
+        let end = header[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(header.len(), |p| i + p + 1);
+        let line = &header[i..end];
+        i = end;
+        if line == b"\r\n" || line == b"\n" {
+            break;
+        }
+        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
+            let name = line
+                .split(|&b| b == b':')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            let listed = names.iter().any(|n| n.eq_ignore_ascii_case(name));
+            keep = listed != not;
+        }
+        if keep {
+            out.extend_from_slice(line);
+            if !line.ends_with(b"\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+impl<'a> Parsed<'a> {
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// The header block, including the blank line that ends it.
+    pub fn header(&self) -> &'a [u8] {
+        &self.raw[..header_end(self.raw)]
+    }
+
+    pub fn text(&self) -> &'a [u8] {
+        &self.raw[header_end(self.raw)..]
+    }
+
+    /// `ENVELOPE` value.
+    pub fn envelope(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match &self.msg {
+            Some(m) => envelope_of(&mut out, m),
+            None => out.extend_from_slice(b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"),
+        }
+        out
+    }
+
+    /// `BODYSTRUCTURE` (`ext`) or `BODY` value.
+    pub fn structure(&self, ext: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        match &self.msg {
+            Some(m) if !m.parts.is_empty() => structure_of(&mut out, m, 0, ext, 0),
+            _ => {
+                let body = self.text();
+                out.extend_from_slice(
+                    format!(
+                        "(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" {} {})",
+                        body.len(),
+                        count_lines(body)
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+        out
+    }
+
+    /// The octets of `BODY[section]` (before any partial range). Unknown parts give "".
+    pub fn section(&self, section: Option<&Section<'_>>) -> Vec<u8> {
+        let Some(section) = section else {
+            return self.raw.to_vec();
+        };
+        let names_of = |v: &imap_codec::imap_types::core::Vec1<
+            imap_codec::imap_types::core::AString<'_>,
+        >|
+         -> Vec<Vec<u8>> {
+            v.as_ref()
+                .iter()
+                .map(|a| AsRef::<[u8]>::as_ref(a).to_vec())
+                .collect()
+        };
+        let path = |p: &imap_codec::imap_types::fetch::Part| -> Vec<u32> {
+            p.0.as_ref().iter().map(|n| n.get()).collect()
+        };
+        // (header block, text) of the message a HEADER/TEXT section refers to.
+        let msg_parts =
+            |part: Option<&imap_codec::imap_types::fetch::Part>| -> Option<(Vec<u8>, Vec<u8>)> {
+                match part {
+                    None => Some((self.header().to_vec(), self.text().to_vec())),
+                    Some(p) => {
+                        let m = self.msg.as_ref()?;
+                        let (owner, idx) = resolve_root(m, &path(p), 0)?;
+                        match &owner.parts.get(idx)?.body {
+                            PartType::Message(inner) => {
+                                let raw: &[u8] = &inner.raw_message;
+                                let (start, end) = inner
+                                    .parts
+                                    .first()
+                                    .map(|r| (r.offset_header as usize, r.offset_end as usize))
+                                    .unwrap_or((0, raw.len()));
+                                let whole = raw.get(start..end.max(start)).unwrap_or(raw);
+                                let h = header_end(whole);
+                                Some((whole[..h].to_vec(), whole[h..].to_vec()))
+                            }
+                            _ => Some((
+                                part_header(owner, idx).to_vec(),
+                                part_body(owner, idx).to_vec(),
+                            )),
+                        }
+                    }
+                }
+            };
+        let out = match section {
+            Section::Header(p) => msg_parts(p.as_ref()).map(|(h, _)| h),
+            Section::Text(p) => msg_parts(p.as_ref()).map(|(_, t)| t),
+            Section::HeaderFields(p, names) | Section::HeaderFieldsNot(p, names) => {
+                let not = matches!(section, Section::HeaderFieldsNot(..));
+                msg_parts(p.as_ref()).map(|(h, _)| {
+                    let names = names_of(names);
+                    let refs: Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
+                    header_fields(&h, &refs, not)
+                })
+            }
+            Section::Part(p) => self.msg.as_ref().and_then(|m| {
+                let (owner, idx) = resolve_root(m, &path(p), 0)?;
+                Some(part_body(owner, idx).to_vec())
+            }),
+            Section::Mime(p) => self.msg.as_ref().and_then(|m| {
+                let (owner, idx) = resolve_root(m, &path(p), 0)?;
+                Some(part_header(owner, idx).to_vec())
+            }),
+        };
+        out.unwrap_or_default()
+    }
+
+    /// Decoded text of a header (all occurrences joined), for SEARCH.
+    pub fn header_text(&self, name: &str) -> String {
+        let mut s = String::new();
+        if let Some(m) = &self.msg {
+            for (n, v) in m.headers_raw() {
+                if n.eq_ignore_ascii_case(name) {
+                    s.push_str(v);
+                    s.push(' ');
+                }
+            }
+            // Also the decoded forms, so encoded words match their text.
+            match name.to_ascii_lowercase().as_str() {
+                "subject" => s.push_str(m.subject().unwrap_or_default()),
+                "from" | "to" | "cc" | "bcc" => {
+                    let a = match name.to_ascii_lowercase().as_str() {
+                        "from" => m.from(),
+                        "to" => m.to(),
+                        "cc" => m.cc(),
+                        _ => m.bcc(),
+                    };
+                    if let Some(a) = a {
+                        for x in a.iter() {
+                            s.push_str(x.name.as_deref().unwrap_or_default());
+                            s.push(' ');
+                            s.push_str(x.address.as_deref().unwrap_or_default());
+                            s.push(' ');
+                        }
+                    }
+                }
+                _ => {}
+            }
+        } else {
+            let h = header_fields(self.header(), &[name.as_bytes()], false);
+            s = String::from_utf8_lossy(&h).into_owned();
+        }
+        s
+    }
+
+    /// The sent date (Date header) as a unix time.
+    pub fn sent_unix(&self) -> Option<i64> {
+        self.msg.as_ref()?.date().map(|d| d.to_timestamp())
+    }
+
+    /// The decoded text of the body parts, for SEARCH BODY/TEXT.
+    pub fn body_text(&self) -> String {
+        match &self.msg {
+            Some(m) => {
+                let mut s = String::new();
+                for i in 0..m.text_body.len() {
+                    if let Some(t) = m.body_text(i) {
+                        s.push_str(&t);
+                        s.push('\n');
+                    }
+                }
+                for i in 0..m.html_body.len() {
+                    if let Some(t) = m.body_html(i) {
+                        s.push_str(&t);
+                        s.push('\n');
+                    }
+                }
+                s
+            }
+            None => String::from_utf8_lossy(self.text()).into_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIXED: &[u8] = b"From: \"Eve S\" <eve@evil.test>\r\nTo: alice@example.test, Bob <bob@example.test>\r\nSubject: =?utf-8?q?Caf=C3=A9?= offer\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m1@evil.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\npreamble\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\nworld\r\n--b1\r\nContent-Type: application/pdf; name=\"x.pdf\"\r\nContent-Disposition: attachment; filename=\"x.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--b1--\r\n";
+
+    #[test]
+    fn envelope_and_structure() {
+        let p = parse(MIXED);
+        let env = String::from_utf8(p.envelope()).unwrap();
+        assert_eq!(
+            env,
+            "(\"Thu, 26 Nov 2026 10:00:00 +0000\" \"=?utf-8?q?Caf=C3=A9?= offer\" ((\"Eve S\" NIL \"eve\" \"evil.test\")) ((\"Eve S\" NIL \"eve\" \"evil.test\")) ((\"Eve S\" NIL \"eve\" \"evil.test\")) ((NIL NIL \"alice\" \"example.test\")(\"Bob\" NIL \"bob\" \"example.test\")) NIL NIL NIL \"<m1@evil.test>\")"
+        );
+        let bs = String::from_utf8(p.structure(true)).unwrap();
+        assert!(
+            bs.starts_with("((\"TEXT\" \"PLAIN\" (\"charset\" \"utf-8\") NIL NIL \"7BIT\" "),
+            "{bs}"
+        );
+        assert!(bs.contains("(\"APPLICATION\" \"PDF\" (\"name\" \"x.pdf\") NIL NIL \"BASE64\" 8 NIL (\"ATTACHMENT\" (\"filename\" \"x.pdf\")) NIL NIL)"), "{bs}");
+        assert!(
+            bs.contains(" \"MIXED\" (\"boundary\" \"b1\") NIL NIL NIL)"),
+            "{bs}"
+        );
+        let part = |s: &str| {
+            let seq: Vec<std::num::NonZeroU32> = s.split('.').map(|x| x.parse().unwrap()).collect();
+            imap_codec::imap_types::fetch::Part(seq.try_into().unwrap())
+        };
+        assert_eq!(
+            p.section(Some(&Section::Part(part("1")))),
+            b"hello\r\nworld"
+        );
+        assert_eq!(p.section(Some(&Section::Part(part("2")))), b"JVBERi0=");
+        assert!(
+            p.section(Some(&Section::Mime(part("2"))))
+                .starts_with(b"Content-Type: application/pdf")
+        );
+        assert_eq!(p.section(Some(&Section::Part(part("3")))), b"");
+        assert!(
+            p.section(Some(&Section::Header(None)))
+                .ends_with(b"boundary=\"b1\"\r\n\r\n")
+        );
+        assert!(p.header_text("subject").contains("Café"));
+    }
+
+    #[test]
+    fn header_fields_with_folding() {
+        let h = b"Subject: a\r\n b\r\nFrom: x\r\nTo: y\r\n\r\n";
+        assert_eq!(
+            header_fields(h, &[b"subject", b"TO"], false),
+            b"Subject: a\r\n b\r\nTo: y\r\n\r\n"
+        );
+        assert_eq!(
+            header_fields(h, &[b"subject"], true),
+            b"From: x\r\nTo: y\r\n\r\n"
+        );
+    }
+
+    /// Deterministic mutation fuzzing of the MIME paths (no extra crates).
+    #[test]
+    fn mutated_messages_do_not_panic() {
+        let mut seed: u64 = 0x9e3779b97f4a7c15;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let tokens: [&[u8]; 8] = [
+            b"--b1",
+            b"\r\n",
+            b"Content-Type: message/rfc822\r\n",
+            b"Content-Type: multipart/mixed; boundary=b1\r\n",
+            b"=?utf-8?b?w6k=?=",
+            b"\xff",
+            b"\"",
+            b"(",
+        ];
+        for _ in 0..400 {
+            let mut m = MIXED.to_vec();
+            for _ in 0..(rnd() % 8) {
+                let pos = (rnd() as usize) % (m.len() + 1);
+                match rnd() % 3 {
+                    0 => {
+                        let t = tokens[(rnd() as usize) % tokens.len()];
+                        m.splice(pos..pos, t.iter().copied());
+                    }
+                    1 if pos < m.len() => {
+                        m.remove(pos);
+                    }
+                    _ => m.truncate(pos),
+                }
+            }
+            let p = parse(&m);
+            let _ = p.envelope();
+            let _ = p.structure(true);
+            let _ = p.body_text();
+            for path in [&[1u32][..], &[2], &[2, 1], &[1, 1, 1], &[3]] {
+                let seq: Vec<std::num::NonZeroU32> = path
+                    .iter()
+                    .filter_map(|&n| std::num::NonZeroU32::new(n))
+                    .collect();
+                if let Ok(v) = seq.try_into() {
+                    let part = imap_codec::imap_types::fetch::Part(v);
+                    let _ = p.section(Some(&Section::Part(part.clone())));
+                    let _ = p.section(Some(&Section::Mime(part.clone())));
+                    let _ = p.section(Some(&Section::Header(Some(part))));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_panic() {
+        for raw in [
+            &b""[..],
+            b"\r\n",
+            b"no header",
+            b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n--x--",
+            b"\xff\xfe\x00",
+        ] {
+            let p = parse(raw);
+            let _ = p.envelope();
+            let _ = p.structure(true);
+            let _ = p.section(None);
+            let _ = p.body_text();
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! IMAP4rev1 (RFC 3501) with IDLE (RFC 2177), UIDPLUS (RFC 4315), MOVE (RFC 6851) and
+//! UNSELECT over the quarantine.
+//!
+//! Folders: `INBOX` shows the held entries the user may see. `Release` is a drop box: COPY
+//! or MOVE into it re-queues each entry for delivery (`QuarantineStore::release`), after
+//! which the entry leaves INBOX (EXPUNGE); `Release` itself always stays empty, so no
+//! COPYUID is returned. `\Deleted` + EXPUNGE/CLOSE deletes from the quarantine.
+
+pub mod core;
+pub mod message;
+pub mod resp;
+pub mod shell;
+pub mod state;
+
+pub use shell::run_session;
