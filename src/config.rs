@@ -240,7 +240,7 @@ impl Default for ChecksConfig {
             spf: true,
             dkim: true,
             dmarc: true,
-            deadline: DurationStr(Duration::from_secs(20)),
+            deadline: DurationStr(Duration::from_secs(10)),
         }
     }
 }

@@ -70,6 +70,7 @@ pub async fn run(
         auth_user: None,
         rcpts: Vec::new(),
         submission: false,
+        trusted: false,
     };
     println!("scripts:   {}", set.script_names().join(", "));
     let d = set.connect_async(&conn).await;

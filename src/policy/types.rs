@@ -25,6 +25,9 @@ pub struct TxInfo {
     pub rcpts: Vec<String>,
     /// True on the submission listeners (587/465).
     pub submission: bool,
+    /// The client is in `[relay] networks` or authenticated: our own mail,
+    /// so SPF/DKIM/DMARC are not asked of it (as with Postfix's mynetworks).
+    pub trusted: bool,
 }
 
 /// The answer of a stage. `text` starts with an enhanced status code

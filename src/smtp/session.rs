@@ -367,6 +367,7 @@ impl Session {
                 .map(|t| t.rcpts.iter().map(|r| r.address.clone()).collect())
                 .unwrap_or_default(),
             submission: self.kind != ListenerKind::Relay,
+            trusted: self.may_relay(),
         }
     }
 

@@ -156,6 +156,7 @@ pub fn tx(ip: &str, helo: &str, from: &str, rcpts: &[&str]) -> TxInfo {
         auth_user: None,
         rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
         submission: false,
+        trusted: false,
     }
 }
 
