@@ -225,6 +225,8 @@ pub struct Opts {
     pub users: Vec<(String, String, Vec<String>, String)>,
     /// `[quarantine] retention`.
     pub retention: String,
+    /// `[delivery] mx_port` (25 when unset).
+    pub mx_port: Option<u16>,
     /// SPF/DKIM/DMARC on, against this DNS server.
     pub dns: Option<std::net::SocketAddr>,
     pub extra: String,
@@ -245,6 +247,7 @@ impl Default for Opts {
             rules: Vec::new(),
             ratelimits: String::new(),
             users: Vec::new(),
+            mx_port: None,
             retention: "30d".into(),
             dns: None,
             extra: String::new(),
@@ -325,6 +328,7 @@ concurrency = 16
 retry = {retry}
 max_age = "{max_age}"
 timeout = "5s"
+mx_port = {mx_port}
 
 [dns]
 nameservers = ["{dns}"]
@@ -378,6 +382,7 @@ listen = "127.0.0.1:{metrics}"
             imap = g.imap,
             imaps = g.imaps,
             retention = opts.retention,
+            mx_port = opts.mx_port.unwrap_or(25),
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();

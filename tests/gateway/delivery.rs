@@ -255,3 +255,64 @@ async fn connections_to_the_backend_are_reused() {
     let conns = sink.connections.load(Ordering::SeqCst);
     assert!(conns <= 2, "{conns} backend connections for 30 messages");
 }
+
+/// Outbound mail from a trusted client goes to the recipient domain's MX,
+/// found through the configured DNS server (never the system resolver):
+/// the preferred MX first, the next one when it does not answer; a domain
+/// that does not exist bounces.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbound_mail_follows_the_mx_records() {
+    use std::net::Ipv4Addr;
+    let sink = Sink::start(false).await;
+    // mx1 (preferred) is 127.0.0.2, where nothing listens on the sink's port;
+    // mx2 is 127.0.0.1, where the sink listens.
+    let dns = crate::dns::start_dns_with(
+        &[],
+        &[
+            ("far.test", 10, "mx1.far.test"),
+            ("far.test", 20, "mx2.far.test"),
+        ],
+        &[
+            ("mx1.far.test", Ipv4Addr::new(127, 0, 0, 2)),
+            ("mx2.far.test", Ipv4Addr::new(127, 0, 0, 1)),
+        ],
+    )
+    .await;
+    // Trusted clients skip SPF/DKIM/DMARC, so the DNS server is only asked for MX and A.
+    let mut opts = Opts::sink(sink.port);
+    opts.outbound = "mx".into();
+    opts.networks = vec!["127.0.0.0/8".into()];
+    opts.dns = Some(dns);
+    opts.mx_port = Some(sink.port);
+    let gw = Gateway::start(opts).await;
+    let mut c = Client::connect(gw.smtp).await;
+    c.cmd("EHLO inside.test").await;
+    let r = c
+        .mail(
+            "app@local.test",
+            &["someone@far.test", "ghost@nowhere.test"],
+            b"Subject: via mx\r\n\r\nhi",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    assert!(
+        eventually(Duration::from_secs(10), || sink.count() == 2).await,
+        "log:\n{}",
+        gw.log_text()
+    );
+    let got = sink.messages();
+    let out = got
+        .iter()
+        .find(|g| g.from == "app@local.test")
+        .expect("delivered via MX");
+    assert_eq!(out.rcpts, vec!["someone@far.test".to_string()]);
+    let dsn = got
+        .iter()
+        .find(|g| g.from.is_empty())
+        .expect("DSN for the unknown domain");
+    let t = String::from_utf8_lossy(&dsn.body);
+    assert!(
+        t.contains("ghost@nowhere.test") && t.contains("5.1.2"),
+        "{t}"
+    );
+}

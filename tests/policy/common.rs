@@ -19,6 +19,16 @@ use postern::policy::{ChecksConfig, ConnInfo, Policy, Problem, RulesConfig, TxIn
 /// Starts a DNS server on 127.0.0.1 (UDP and TCP, one port) serving
 /// `records` (name, TXT text). It lives as long as the test's runtime.
 pub async fn start_dns(records: &[(&str, &str)]) -> SocketAddr {
+    start_dns_with(records, &[], &[]).await
+}
+
+/// Like [`start_dns`], plus MX records `(domain, preference, exchange)`
+/// and A records `(name, address)`.
+pub async fn start_dns_with(
+    records: &[(&str, &str)],
+    mx: &[(&str, u16, &str)],
+    a: &[(&str, Ipv4Addr)],
+) -> SocketAddr {
     let origin = Name::root();
     let mut zone: InMemoryZoneHandler =
         InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
@@ -48,6 +58,18 @@ pub async fn start_dns(records: &[(&str, &str)]) -> SocketAddr {
             Record::from_rdata(name, 60, RData::TXT(TXT::new(chunks))),
             serial
         ));
+    }
+    let fqdn = |n: &str| Name::from_str(&format!("{}.", n.trim_end_matches('.'))).expect("name");
+    for (domain, pref, exchange) in mx {
+        let rdata = RData::MX(hickory_server::proto::rr::rdata::MX::new(
+            *pref,
+            fqdn(exchange),
+        ));
+        assert!(zone.upsert_mut(Record::from_rdata(fqdn(domain), 60, rdata), serial));
+    }
+    for (name, ip) in a {
+        let rdata = RData::A(hickory_server::proto::rr::rdata::A(*ip));
+        assert!(zone.upsert_mut(Record::from_rdata(fqdn(name), 60, rdata), serial));
     }
     let mut catalog = Catalog::new();
     catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
