@@ -8,7 +8,7 @@
 #            (server's reply segment - client's last data segment, kernel timestamps)
 #     probe: smtp_probe.py, PROBES extra Python sessions alongside, timed from the client side
 #
-# Phase 1 (this script): postern alone, msgs/s end to end + p99 final-dot->250 from the probe.
+# Phase 1 (this script): postern alone: msgs/s end to end, final-dot->250 p50/p99 (capture and probe).
 # Phase 2 (/work/shared/bench/peers.sh, PEERS="postfix haraka target"): the same smtp-source load
 #   through Postfix, Haraka and the already running postern ("target"), same harness, same sink;
 #   ratios postern/postfix and postern/haraka are taken from phase 2 (like against like).
@@ -62,12 +62,13 @@ install() {
     [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     echo "postfix postfix/mailname string relay.example.test" | debconf-set-selections
-    [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ] || apt-get update >&2
+    apt-get update >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix bc >&2
     INSTALLED_POSTFIX=1
   fi
   if [ "$LATENCY" != probe ] && ! command -v tcpdump >/dev/null; then
     log "installing tcpdump"
+    [ "$INSTALLED_POSTFIX" = 1 ] || apt-get update >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tcpdump >&2
   fi
 }
@@ -189,11 +190,13 @@ phase1() {
   log "phase 1: MESSAGES=$MESSAGES SESSIONS=$SESSIONS SIZE=$SIZE PROBES=$PROBES (loadavg $P1_LOAD)"
   rm -f "$T/ready"
   if [ "$LATENCY" != probe ]; then
-    # headers + first payload bytes are enough; -B: a 64 MiB kernel buffer so nothing is dropped
+    # headers + first payload bytes are enough; -B: a 64 MiB kernel buffer so nothing is dropped;
+    # (no --immediate-mode: it costs postern a third of its throughput on 2 cores; instead the capture
+    #  runs 1.5 s past the last message, so tcpdump's 1 s ring-block timeout hands over every packet)
     tcpdump -i lo -n -s 96 -B 65536 -w "$T/relay.pcap" "tcp port $RELAY_PORT" 2>"$T/tcpdump.log" &
     CAP_PID=$!
     for _ in $(seq 100); do grep -q "listening on" "$T/tcpdump.log" 2>/dev/null && break; sleep 0.1; done
-    sleep 0.5   # "listening on" comes a moment before the capture really sees packets
+    sleep 0.5   # a moment for the capture to be under way before the first connection
   fi
   if [ "$PROBES" -gt 0 ]; then
     python3 "$HERE/smtp_probe.py" --port "$RELAY_PORT" --probes "$PROBES" --size "$SIZE" \
@@ -218,7 +221,7 @@ phase1() {
   done
   e=$(date +%s.%N)
   if [ -n "$CAP_PID" ]; then
-    sleep 0.2; kill -INT "$CAP_PID" 2>/dev/null || true; wait "$CAP_PID" 2>/dev/null || true; CAP_PID=""
+    sleep 1.5; kill -INT "$CAP_PID" 2>/dev/null || true; wait "$CAP_PID" 2>/dev/null || true; CAP_PID=""
     P1_CAPDROP=$(grep -o '[0-9]* packets dropped by kernel' "$T/tcpdump.log" || echo "? packets dropped by kernel")
     python3 "$HERE/pcap_latency.py" "$T/relay.pcap" "$RELAY_PORT" >"$T/pcap.json" || log "pcap_latency.py found no messages"
   fi
@@ -251,7 +254,7 @@ phase1
 
 echo "== postern end to end (phase 1: smtp-source -> postern -> smtp-sink, new connection per message) =="
 echo "binary:              $POSTERN (built $(date -u -r "$POSTERN" +%FT%TZ), sha256 $(sha256sum "$T/postern" | cut -c1-12)), repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes')"
-echo "config:              checks spf/dkim/dmarc=$CHECKS, dns=$DNS, delivery concurrency=$CONCURRENCY, rules=$RULES_DIR ($(ls "$RULES_DIR"/*.rhai 2>/dev/null | wc -l) scripts), durability on (250 after the store's fsync)"
+echo "config:              checks spf/dkim/dmarc=$CHECKS, dns=$DNS, delivery concurrency=$CONCURRENCY, rules=$RULES_DIR ($(ls "$RULES_DIR"/*.rhai 2>/dev/null | wc -l) scripts), durability on (250 after the store's group-commit flush)"
 echo "load:                loadavg at start of phase 1: $P1_LOAD (2 cores)"
 echo "messages:            $MESSAGES x ${SIZE} B payload, $SESSIONS smtp-source sessions (+$PROBES probe sessions)"
 echo "end-to-end:          $P1_RATE msgs/s  ($MESSAGES smtp-source messages, start -> sink counted all $P1_WANT in ${P1_SECS} s; $P1_RATE_ALL msgs/s counting the probe's too)"
@@ -278,5 +281,5 @@ if [ -n "$PEERS" ]; then
   echo "== same harness (peers.sh, phase 2) =="
   echo "postern: ${TG:-n/a} msgs/s   postfix: ${PF:-n/a} msgs/s   haraka: ${HK:-n/a} msgs/s"
   echo "ratio postern/postfix: $(ratio "$TG" "$PF")   ratio postern/haraka: $(ratio "$TG" "$HK")"
-  echo "(phase 1 postern, with the probe alongside: $P1_RATE msgs/s)"
+  echo "(phase 1 postern, with the probe alongside: $P1_RATE msgs/s; loadavg after phase 2: $(cut -d' ' -f1-3 /proc/loadavg))"
 fi

@@ -46,9 +46,9 @@ if ! command -v promtool >/dev/null || { [ "$LIVE" = 1 ] && ! command -v prometh
   if [ ! -e /usr/sbin/policy-rc.d ]; then   # deny service starts during the install
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1
   fi
-  [ -n "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ] || apt-get update >&2
+  apt-get update >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2
-  [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # ---------------------------------------------------------------- offline

@@ -208,7 +208,7 @@ impl Store {
             held: db.open_tree("held")?,
             held_body: db.open_tree("held_body")?,
             state: db.open_tree("state")?,
-            commit: GroupCommit::new(db.clone()),
+            commit: GroupCommit::new(db.clone(), std::fs::File::open(dir.join("db")).ok()),
             counts: Arc::default(),
             changes,
             db,

@@ -14,7 +14,7 @@ use mail_auth::dkim::DkimSigner;
 use tokio::net::TcpStream;
 
 use crate::common::*;
-use crate::dns::{message, start_dns};
+use crate::dns::message;
 
 // ---------------------------------------------------------------- helpers
 
@@ -36,6 +36,43 @@ fn shipped_rules() -> Vec<(String, String)> {
     out.sort();
     assert!(!out.is_empty(), "no shipped rules in {}", dir.display());
     out
+}
+
+/// `crate::dns::start_dns`, again on a rare port clash: it binds UDP on an
+/// ephemeral port and then TCP on the same number, which another socket of
+/// the (parallel) tests may hold.
+async fn start_dns(records: &[(&str, &str)]) -> std::net::SocketAddr {
+    let owned: Vec<(String, String)> = records
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    for _ in 0..5 {
+        let records = owned.clone();
+        let started = tokio::spawn(async move {
+            let refs: Vec<(&str, &str)> = records
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.as_str()))
+                .collect();
+            crate::dns::start_dns(&refs).await
+        })
+        .await;
+        if let Ok(addr) = started {
+            return addr;
+        }
+    }
+    panic!("could not start the DNS server");
+}
+
+/// `Gateway::start`, again when the process could not bind one of its
+/// ports: the harness picks free ports by binding and closing them, and a
+/// parallel test may take one in between.
+async fn start(opts: Opts) -> Gateway {
+    for _ in 0..3 {
+        if let Ok(gw) = tokio::spawn(Gateway::start(opts.clone())).await {
+            return gw;
+        }
+    }
+    Gateway::start(opts).await
 }
 
 fn rules(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -241,7 +278,7 @@ async fn spf_results_are_in_the_header_and_forged_results_are_removed() {
     .await;
     let sink = Sink::start(false).await;
     // No rules: every result is delivered, so the header itself can be read.
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         dns: Some(dns),
         ..Opts::sink(sink.port)
     })
@@ -271,6 +308,29 @@ async fn spf_results_are_in_the_header_and_forged_results_are_removed() {
         assert_eq!(names[0], "Received", "{names:?}");
         assert_eq!(names[1], "Authentication-Results", "{names:?}");
     }
+
+    // A bounce (MAIL FROM:<>) is checked on the HELO name.
+    let mut c = Client::connect(gw.smtp).await;
+    assert!(c.cmd("EHLO pass.test").await.starts_with("250"));
+    let r = c
+        .mail(
+            "",
+            &["bob@local.test"],
+            message(
+                "mailer-daemon@pass.test",
+                "bob@local.test",
+                "spf-bounce",
+                "x",
+            )
+            .as_bytes(),
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let ar = our_auth_results(&delivered(&sink, "spf-bounce").await);
+    assert!(
+        ar.starts_with("gw.test; spf=pass smtp.helo=pass.test;"),
+        "{ar}"
+    );
 
     // A failing message that carries forged results claiming to be ours.
     let forged = "Authentication-Results: gw.test; spf=pass smtp.mailfrom=ceo@fail.test\r\n\
@@ -304,7 +364,7 @@ async fn spf_results_are_in_the_header_and_forged_results_are_removed() {
 
     let m = gw.metrics_text().await;
     for (result, n) in [
-        ("pass", 1.0),
+        ("pass", 2.0),
         ("softfail", 1.0),
         ("none", 1.0),
         ("fail", 1.0),
@@ -329,7 +389,7 @@ async fn spf_fail_is_quarantined_by_the_shipped_rules() {
     ])
     .await;
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         dns: Some(dns),
         rules: shipped_rules(),
         ..Opts::sink(sink.port)
@@ -427,10 +487,12 @@ async fn dkim_pass_and_fail_and_dmarc_reject() {
         ("_dmarc.signed.test", "v=DMARC1; p=reject"),
         ("strict.test", "v=spf1 ip4:192.0.2.1 -all"),
         ("_dmarc.strict.test", "v=DMARC1; p=reject"),
+        ("careful.test", "v=spf1 ip4:192.0.2.1 -all"),
+        ("_dmarc.careful.test", "v=DMARC1; p=quarantine"),
     ])
     .await;
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         dns: Some(dns),
         rules: shipped_rules(),
         ..Opts::sink(sink.port)
@@ -455,8 +517,13 @@ async fn dkim_pass_and_fail_and_dmarc_reject() {
         ar.contains("; dmarc=pass header.from=signed.test policy.dmarc=reject"),
         "{ar}"
     );
-    // The signature is delivered intact (the body must still verify downstream).
-    assert!(String::from_utf8_lossy(&body).contains("the original body"));
+    // Delivered byte for byte under the added headers, so the signature
+    // still verifies downstream.
+    assert!(
+        body.ends_with(format!("{signed}\r\n").as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert_eq!(fields(&body, "DKIM-Signature").len(), 1);
 
     // The same signature over a body changed in transit. SPF still passes
@@ -501,6 +568,23 @@ async fn dkim_pass_and_fail_and_dmarc_reject() {
     );
     assert!(quarantine_list(&gw).contains("0 message(s)"));
 
+    // DMARC p=quarantine: accepted, and held.
+    let r = c
+        .mail(
+            "ceo@careful.test",
+            &["bob@local.test"],
+            message("ceo@careful.test", "bob@local.test", "gift cards", "now").as_bytes(),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let list = quarantine_list(&gw);
+    assert!(
+        list.contains(
+            "ceo@careful.test -> bob@local.test  (DMARC failed, the sender's domain asks for quarantine)"
+        ),
+        "{list}"
+    );
+
     let m = gw.metrics_text().await;
     let dkim = |r| {
         metric(
@@ -517,7 +601,7 @@ async fn dkim_pass_and_fail_and_dmarc_reject() {
         )
     };
     assert_eq!((dkim("pass"), dkim("fail")), (2.0, 1.0));
-    assert_eq!(dmarc("fail"), 1.0);
+    assert_eq!(dmarc("fail"), 2.0);
     assert_eq!(
         metric(
             &m,
@@ -556,7 +640,7 @@ fn data(m) { if m.subject == "data-accept" { reject(550, "5.7.1 not shielded") }
 #[tokio::test(flavor = "multi_thread")]
 async fn every_verdict_at_mail_rcpt_and_data() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: rules(&[
             ("10-verdicts.rhai", VERDICTS),
             ("20-after.rhai", AFTER_ACCEPT),
@@ -748,11 +832,17 @@ async fn every_verdict_at_mail_rcpt_and_data() {
     assert_eq!(v("data", "accept"), 6.0);
 }
 
+/// An explicit `accept()` at connect, MAIL or RCPT is a decision like the
+/// others and should show in `postern_verdicts_total`.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "bug: accept() before DATA is not counted in postern_verdicts_total (src/smtp/session.rs policy_answer, src/smtp/server.rs run)"]
 async fn explicit_accept_before_data_is_counted() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
-        rules: rules(&[("10-verdicts.rhai", VERDICTS)]),
+    let gw = start(Opts {
+        rules: rules(&[
+            ("05-connect.rhai", "fn connect(c) { accept() }"),
+            ("10-verdicts.rhai", VERDICTS),
+        ]),
         ..Opts::sink(sink.port)
     })
     .await;
@@ -764,6 +854,7 @@ async fn explicit_accept_before_data_is_counted() {
     )
     .await;
     assert!(r.starts_with("250"), "{r}");
+    let conns = connections(&gw).await;
     let m = gw.metrics_text().await;
     let v = |stage| {
         metric(
@@ -772,7 +863,11 @@ async fn explicit_accept_before_data_is_counted() {
             &[("stage", stage), ("verdict", "accept")],
         )
     };
-    assert_eq!((v("mail"), v("rcpt")), (1.0, 1.0), "{m}");
+    assert_eq!(
+        (v("connect"), v("mail"), v("rcpt"), v("data")),
+        (conns, 1.0, 1.0, 1.0),
+        "{m}"
+    );
 }
 
 /// The first reply of a connection, read raw, and whether the server then closed.
@@ -795,6 +890,15 @@ async fn first_reply_and_close(port: u16) -> (String, bool) {
     (String::from_utf8_lossy(&all).trim_end().to_string(), closed)
 }
 
+async fn connections(gw: &Gateway) -> f64 {
+    metric_of(
+        gw,
+        "postern_smtp_connections_total",
+        &[("listener", "relay")],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_verdict_at_connect() {
     let sink = Sink::start(false).await;
@@ -806,7 +910,7 @@ async fn every_verdict_at_connect() {
         ("accept()", "accept"),
     ] {
         let script = format!("fn connect(c) {{ if c.ip == \"127.0.0.1\" {{ {call} }} }}");
-        let gw = Gateway::start(Opts {
+        let gw = start(Opts {
             rules: vec![("10-connect.rhai".into(), script)],
             ..Opts::sink(sink.port)
         })
@@ -829,7 +933,17 @@ async fn every_verdict_at_connect() {
                     assert_eq!(reply, "421 4.7.0 busy, come back");
                 }
                 assert!(closed, "the connection is closed after {reply:?}");
-                assert_eq!(v("connect", verdict).await, 1.0);
+                // Every connection was refused (the harness's readiness probe too).
+                assert!(
+                    until(Duration::from_secs(5), async || {
+                        let conns = connections(&gw).await;
+                        conns >= 2.0 && v("connect", verdict).await == conns
+                    })
+                    .await,
+                    "{verdict}: {} of {} connections",
+                    v("connect", verdict).await,
+                    connections(&gw).await
+                );
                 assert!(queue_list(&gw).contains("0 message(s)"));
                 continue;
             }
@@ -849,7 +963,16 @@ async fn every_verdict_at_connect() {
         match verdict {
             // Counted once per connection, and again with each message at DATA.
             "quarantine" | "discard" => {
-                assert_eq!(v("connect", verdict).await, 2.0, "{verdict}");
+                assert!(
+                    until(Duration::from_secs(5), async || {
+                        let conns = connections(&gw).await;
+                        conns >= 3.0 && v("connect", verdict).await == conns
+                    })
+                    .await,
+                    "{verdict}: {} of {} connections",
+                    v("connect", verdict).await,
+                    connections(&gw).await
+                );
                 assert_eq!(v("data", verdict).await, 2.0, "{verdict}");
             }
             _ => assert_eq!(v("data", "accept").await, 2.0, "{verdict}"),
@@ -893,7 +1016,7 @@ const THROW: &str = "fn mail_from(c) { if c.from == \"boom@remote.test\" { throw
 #[tokio::test(flavor = "multi_thread")]
 async fn runaway_script_tempfails_without_holding_up_other_sessions() {
     let sink = Sink::start(false).await;
-    let mut gw = Gateway::start(Opts {
+    let mut gw = start(Opts {
         rules: rules(&[("50-loop.rhai", LOOP)]),
         ..Opts::sink(sink.port)
     })
@@ -964,6 +1087,10 @@ async fn runaway_script_tempfails_without_holding_up_other_sessions() {
         "the normal sessions took up to {slowest:?}, the runaway was answered after {took:?}"
     );
     assert!(
+        took >= Duration::from_secs(1),
+        "it ran into the wall-clock limit: {took:?}"
+    );
+    assert!(
         took < Duration::from_secs(8),
         "the runaway was stopped: {took:?}"
     );
@@ -999,7 +1126,7 @@ async fn runaway_script_tempfails_without_holding_up_other_sessions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn script_runtime_errors_tempfail_and_are_counted() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: rules(&[("40-throw.rhai", THROW), ("50-loop.rhai", LOOP)]),
         ..Opts::sink(sink.port)
     })
@@ -1089,8 +1216,16 @@ async fn script_runtime_errors_tempfail_and_are_counted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn per_sender_rate_limit_at_mail_from() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
-        ratelimits: "[[limit]]\nname = \"per-sender\"\nkey = \"sender\"\nrate = \"2/1h\"\nburst = 2\nscope = \"inbound\"\n".into(),
+    let gw = start(Opts {
+        ratelimits: concat!(
+            "[[limit]]\n",
+            "name = \"per-sender\"\n",
+            "key = \"sender\"\n",
+            "rate = \"2/1h\"\n",
+            "burst = 2\n",
+            "scope = \"inbound\"\n",
+        )
+        .into(),
         ..Opts::sink(sink.port)
     })
     .await;
@@ -1109,6 +1244,10 @@ async fn per_sender_rate_limit_at_mail_from() {
         .and_then(|s| s.trim_end_matches('s').parse().ok())
         .unwrap_or_else(|| panic!("no retry hint: {r}"));
     assert!((1..=3600).contains(&secs), "{r}");
+    assert_eq!(
+        metric_of(&gw, "postern_ratelimited_total", &[("limit", "per-sender")]).await,
+        1.0
+    );
     // Nothing of that transaction is accepted.
     assert!(c.cmd("RCPT TO:<bob@local.test>").await.starts_with("503"));
     assert!(c.cmd("DATA").await.starts_with("503"));
@@ -1138,6 +1277,39 @@ async fn per_sender_rate_limit_at_mail_from() {
             &[("stage", "mail"), ("verdict", "tempfail")]
         ),
         1.0
+    );
+
+    // Bounces (MAIL FROM:<>) count by client IP.
+    let mut c = session(&gw).await;
+    for _ in 0..2 {
+        let r = c.cmd("MAIL FROM:<>").await;
+        assert!(r.starts_with("250"), "{r}");
+        assert!(c.cmd("RSET").await.starts_with("250"));
+    }
+    let r = c.cmd("MAIL FROM:<>").await;
+    assert!(r.starts_with("450 4.7.1 "), "the third bounce: {r}");
+
+    // A reload keeps the counts of an unchanged limit.
+    std::fs::write(
+        gw.dir.path().join("rules").join("10-noop.rhai"),
+        "fn data(m) { }",
+    )
+    .unwrap();
+    sighup(&gw);
+    assert!(
+        until(Duration::from_secs(5), async || {
+            metric_of(&gw, "postern_config_reloads_total", &[("result", "ok")]).await >= 1.0
+        })
+        .await
+    );
+    let r = c.cmd("MAIL FROM:<ALICE@local.test>").await;
+    assert!(
+        r.starts_with("450 4.7.1 "),
+        "still limited after a reload: {r}"
+    );
+    assert_eq!(
+        metric_of(&gw, "postern_ratelimited_total", &[("limit", "per-sender")]).await,
+        3.0
     );
 }
 
@@ -1175,7 +1347,7 @@ async fn data_reply(gw: &Gateway) -> String {
 async fn sighup_reloads_and_a_broken_reload_keeps_the_running_rules() {
     const W: usize = 120;
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: vec![("50-r.rhai".into(), format!("{:<W$}", rule_version("v1")))],
         ..Opts::sink(sink.port)
     })
@@ -1236,7 +1408,7 @@ async fn sighup_reloads_and_a_broken_reload_keeps_the_running_rules() {
 #[tokio::test(flavor = "multi_thread")]
 async fn changed_rule_files_reload_by_themselves() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: vec![("50-r.rhai".into(), rule_version("v1"))],
         ..Opts::sink(sink.port)
     })
@@ -1276,6 +1448,33 @@ async fn changed_rule_files_reload_by_themselves() {
     );
     assert_eq!(data_reply(&gw).await, "550 5.7.1 rules version 2");
 
+    // A broken rate-limit file is a failed reload too, named with its line.
+    let policies = gw.dir.path().join("policies");
+    std::fs::write(
+        &tmp,
+        "[[limit]]\nname = \"x\"\nkey = \"sender\"\nrate = \"lots\"\n",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, policies.join("ratelimits.toml")).unwrap();
+    assert!(
+        until(Duration::from_secs(6), async || {
+            metric_of(&gw, "postern_config_reloads_total", &[("result", "error")]).await >= 2.0
+        })
+        .await,
+        "{}",
+        gw.log_text()
+    );
+    assert!(
+        gw.log_text()
+            .lines()
+            .any(|l| l.contains("reload failed") && l.contains("ratelimits.toml:4")),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(data_reply(&gw).await, "550 5.7.1 rules version 2");
+    std::fs::write(&tmp, "").unwrap();
+    std::fs::rename(&tmp, policies.join("ratelimits.toml")).unwrap();
+
     // Removing it is a change too.
     std::fs::remove_file(rules_dir.join("60-broken.rhai")).unwrap();
     std::fs::write(&tmp, "fn data(m) { }").unwrap();
@@ -1307,7 +1506,7 @@ fn data(m) {
 #[tokio::test(flavor = "multi_thread")]
 async fn rules_test_command_shows_the_decision() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: rules(&[("40-triage.rhai", TRIAGE), ("50-loop.rhai", LOOP)]),
         ..Opts::sink(sink.port)
     })
@@ -1406,7 +1605,7 @@ async fn rules_test_command_shows_the_decision() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_names_the_file_and_line_of_a_broken_rule() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts {
+    let gw = start(Opts {
         rules: rules(&[("40-triage.rhai", TRIAGE)]),
         ..Opts::sink(sink.port)
     })
@@ -1430,4 +1629,85 @@ async fn check_names_the_file_and_line_of_a_broken_rule() {
         !err.contains("40-triage.rhai"),
         "only the broken one: {err}"
     );
+}
+
+/// `rules test` must print the verdict the gateway would apply: a quarantine
+/// or discard decided at connect, MAIL or RCPT sticks to the message.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "bug: src/rules_test.rs prints the DATA verdict and drops a quarantine/discard decided at MAIL or RCPT"]
+async fn rules_test_agrees_with_the_gateway_on_early_quarantine() {
+    let sink = Sink::start(false).await;
+    let gw = start(Opts {
+        rules: rules(&[(
+            "10-watch.rhai",
+            "fn mail_from(c) { if c.from == \"a@remote.test\" { quarantine(\"sender on watch list\") } }",
+        )]),
+        ..Opts::sink(sink.port)
+    })
+    .await;
+    let msg = message("a@remote.test", "c@local.test", "hello", "x");
+    // The gateway holds it.
+    let r = send(&gw, "a@remote.test", "c@local.test", msg.as_bytes()).await;
+    assert!(r.starts_with("250"), "{r}");
+    let list = quarantine_list(&gw);
+    assert!(
+        list.contains("a@remote.test -> c@local.test  (sender on watch list)"),
+        "{list}"
+    );
+    // `rules test` on the same message and envelope must say so.
+    let eml = gw.dir.path().join("m.eml");
+    std::fs::write(&eml, &msg).unwrap();
+    let (ok, out, err) = gw.admin(&[
+        "rules",
+        "test",
+        "--message",
+        eml.to_str().unwrap(),
+        "--from",
+        "a@remote.test",
+        "--rcpt",
+        "c@local.test",
+    ]);
+    assert!(ok, "{err}");
+    let verdict = out
+        .lines()
+        .find(|l| l.starts_with("verdict:"))
+        .unwrap_or_default();
+    assert!(
+        verdict.contains("quarantine: sender on watch list") && verdict.contains("10-watch.rhai"),
+        "{out}"
+    );
+}
+
+/// An admin (or logrotate) may send SIGHUP as soon as the gateway answers.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "bug: src/gateway.rs installs the SIGHUP handler only after the listeners serve; an early SIGHUP kills the process"]
+async fn sighup_right_after_start_does_not_kill_the_gateway() {
+    let sink = Sink::start(false).await;
+    let mut gw = start(Opts::sink(sink.port)).await;
+    gw.kill9();
+    for attempt in 0..20 {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(gw.config_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", gw.smtp)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "did not start");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let _ = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let status = child.try_wait().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            status.is_none(),
+            "attempt {attempt}: SIGHUP right after start ended the gateway: {status:?}"
+        );
+    }
 }
