@@ -21,6 +21,12 @@ use crate::{admin, tls};
 
 /// Run until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Install the signal handlers before anything listens: a SIGHUP or
+    // SIGTERM that arrives early must not take the default action (exit).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let cfg = Arc::new(cfg);
     let data_dir = &cfg.server.data_dir;
     std::fs::create_dir_all(data_dir)
@@ -168,10 +174,6 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let hup_policy = policy.clone();
     let (hup_cfg, hup_mailbox) = (cfg.clone(), mailbox.clone());
     let hup = tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading rules, policies and accounts");
             // Errors are logged and counted by reload itself.
@@ -186,7 +188,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         data_dir.display()
     );
 
-    wait_for_signal().await;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
     watcher.abort();
     purge.abort();
     accounts_watch.abort();
@@ -214,22 +219,6 @@ pub async fn serve(cfg: Config) -> Result<()> {
     store.flush()?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Cannot install handlers: run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }
 
 /// Reload `users.toml`; a broken file keeps the accounts in use.

@@ -73,18 +73,34 @@ pub async fn run(
         trusted: false,
     };
     println!("scripts:   {}", set.script_names().join(", "));
+    // A reject or tempfail ends the transaction; a quarantine or discard
+    // before DATA sticks to the message, as in the gateway (intake.rs).
+    let mut sticky: Option<Decision> = None;
+    let note = |d: &Decision, sticky: &mut Option<Decision>| {
+        if sticky.is_none()
+            && matches!(
+                d.verdict,
+                Some(Verdict::Quarantine { .. } | Verdict::Discard)
+            )
+        {
+            *sticky = Some(d.clone());
+        }
+    };
     let d = set.connect_async(&conn).await;
     println!("connect:   {}", show(&d));
+    note(&d, &mut sticky);
     let mut final_: Option<Decision> = stop(d);
     if final_.is_none() {
         let d = set.mail_from_async(&tx).await;
         println!("mail from: {}", show(&d));
+        note(&d, &mut sticky);
         final_ = stop(d);
     }
     if final_.is_none() {
         for r in rcpts {
             let d = set.rcpt_async(&tx, r).await;
             println!("rcpt {r}: {}", show(&d));
+            note(&d, &mut sticky);
             if stop(d.clone()).is_some() {
                 final_ = Some(d);
                 break;
@@ -109,11 +125,29 @@ pub async fn run(
             for (n, v) in &out.headers {
                 println!("header:    {n}: {v}");
             }
-            format!(
-                "{} by {}",
-                verdict_text(&out.verdict),
-                out.script.as_deref().unwrap_or("(no script decided)")
-            )
+            let data_decides = matches!(
+                out.verdict,
+                Verdict::Reject { .. } | Verdict::Tempfail { .. }
+            ) || matches!(
+                (
+                    &out.verdict,
+                    sticky.as_ref().and_then(|s| s.verdict.as_ref())
+                ),
+                (Verdict::Quarantine { .. }, Some(Verdict::Discard))
+            );
+            match sticky {
+                Some(d) if !data_decides => format!(
+                    "{} by {} {}",
+                    d.verdict.as_ref().map(verdict_text).unwrap_or_default(),
+                    d.script.unwrap_or_default(),
+                    d.function.unwrap_or_default()
+                ),
+                _ => format!(
+                    "{} by {}",
+                    verdict_text(&out.verdict),
+                    out.script.as_deref().unwrap_or("(no script decided)")
+                ),
+            }
         }
     };
     println!("verdict:   {verdict}");

@@ -136,6 +136,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Verdict::Reject { code, text }) => Some(reply(code, &text)),
             // RFC 5321 3.8: a server that must go away says 421 and closes.
             Some(Verdict::Tempfail { text, .. }) => Some(reply(421, &text)),
+            Some(Verdict::Accept) => {
+                ctx.metrics
+                    .verdicts
+                    .with_label_values(&["accept", "connect"])
+                    .inc();
+                None
+            }
             Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) => {
                 ctx.metrics
                     .verdicts
@@ -169,8 +176,21 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         if r.buffer().is_empty() && !out.is_empty() {
             write_out(&mut r, &mut out).await?;
         }
-        let line =
-            read_command(&mut r, ctx.max_line_length, ctx.idle_timeout, &mut shutdown).await?;
+        // On shutdown, a session between transactions is told 421 at its
+        // next command; one in the middle of a transaction may finish it.
+        let between = session.tx.is_none();
+        let line = if between && *shutdown.borrow() {
+            Line::Shutdown
+        } else {
+            read_command(
+                &mut r,
+                ctx.max_line_length,
+                ctx.idle_timeout,
+                &mut shutdown,
+                between,
+            )
+            .await?
+        };
         let line = match line {
             Line::Complete(l) => l,
             Line::TooLong => {
@@ -255,6 +275,7 @@ async fn read_command<S: AsyncRead + Unpin>(
     max: usize,
     idle: Duration,
     shutdown: &mut watch::Receiver<bool>,
+    may_stop: bool,
 ) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
@@ -266,7 +287,7 @@ async fn read_command<S: AsyncRead + Unpin>(
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => return Err(e),
             },
-            _ = crate::stopped(shutdown), if line.is_empty() => return Ok(Line::Shutdown),
+            _ = crate::stopped(shutdown), if may_stop && line.is_empty() => return Ok(Line::Shutdown),
         };
         if chunk.is_empty() {
             return Ok(Line::Eof);

@@ -399,6 +399,10 @@ impl Session {
                         self.verdict = Some((v.word(), stage));
                         Some((v, d.script))
                     }
+                    Some(Verdict::Accept) => {
+                        self.verdict = Some(("accept", stage));
+                        None
+                    }
                     _ => None,
                 };
                 match check {

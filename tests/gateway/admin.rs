@@ -201,13 +201,19 @@ async fn sigterm_finishes_the_session_in_flight() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // New connections are refused, the message in flight is still taken.
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", gw.smtp))
+    // New connections are refused (soon), the message in flight is still taken.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", gw.smtp))
             .await
             .is_err()
-    );
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "still accepting connections after SIGTERM");
     c.send(b" and the rest\r\n.\r\n").await;
     let r = c.reply().await;
     assert!(r.starts_with("250"), "{r}");

@@ -15,12 +15,30 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
 
-/// A port nobody listens on right now (bind :0, read it, close).
+/// A port nobody listens on right now. Taken from 20000-31999, below the
+/// kernel's ephemeral range (32768+), so the many client connections the
+/// tests make cannot grab it between this call and the gateway's bind; a
+/// per-process counter keeps tests in one run apart.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 96) as u16 * 125,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..12_000 {
+        let mut p = NEXT.fetch_add(1, Ordering::SeqCst);
+        if p >= 32_000 {
+            NEXT.store(20_000, Ordering::SeqCst);
+            p = 20_000;
+        }
+        if StdListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in 20000-31999")
 }
 
 /// Poll `f` until it returns true or `timeout` passes.

@@ -169,7 +169,7 @@ async fn size_and_recipient_limits() {
 async fn connection_limit_and_idle_timeout() {
     let gw = Gateway::start(Opts {
         max_connections: 2,
-        idle_timeout: "1s".into(),
+        idle_timeout: "3s".into(),
         ..Opts::default()
     })
     .await;

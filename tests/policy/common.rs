@@ -74,11 +74,16 @@ pub async fn start_dns_with(
     let mut catalog = Catalog::new();
     catalog.upsert(LowerName::new(&origin), vec![Arc::new(zone)]);
 
-    let udp = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("bind udp");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
+    // UDP and TCP on one port: retry when the UDP port is taken on TCP.
+    let (udp, tcp, addr) = loop {
+        let udp = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind udp");
+        let addr = udp.local_addr().expect("addr");
+        if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+            break (udp, tcp, addr);
+        }
+    };
     let mut server = Server::new(catalog);
     server.register_socket(udp);
     server.register_listener(tcp, std::time::Duration::from_secs(5), 1 << 16);
