@@ -44,6 +44,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         )
     })?);
     metrics.register_policy(policy.metrics())?;
+    // Rules and policies reload when their files change, watched from the
+    // moment they were loaded.
+    let watcher = crate::policy::watch(policy.clone(), policy.dirs());
     let acceptor = tls::acceptor(&cfg)?;
     let tls_acceptor = acceptor.clone();
     let (scheduler, sched_rx) = Scheduler::channel();
@@ -168,8 +171,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         shutdown_rx.clone(),
         workers.clone(),
     ));
-    // Rules and policies reload on SIGHUP and when their files change.
-    let watcher = crate::policy::watch(policy.clone(), policy.dirs());
+    // Rules and policies also reload on SIGHUP (below).
     let housekeeping = crate::policy::spawn_housekeeping(policy.clone(), Duration::from_secs(60));
     let hup_policy = policy.clone();
     let (hup_cfg, hup_mailbox) = (cfg.clone(), mailbox.clone());

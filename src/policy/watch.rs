@@ -39,8 +39,10 @@ pub fn watch(policy: Arc<Policy>, dirs: Vec<PathBuf>) -> JoinHandle<()> {
 
 /// [`watch`] with a chosen poll interval.
 pub fn watch_every(policy: Arc<Policy>, dirs: Vec<PathBuf>, every: Duration) -> JoinHandle<()> {
+    // The baseline is taken now, not when the task first runs, so a change
+    // made right after this call is not mistaken for the starting state.
+    let mut last = fingerprint(&dirs);
     tokio::spawn(async move {
-        let mut last = fingerprint(&dirs);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

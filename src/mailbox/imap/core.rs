@@ -686,20 +686,37 @@ impl ImapCore {
 }
 
 impl ImapCore {
-    fn select(&mut self, tag: &str, mailbox: &Mailbox<'_>, read_only: bool) -> Step {
-        self.sel = None;
+    /// The messages, UIDVALIDITY and UIDNEXT of a folder as this user sees
+    /// it (Release is a drop box and always empty); or the NO to answer.
+    fn folder_view(
+        &self,
+        tag: &str,
+        mailbox: &Mailbox<'_>,
+    ) -> Result<(Folder, Vec<ViewMsg>, u32, u32), Step> {
         let Some(folder) = folder_of(mailbox) else {
-            return Step::Reply(tagged(tag, "NO", "[NONEXISTENT] No such mailbox"));
+            return Err(Step::Reply(tagged(
+                tag,
+                "NO",
+                "[NONEXISTENT] No such mailbox",
+            )));
         };
         let Some(account) = &self.account else {
-            return Step::Reply(tagged(tag, "NO", "Log in first"));
+            return Err(Step::Reply(tagged(tag, "NO", "Log in first")));
         };
-        let (msgs, uidvalidity, uidnext) = match folder {
+        Ok(match folder {
             Folder::Inbox => {
                 let v = self.shared.view(account);
-                (v.msgs, v.uidvalidity, v.uidnext)
+                (folder, v.msgs, v.uidvalidity, v.uidnext)
             }
-            Folder::Release => (Vec::new(), 1, 1),
+            Folder::Release => (folder, Vec::new(), 1, 1),
+        })
+    }
+
+    fn select(&mut self, tag: &str, mailbox: &Mailbox<'_>, read_only: bool) -> Step {
+        self.sel = None;
+        let (folder, msgs, uidvalidity, uidnext) = match self.folder_view(tag, mailbox) {
+            Ok(v) => v,
+            Err(step) => return step,
         };
         let mut out = format!("* FLAGS {SYSTEM_FLAGS}\r\n").into_bytes();
         let perm = if read_only {
@@ -772,18 +789,9 @@ impl ImapCore {
     }
 
     fn status(&mut self, tag: &str, mailbox: &Mailbox<'_>, items: &[StatusDataItemName]) -> Step {
-        let Some(folder) = folder_of(mailbox) else {
-            return Step::Reply(tagged(tag, "NO", "[NONEXISTENT] No such mailbox"));
-        };
-        let Some(account) = &self.account else {
-            return Step::Reply(tagged(tag, "NO", "Log in first"));
-        };
-        let (msgs, uidvalidity, uidnext) = match folder {
-            Folder::Inbox => {
-                let v = self.shared.view(account);
-                (v.msgs, v.uidvalidity, v.uidnext)
-            }
-            Folder::Release => (Vec::new(), 1, 1),
+        let (folder, msgs, uidvalidity, uidnext) = match self.folder_view(tag, mailbox) {
+            Ok(v) => v,
+            Err(step) => return step,
         };
         let count = |f: &str| {
             msgs.iter()
