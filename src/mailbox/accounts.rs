@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use serde::Deserialize;
 
 use crate::mailbox::store::HeldMeta;
@@ -150,12 +150,7 @@ impl Accounts {
             .iter()
             .find(|e| e.account.login.eq_ignore_ascii_case(login));
         let phc = entry.map(|e| e.phc.as_str()).unwrap_or(DUMMY_PHC);
-        let ok = match PasswordHash::new(phc) {
-            Ok(h) => Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok(),
-            Err(_) => false,
-        };
+        let ok = verify_phc(phc, password.as_bytes());
         match (ok, entry) {
             (true, Some(e)) => Some(e.account.clone()),
             _ => None,
@@ -170,6 +165,56 @@ impl Accounts {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+}
+
+/// Reusable argon2 work areas. Each check needs `m` KiB (19 MiB with the
+/// defaults); allocated per login, glibc kept the freed areas and memory grew
+/// by ~19 MiB per concurrent login without ever shrinking (found by
+/// bench/mailbox/login_rss.sh). Callers bound how many checks run at once
+/// (see `mailbox::check_login`), so the pool stays that small.
+static WORK_AREAS: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
+
+/// Check `password` against an argon2id PHC string, in a pooled work area.
+fn verify_phc(phc: &str, password: &[u8]) -> bool {
+    use argon2::{Algorithm, Block, Params, Version};
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&h) else {
+        return false;
+    };
+    let version = h
+        .version
+        .and_then(|v| Version::try_from(v).ok())
+        .unwrap_or_default();
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let mut blocks = WORK_AREAS
+        .lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_default();
+    blocks.resize(params.block_count(), Block::default());
+    let mut out = vec![0u8; expected.len()];
+    let computed = Argon2::new(Algorithm::Argon2id, version, params)
+        .hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..])
+        .is_ok();
+    if let Ok(mut pool) = WORK_AREAS.lock() {
+        pool.push(blocks);
+    }
+    // Constant time: every byte is compared whatever the first difference.
+    computed
+        && out.len() == expected.len()
+        && out
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// An argon2id PHC string for `password` (for `postern passwd`), with a random salt.

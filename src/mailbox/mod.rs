@@ -127,6 +127,12 @@ impl MailboxCtx {
 }
 
 /// Check a login: wait the client IP's penalty, verify on a blocking thread, count the result.
+fn verify_slots() -> &'static Semaphore {
+    static SLOTS: std::sync::OnceLock<Semaphore> = std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
 pub(crate) async fn check_login(
     ctx: &Arc<MailboxCtx>,
     ip: IpAddr,
@@ -139,6 +145,9 @@ pub(crate) async fn check_login(
         tokio::time::sleep(delay).await;
     }
     let accounts = ctx.accounts();
+    // argon2 is CPU- and memory-heavy by design: no more checks at once than
+    // cores, so a burst of logins queues instead of eating memory.
+    let _slot = verify_slots().acquire().await.ok();
     let res = tokio::task::spawn_blocking(move || accounts.verify(&login, &password))
         .await
         .ok()

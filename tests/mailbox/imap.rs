@@ -349,3 +349,86 @@ async fn async_imap_fetch_move_and_idle() {
     sess.logout().await.expect("logout");
     s.stop().await;
 }
+
+/// Two clients of one user (a phone and a desktop) set different flags on
+/// the same message: neither may wipe the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_do_not_overwrite_each_others_flags() {
+    let store = Arc::new(MemStore::new());
+    store.add(
+        "spam@evil.test",
+        &["alice@example.test"],
+        "spam",
+        &held_message("shared", "alice@example.test"),
+    );
+    let s = start(store.clone()).await;
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let c = rust_client(s.imaps).await;
+        let mut sess = c
+            .login("alice@example.test", PASSWORD)
+            .await
+            .map_err(|(e, _)| e)
+            .expect("login");
+        sess.select("INBOX").await.expect("select");
+        sessions.push(sess);
+    }
+    let flags_of = |f: &async_imap::types::Fetch| -> Vec<String> {
+        f.flags().map(|fl| format!("{fl:?}")).collect()
+    };
+    let a: Vec<_> = sessions[0]
+        .store("1", "+FLAGS (\\Flagged)")
+        .await
+        .expect("store a")
+        .try_collect()
+        .await
+        .expect("store a stream");
+    assert!(flags_of(&a[0]).iter().any(|f| f.contains("Flagged")));
+    // B's copy of the flags is stale; its +FLAGS must still keep A's \Flagged.
+    let b: Vec<_> = sessions[1]
+        .store("1", "+FLAGS (\\Answered)")
+        .await
+        .expect("store b")
+        .try_collect()
+        .await
+        .expect("store b stream");
+    let fb = b
+        .iter()
+        .map(flags_of)
+        .find(|f| f.iter().any(|x| x.contains("Answered")))
+        .expect("a FETCH with B's flag");
+    assert!(
+        fb.iter().any(|f| f.contains("Flagged")),
+        "B's STORE wiped A's flag: {fb:?}"
+    );
+    // And BODY[] in A adds \Seen without dropping B's \Answered.
+    let _: Vec<_> = sessions[0]
+        .fetch("1", "BODY[]")
+        .await
+        .expect("fetch")
+        .try_collect()
+        .await
+        .expect("fetch stream");
+    let c = rust_client(s.imaps).await;
+    let mut fresh = c
+        .login("alice@example.test", PASSWORD)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("login");
+    fresh.select("INBOX").await.expect("select");
+    let f: Vec<_> = fresh
+        .fetch("1", "FLAGS")
+        .await
+        .expect("fetch")
+        .try_collect()
+        .await
+        .expect("fetch stream");
+    let flags = flags_of(&f[0]);
+    for want in ["Flagged", "Answered", "Seen"] {
+        assert!(
+            flags.iter().any(|x| x.contains(want)),
+            "{want} lost: {flags:?}"
+        );
+    }
+    s.stop().await;
+}

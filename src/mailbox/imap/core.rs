@@ -21,7 +21,7 @@ use imap_codec::imap_types::status::StatusDataItemName;
 use crate::mailbox::accounts::Account;
 use crate::mailbox::imap::message::{self, Parsed};
 use crate::mailbox::imap::resp::{self, flag_list, internal_date, is_atom_char, tag_of};
-use crate::mailbox::imap::state::{MAX_FLAG_LEN, Shared, ViewMsg, normalize};
+use crate::mailbox::imap::state::{FlagOp, MAX_FLAG_LEN, Shared, ViewMsg, normalize};
 
 const MAX_BAD_COMMANDS: u32 = 50;
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -954,7 +954,7 @@ impl ImapCore {
             if marks_seen && !sel.read_only && !m.flags.iter().any(|f| f == "\\Seen") {
                 m.flags.push("\\Seen".to_string());
                 normalize(&mut m.flags);
-                seen_updates.push((m.meta.id, m.flags.clone()));
+                seen_updates.push(m.meta.id);
                 flags_changed = true;
             }
             let mut line = format!("* {} FETCH (", idx + 1).into_bytes();
@@ -1056,7 +1056,9 @@ impl ImapCore {
             out.extend_from_slice(&line);
         }
         if let Some(account) = &self.account {
-            self.shared.set_flags(account, &seen_updates);
+            // Only \Seen is added: other flags another session set stay.
+            self.shared
+                .apply_flags(account, &seen_updates, FlagOp::Add(&["\\Seen".to_string()]));
         }
         self.sync(&mut out, uid);
         out.extend_from_slice(&tagged(tag, "OK", "FETCH completed"));
@@ -1080,28 +1082,23 @@ impl ImapCore {
         let Some(sel) = &mut self.sel else {
             return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
         };
+        let op = match kind {
+            StoreType::Replace => FlagOp::Replace(&given),
+            StoreType::Add => FlagOp::Add(&given),
+            StoreType::Remove => FlagOp::Remove(&given),
+        };
+        // The change is applied to the stored flags, not to this session's
+        // copy, so flags another session set meanwhile are kept.
+        let ids: Vec<u64> = idxs.iter().map(|&i| sel.msgs[i].meta.id).collect();
+        let result = match &self.account {
+            Some(account) => self.shared.apply_flags(account, &ids, op),
+            None => HashMap::new(),
+        };
         let mut out = Vec::new();
-        let mut updates = Vec::new();
         for idx in idxs {
             let m = &mut sel.msgs[idx];
-            let mut new = match kind {
-                StoreType::Replace => given.clone(),
-                StoreType::Add => {
-                    let mut f = m.flags.clone();
-                    f.extend(given.iter().cloned());
-                    f
-                }
-                StoreType::Remove => m
-                    .flags
-                    .iter()
-                    .filter(|f| !given.iter().any(|g| g.eq_ignore_ascii_case(f)))
-                    .cloned()
-                    .collect(),
-            };
-            normalize(&mut new);
-            if new != m.flags {
-                m.flags = new;
-                updates.push((m.meta.id, m.flags.clone()));
+            if let Some(flags) = result.get(&m.meta.id) {
+                m.flags = flags.clone();
             }
             if response == StoreResponse::Answer {
                 let uid_part = if uid {
@@ -1118,9 +1115,6 @@ impl ImapCore {
                     .as_bytes(),
                 );
             }
-        }
-        if let Some(account) = &self.account {
-            self.shared.set_flags(account, &updates);
         }
         self.sync(&mut out, uid);
         out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));

@@ -1,7 +1,7 @@
 //! Per-user IMAP state kept in the store's state space: UIDVALIDITY, the next UID, and for each
 //! visible quarantine entry its UID and flags. One JSON value per user under `imap/v1/<login>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -152,22 +152,70 @@ impl Shared {
     }
 
     /// Set the flags of entries (by id); tells the other sessions.
-    pub fn set_flags(&self, account: &Account, updates: &[(u64, Vec<String>)]) {
-        if updates.is_empty() {
-            return;
-        }
+    /// Apply one flag change to messages `ids`, on the stored state under
+    /// the lock, and return each message's resulting flags. Changes, not
+    /// whole sets, are applied so that two sessions of one user (a phone and
+    /// a desktop) never overwrite each other's flags.
+    pub fn apply_flags(
+        &self,
+        account: &Account,
+        ids: &[u64],
+        op: FlagOp<'_>,
+    ) -> HashMap<u64, Vec<String>> {
+        let mut out = HashMap::new();
+        let mut changed = false;
         {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             let mut st = self.load(account);
-            for (id, flags) in updates {
-                if let Some(ms) = st.msgs.get_mut(id) {
-                    ms.flags = flags.clone();
+            for id in ids {
+                let Some(ms) = st.msgs.get_mut(id) else {
+                    continue;
+                };
+                let mut new = match op {
+                    FlagOp::Replace(given) => given.to_vec(),
+                    FlagOp::Add(given) => {
+                        let mut f = ms.flags.clone();
+                        f.extend(given.iter().cloned());
+                        f
+                    }
+                    FlagOp::Remove(given) => ms
+                        .flags
+                        .iter()
+                        .filter(|f| !given.iter().any(|g| g.eq_ignore_ascii_case(f)))
+                        .cloned()
+                        .collect(),
+                };
+                normalize(&mut new);
+                if new != ms.flags {
+                    ms.flags = new;
+                    changed = true;
                 }
+                out.insert(*id, ms.flags.clone());
             }
-            self.save(account, &st);
+            if changed {
+                self.save(account, &st);
+            }
         }
-        let _ = self.changes.send(());
+        if changed {
+            let _ = self.changes.send(());
+        }
+        out
     }
+
+    /// Replace the flags of some messages (tests and migrations).
+    pub fn set_flags(&self, account: &Account, updates: &[(u64, Vec<String>)]) {
+        for (id, flags) in updates {
+            self.apply_flags(account, &[*id], FlagOp::Replace(flags));
+        }
+    }
+}
+
+/// A flag change, as STORE gives it.
+#[derive(Clone, Copy)]
+pub enum FlagOp<'a> {
+    Replace(&'a [String]),
+    Add(&'a [String]),
+    Remove(&'a [String]),
 }
 
 #[cfg(test)]
