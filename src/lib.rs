@@ -4,6 +4,8 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls into here.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod config;
 pub mod delivery;

@@ -17,6 +17,39 @@ fn subjects(sink: &Sink) -> Vec<String> {
         .collect()
 }
 
+/// Send one message to several recipients, wait for the sink to get two
+/// messages (the delivered copy and a DSN), and return them in that order.
+async fn delivered_and_bounced(
+    gw: &Gateway,
+    sink: &Sink,
+    helo: &str,
+    from: &str,
+    to: &[&str],
+    body: &[u8],
+) -> (Got, Got) {
+    let mut c = Client::connect(gw.smtp).await;
+    c.cmd(&format!("EHLO {helo}")).await;
+    let r = c.mail(from, to, body).await;
+    assert!(r.starts_with("250"), "{r}");
+    assert!(
+        eventually(Duration::from_secs(10), || sink.count() == 2).await,
+        "log:\n{}",
+        gw.log_text()
+    );
+    let got = sink.messages();
+    let original = got
+        .iter()
+        .find(|g| g.from == from)
+        .expect("the delivered copy")
+        .clone();
+    let dsn = got
+        .iter()
+        .find(|g| g.from.is_empty())
+        .expect("a DSN from <>")
+        .clone();
+    (original, dsn)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_tempfail_then_accept_delivers_everything_once() {
     let sink = Sink::start(false).await;
@@ -69,31 +102,16 @@ async fn backend_550_bounces_a_dsn_to_the_sender() {
     let sink = Sink::start(false).await;
     sink.reject.lock().unwrap().push("nobody@local.test".into());
     let gw = Gateway::start(Opts::sink(sink.port)).await;
-    let mut c = Client::connect(gw.smtp).await;
-    c.cmd("EHLO c.test").await;
-    let r = c
-        .mail(
-            "sender@local.test",
-            &["nobody@local.test", "bob@local.test"],
-            b"Subject: to a ghost\r\nMessage-ID: <ghost-1@local.test>\r\n\r\nboo",
-        )
-        .await;
-    assert!(r.starts_with("250"), "{r}");
-    assert!(
-        eventually(Duration::from_secs(10), || sink.count() == 2).await,
-        "log:\n{}",
-        gw.log_text()
-    );
-    let got = sink.messages();
-    let original = got
-        .iter()
-        .find(|g| g.from == "sender@local.test")
-        .expect("original");
+    let (original, dsn) = delivered_and_bounced(
+        &gw,
+        &sink,
+        "c.test",
+        "sender@local.test",
+        &["nobody@local.test", "bob@local.test"],
+        b"Subject: to a ghost\r\nMessage-ID: <ghost-1@local.test>\r\n\r\nboo",
+    )
+    .await;
     assert_eq!(original.rcpts, vec!["bob@local.test".to_string()]);
-    let dsn = got
-        .iter()
-        .find(|g| g.from.is_empty())
-        .expect("a DSN from <>");
     assert_eq!(dsn.rcpts, vec!["sender@local.test".to_string()]);
     let t = String::from_utf8_lossy(&dsn.body);
     assert!(
@@ -285,31 +303,16 @@ async fn outbound_mail_follows_the_mx_records() {
     opts.dns = Some(dns);
     opts.mx_port = Some(sink.port);
     let gw = Gateway::start(opts).await;
-    let mut c = Client::connect(gw.smtp).await;
-    c.cmd("EHLO inside.test").await;
-    let r = c
-        .mail(
-            "app@local.test",
-            &["someone@far.test", "ghost@nowhere.test"],
-            b"Subject: via mx\r\n\r\nhi",
-        )
-        .await;
-    assert!(r.starts_with("250"), "{r}");
-    assert!(
-        eventually(Duration::from_secs(10), || sink.count() == 2).await,
-        "log:\n{}",
-        gw.log_text()
-    );
-    let got = sink.messages();
-    let out = got
-        .iter()
-        .find(|g| g.from == "app@local.test")
-        .expect("delivered via MX");
+    let (out, dsn) = delivered_and_bounced(
+        &gw,
+        &sink,
+        "inside.test",
+        "app@local.test",
+        &["someone@far.test", "ghost@nowhere.test"],
+        b"Subject: via mx\r\n\r\nhi",
+    )
+    .await;
     assert_eq!(out.rcpts, vec!["someone@far.test".to_string()]);
-    let dsn = got
-        .iter()
-        .find(|g| g.from.is_empty())
-        .expect("DSN for the unknown domain");
     let t = String::from_utf8_lossy(&dsn.body);
     assert!(
         t.contains("ghost@nowhere.test") && t.contains("5.1.2"),

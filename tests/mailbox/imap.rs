@@ -199,24 +199,9 @@ async fn imaplib_headers_first_then_body_move_expunge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolation_admin_and_restart_keeps_uids_and_flags() {
     let store = Arc::new(MemStore::new());
-    store.add(
-        "spam@evil.test",
-        &["alice@example.test"],
-        "spam",
-        &held_message("for-alice", "alice@example.test"),
-    );
-    store.add(
-        "spam@evil.test",
-        &["bob@example.test"],
-        "spam",
-        &held_message("for-bob", "bob@example.test"),
-    );
-    store.add(
-        "spam@evil.test",
-        &["carol@example.test"],
-        "spam",
-        &held_message("for-carol", "carol@example.test"),
-    );
+    hold(&store, "for-alice", "alice@example.test");
+    hold(&store, "for-bob", "bob@example.test");
+    hold(&store, "for-carol", "carol@example.test");
     let s = start(store.clone()).await;
 
     let a = run(&s, &["count", "alice@example.test", "flag"]).await;
@@ -232,12 +217,7 @@ async fn isolation_admin_and_restart_keeps_uids_and_flags() {
     s.stop().await;
 
     // A new context (a restart) on the same store keeps UIDVALIDITY, UIDs and flags.
-    store.add(
-        "spam@evil.test",
-        &["alice@example.test"],
-        "spam",
-        &held_message("later", "alice@example.test"),
-    );
+    hold(&store, "later", "alice@example.test");
     let s = start(store.clone()).await;
     let a2 = run(&s, &["count", "alice@example.test"]).await;
     assert_eq!(a2["uidvalidity"], a["uidvalidity"], "{a} {a2}");
@@ -258,18 +238,8 @@ async fn rust_client(addr: std::net::SocketAddr) -> async_imap::Client<TlsStream
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_imap_fetch_move_and_idle() {
     let store = Arc::new(MemStore::new());
-    store.add(
-        "spam@evil.test",
-        &["alice@example.test"],
-        "spam",
-        &held_message("first", "alice@example.test"),
-    );
-    store.add(
-        "spam@evil.test",
-        &["alice@example.test"],
-        "spam",
-        &held_message("second", "alice@example.test"),
-    );
+    hold(&store, "first", "alice@example.test");
+    hold(&store, "second", "alice@example.test");
     let s = start(store.clone()).await;
 
     // Wrong password is refused and counted.
@@ -278,11 +248,7 @@ async fn async_imap_fetch_move_and_idle() {
     assert_eq!(s.ctx.logins.with_label_values(&["imap", "fail"]).get(), 1);
 
     let c = rust_client(s.imaps).await;
-    let mut sess = c
-        .login("alice@example.test", PASSWORD)
-        .await
-        .map_err(|(e, _)| e)
-        .expect("login");
+    let mut sess = login_alice(c).await;
     let mbox = sess.select("INBOX").await.expect("select");
     assert_eq!(mbox.exists, 2);
     let fetches: Vec<_> = sess
@@ -355,21 +321,12 @@ async fn async_imap_fetch_move_and_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sessions_do_not_overwrite_each_others_flags() {
     let store = Arc::new(MemStore::new());
-    store.add(
-        "spam@evil.test",
-        &["alice@example.test"],
-        "spam",
-        &held_message("shared", "alice@example.test"),
-    );
+    hold(&store, "shared", "alice@example.test");
     let s = start(store.clone()).await;
     let mut sessions = Vec::new();
     for _ in 0..2 {
         let c = rust_client(s.imaps).await;
-        let mut sess = c
-            .login("alice@example.test", PASSWORD)
-            .await
-            .map_err(|(e, _)| e)
-            .expect("login");
+        let mut sess = login_alice(c).await;
         sess.select("INBOX").await.expect("select");
         sessions.push(sess);
     }
@@ -410,11 +367,7 @@ async fn two_sessions_do_not_overwrite_each_others_flags() {
         .await
         .expect("fetch stream");
     let c = rust_client(s.imaps).await;
-    let mut fresh = c
-        .login("alice@example.test", PASSWORD)
-        .await
-        .map_err(|(e, _)| e)
-        .expect("login");
+    let mut fresh = login_alice(c).await;
     fresh.select("INBOX").await.expect("select");
     let f: Vec<_> = fresh
         .fetch("1", "FLAGS")
@@ -431,4 +384,16 @@ async fn two_sessions_do_not_overwrite_each_others_flags() {
         );
     }
     s.stop().await;
+}
+
+/// Hold one message for one recipient, as a rule would.
+fn hold(store: &MemStore, subject: &str, to: &str) {
+    store.add("spam@evil.test", &[to], "spam", &held_message(subject, to));
+}
+
+async fn login_alice(c: async_imap::Client<TlsStream>) -> async_imap::Session<TlsStream> {
+    c.login("alice@example.test", PASSWORD)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("login")
 }
