@@ -74,7 +74,7 @@ skip() {
 has() { grep -qF -- "$2" "$1"; }               # has FILE TEXT
 count_in() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
 install() {
-  [ "$SKIP_INSTALL" = 1 ] && { local p; for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || return 1; done; return 0; }
+  [ "$SKIP_INSTALL" = 1 ] && { local p; for p in "$@"; do [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == *"install ok installed"* ]] || return 1; done; return 0; }
   mb_install_pkg "$@"
 }
 
@@ -148,7 +148,7 @@ run_curl() {
     saw "pop3 RETR $i (rc=$rc): $got bytes (LIST said $size), $(grep '^Subject:' "$d/pop-retr$i.out" | tr -d '\r')"
     check "RETR $i size matches LIST" [ "$got" = "$size" ]
   done
-  while read -r s; do check "RETR shows \"$s\"" eval 'cat "$d"/pop-retr*.out | grep -qF "Subject: $s"'; done < <(subjects_of 5)
+  while read -r s; do check "RETR shows \"$s\"" grep -qF "Subject: $s" "$d"/pop-retr1.out "$d"/pop-retr2.out "$d"/pop-retr3.out; done < <(subjects_of 5)
 
   "${CURL[@]}" -k -u root:pw "pop3s://127.0.0.1:$MB_POP3S/" >"$d/pop3s-admin.out" 2>&1; rc=$?
   saw "pop3s LIST as admin root (rc=$rc): $(grep -cE '^[0-9]+ [0-9]+' "$d/pop3s-admin.out") messages"
@@ -263,7 +263,8 @@ cap() { tm capture-pane -p -t nm 2>/dev/null; }
 wait_screen() {            # wait_screen SECONDS TEXT : poll the screen until TEXT shows
   local end=$(($(date +%s) + $1))
   while [ "$(date +%s)" -lt "$end" ]; do
-    cap | grep -qF -- "$2" && return 0
+    # No pipe into grep -q: under pipefail its early exit makes the writer fail.
+    grep -qF -- "$2" <<<"$(cap)" && return 0
     sleep 0.3
   done
   return 1
