@@ -550,14 +550,6 @@ impl Config {
         }
         Ok(cfg)
     }
-
-    /// The maildir root when the backend is a Maildir.
-    pub fn maildir(&self) -> Option<&Path> {
-        match &self.delivery.route {
-            Route::Maildir(p) => Some(p),
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -249,11 +249,7 @@ impl Delivery {
                     .last_reply
                     .clone()
                     .unwrap_or_else(|| "5.0.0 failed".into());
-                let status = Reply::local(0, diag.clone())
-                    .status()
-                    .map(str::to_string)
-                    .or_else(|| first_status(&diag))
-                    .unwrap_or_else(|| "5.0.0".into());
+                let status = first_status(&diag).unwrap_or_else(|| "5.0.0".into());
                 let status = if status.starts_with('4') && r.status == RcptStatus::Failed {
                     // A temporary code that ran out of time is a permanent failure now.
                     if diag.starts_with("4.4.7") {
@@ -313,7 +309,7 @@ impl Delivery {
         hop: &Hop,
         from: &str,
         rcpts: &[String],
-        body: &[u8],
+        body: &sled::IVec,
     ) -> Vec<Outcome> {
         let all = |code: u16, text: String, remote: Option<String>| {
             vec![
@@ -328,25 +324,30 @@ impl Delivery {
         let hostname = &self.cfg.server.hostname;
         match hop {
             Hop::Route(Route::Maildir(root)) => {
-                let mut out = Vec::with_capacity(rcpts.len());
-                for r in rcpts {
-                    let (root, r2, host, data) =
-                        (root.clone(), r.clone(), hostname.clone(), body.to_vec());
-                    let res = tokio::task::spawn_blocking(move || {
-                        maildir::deliver(&root, &r2, &host, &data)
-                    })
-                    .await;
-                    let reply = match res {
-                        Ok(Ok(_)) => Reply::local(250, "2.0.0 Delivered to Maildir"),
-                        Ok(Err(e)) => Reply::local(451, format!("4.3.0 Maildir write failed: {e}")),
-                        Err(e) => Reply::local(451, format!("4.3.0 Maildir task failed: {e}")),
-                    };
-                    out.push(Outcome {
-                        reply,
-                        remote: None,
-                    });
+                // One blocking task writes every copy; the body is shared
+                // (IVec is reference-counted), not copied per recipient.
+                let (root, rcpts2, host, data) =
+                    (root.clone(), rcpts.to_vec(), hostname.clone(), body.clone());
+                let res = tokio::task::spawn_blocking(move || {
+                    rcpts2
+                        .iter()
+                        .map(|r| match maildir::deliver(&root, r, &host, &data) {
+                            Ok(_) => Reply::local(250, "2.0.0 Delivered to Maildir"),
+                            Err(e) => Reply::local(451, format!("4.3.0 Maildir write failed: {e}")),
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                match res {
+                    Ok(replies) => replies
+                        .into_iter()
+                        .map(|reply| Outcome {
+                            reply,
+                            remote: None,
+                        })
+                        .collect(),
+                    Err(e) => all(451, format!("4.3.0 Maildir task failed: {e}"), None),
                 }
-                out
             }
             Hop::Route(Route::Smtp(hp)) | Hop::Route(Route::Lmtp(hp)) => {
                 let lmtp = matches!(hop, Hop::Route(Route::Lmtp(_)));
