@@ -85,9 +85,33 @@ pub struct SmtpConfig {
     pub max_message_size: Size,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Open connections per client IP across the SMTP listeners; `421 4.7.0` beyond.
+    pub max_connections_per_ip: usize,
+    /// New connections per client IP per period; `421 4.7.0` beyond.
+    pub connection_rate_per_ip: Rate,
+    /// Per command: renewed by each complete line, never by a byte.
     pub idle_timeout: DurationStr,
+    /// A TLS handshake (implicit or after STARTTLS) must finish within this.
+    pub handshake_timeout: DurationStr,
+    /// The whole DATA phase of one message.
+    pub data_timeout: DurationStr,
+    /// A whole SMTP session.
+    pub session_timeout: DurationStr,
+    /// What a bare LF or bare CR in DATA does.
+    pub bare_newline: BareNewline,
     /// Longest command line accepted, CRLF included (RFC 5321 says at least 512).
     pub max_line_length: usize,
+}
+
+/// What a bare LF or CR in message data does (SMTP smuggling defence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    /// `521 5.5.2` at once, and the connection closes.
+    Reject,
+    /// Such lines are taken as CRLF lines; only CRLF.CRLF after a
+    /// CRLF-ended line ends the data.
+    Normalize,
 }
 
 impl Default for SmtpConfig {
@@ -99,7 +123,16 @@ impl Default for SmtpConfig {
             max_message_size: Size(25 * 1000 * 1000),
             max_recipients: 100,
             max_connections: 10_000,
+            max_connections_per_ip: 50,
+            connection_rate_per_ip: Rate {
+                count: 120,
+                per: Duration::from_secs(60),
+            },
             idle_timeout: DurationStr(Duration::from_secs(300)),
+            handshake_timeout: DurationStr(Duration::from_secs(10)),
+            data_timeout: DurationStr(Duration::from_secs(600)),
+            session_timeout: DurationStr(Duration::from_secs(3600)),
+            bare_newline: BareNewline::Reject,
             max_line_length: 2048,
         }
     }
@@ -303,6 +336,9 @@ pub struct QuarantineConfig {
     pub imap: Vec<SocketAddr>,
     pub imaps: Vec<SocketAddr>,
     pub retention: DurationStr,
+    /// Sessions across the POP3/IMAP listeners; `-ERR [SYS/TEMP]` / `* BYE` beyond.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for QuarantineConfig {
@@ -313,6 +349,8 @@ impl Default for QuarantineConfig {
             imap: vec![],
             imaps: vec![],
             retention: DurationStr(Duration::from_secs(30 * 86400)),
+            max_connections: 1000,
+            max_connections_per_ip: 20,
         }
     }
 }
@@ -337,6 +375,48 @@ impl<'de> Deserialize<'de> for DurationStr {
                     "invalid duration \"{s}\" ({e}); write e.g. \"30s\", \"5m\", \"4h\", \"5d\""
                 ))
             })
+    }
+}
+
+/// A rate written as `"120/1m"`: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(rate: &str) -> Result<Rate, String> {
+        let (count, per) = rate
+            .split_once('/')
+            .ok_or_else(|| format!("rate {rate:?} is not N/duration, e.g. \"100/1h\""))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("rate {rate:?}: {count:?} is not a whole number"))?;
+        if count == 0 {
+            return Err(format!("rate {rate:?}: the count must be at least 1"));
+        }
+        let per = per.trim();
+        // "100/h" reads as "100/1h".
+        let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
+            per.to_string()
+        } else {
+            format!("1{per}")
+        };
+        let per = humantime::parse_duration(&per)
+            .map_err(|e| format!("rate {rate:?}: bad duration: {e}"))?;
+        if per.is_zero() {
+            return Err(format!("rate {rate:?}: the period must be longer than 0"));
+        }
+        Ok(Rate { count, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Rate::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod delivery;
 pub mod gateway;
 pub mod intake;
+pub mod mail;
 pub mod mailbox;
 pub mod metrics;
 pub mod policy;

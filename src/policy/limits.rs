@@ -121,33 +121,9 @@ pub(crate) fn line_of(source: &str, offset: usize) -> usize {
         + 1
 }
 
-/// Parses `"100/1h"` into (100, 1h).
+/// Parses `"100/1h"` into (100, 1h): the one rate grammar, `config::Rate`.
 fn parse_rate(rate: &str) -> Result<(u32, Duration), String> {
-    let (count, per) = rate
-        .split_once('/')
-        .ok_or_else(|| format!("rate {rate:?} is not N/duration, e.g. \"100/1h\""))?;
-    let count: u32 = count
-        .trim()
-        .parse()
-        .map_err(|_| format!("rate {rate:?}: {count:?} is not a whole number"))?;
-    if count == 0 {
-        return Err(format!("rate {rate:?}: the count must be at least 1"));
-    }
-    let per = per.trim();
-    // "100/h" means "100/1h".
-    let per_owned;
-    let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
-        per
-    } else {
-        per_owned = format!("1{per}");
-        &per_owned
-    };
-    let per =
-        humantime::parse_duration(per).map_err(|e| format!("rate {rate:?}: bad duration: {e}"))?;
-    if per.is_zero() {
-        return Err(format!("rate {rate:?}: the duration must not be zero"));
-    }
-    Ok((count, per))
+    crate::config::Rate::parse(rate).map(|r| (r.count, r.per))
 }
 
 /// Reads and validates `ratelimits.toml`. A missing file means no limits.
