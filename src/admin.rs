@@ -7,6 +7,7 @@
 //! they cannot disagree.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -358,40 +359,55 @@ fn show_held(e: &HeldEntry, body: &[u8]) -> String {
     )
 }
 
-/// Serve admin requests on the control socket until shutdown.
+/// Longest control request accepted (a JSON line).
+const MAX_CONTROL_LINE: usize = 64 * 1024;
+
+/// Answer control requests on a Unix socket (mode 0600) until shutdown,
+/// through the shared `net` layer: bounded lines, deadlines, one span each.
 pub async fn serve_control(
     path: PathBuf,
     store: Store,
     scheduler: Scheduler,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    server: crate::net::Server,
 ) -> std::io::Result<()> {
+    use crate::net::{Admission, AdmissionConfig, Deadlines, Line, ListenerSpec};
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    loop {
-        tokio::select! {
-            _ = crate::stopped(&mut shutdown) => break,
-            acc = listener.accept() => {
-                let Ok((stream, _)) = acc else { continue };
-                let store = store.clone();
-                let scheduler = scheduler.clone();
-                tokio::spawn(async move {
-                    let (r, mut w) = stream.into_split();
-                    let mut lines = BufReader::new(r).lines();
-                    if let Ok(Some(line)) = lines.next_line().await {
-                        let resp = match serde_json::from_str::<Request>(&line) {
-                            Ok(req) => execute(&store, Some(&scheduler), req).await,
-                            Err(e) => fail(format!("bad control request: {e}")),
-                        };
-                        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                        out.push(b'\n');
-                        let _ = w.write_all(&out).await;
-                    }
-                });
-            }
+    let spec = Arc::new(ListenerSpec {
+        label: "control",
+        tls: None,
+        admission: Admission::new(AdmissionConfig {
+            max_connections: 64,
+            max_per_ip: 0,
+            rate_per_ip: None,
+            exempt: Vec::new(),
+        }),
+        overload: b"{\"ok\":false,\"error\":\"the gateway is busy\"}\n".to_vec(),
+        deadlines: Deadlines {
+            idle: std::time::Duration::from_secs(30),
+            ..Deadlines::default()
+        },
+        on_accept: None,
+    });
+    crate::net::serve(listener, spec, server, move |mut conn, _peer| {
+        let (store, scheduler) = (store.clone(), scheduler.clone());
+        async move {
+            let resp = match conn.read_line(MAX_CONTROL_LINE).await {
+                Ok(Line::Data(line)) => match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => execute(&store, Some(&scheduler), req).await,
+                    Err(e) => fail(format!("bad control request: {e}")),
+                },
+                Ok(Line::TooLong) => fail("control request too long".to_string()),
+                _ => return,
+            };
+            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+            out.push(b'\n');
+            let _ = conn.write(&out).await;
         }
-    }
+    })
+    .await;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -13,9 +13,10 @@ use crate::delivery::{self, Delivery, Scheduler};
 use crate::intake::Intake;
 use crate::mailbox::{self, MailboxCtx};
 use crate::metrics::{self, Metrics};
+use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec, bind_all};
 use crate::quarantine::SledQuarantine;
-use crate::smtp::server::{SmtpContext, bind_all, serve as serve_smtp};
-use crate::smtp::session::{ListenerKind, SessionConfig};
+use crate::smtp::server::SmtpContext;
+use crate::smtp::session::{ListenerKind, SessionConfig, reply};
 use crate::store::Store;
 use crate::{admin, tls};
 
@@ -74,7 +75,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             max_recipients: cfg.smtp.max_recipients,
             tls_available: true,
         }),
-        tls: Some(acceptor),
+        tls: Some(acceptor.clone()),
         intake: Arc::new(Intake {
             store: store.clone(),
             scheduler: scheduler.clone(),
@@ -83,12 +84,29 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }),
         policy: policy.clone(),
         metrics: metrics.clone(),
-        connections: Arc::new(Semaphore::new(cfg.smtp.max_connections)),
-        idle_timeout: cfg.smtp.idle_timeout.0,
         max_line_length: cfg.smtp.max_line_length,
+        data_timeout: cfg.smtp.data_timeout.0,
+        bare_newline: cfg.smtp.bare_newline,
+    });
+    let server = net::Server {
         shutdown: shutdown_rx.clone(),
         tracker: sessions.clone(),
+    };
+    // One set of caps for all SMTP listeners, so spreading over ports gains nothing.
+    let smtp_admission = Admission::new(AdmissionConfig {
+        max_connections: cfg.smtp.max_connections,
+        max_per_ip: cfg.smtp.max_connections_per_ip,
+        rate_per_ip: Some((
+            cfg.smtp.connection_rate_per_ip.count,
+            cfg.smtp.connection_rate_per_ip.per,
+        )),
+        exempt: cfg.relay.networks.clone(),
     });
+    let smtp_deadlines = Deadlines {
+        idle: cfg.smtp.idle_timeout.0,
+        handshake: cfg.smtp.handshake_timeout.0,
+        session: Some(cfg.smtp.session_timeout.0),
+    };
 
     // Bind everything first so a port conflict fails the start, not later.
     let listeners = [
@@ -104,7 +122,25 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
     }
     for (kind, l) in bound {
-        tokio::spawn(serve_smtp(l, kind, smtp.clone()));
+        let spec = Arc::new(ListenerSpec {
+            label: kind.label(),
+            tls: (kind == ListenerKind::Submissions).then(|| acceptor.clone()),
+            admission: smtp_admission.clone(),
+            overload: reply(
+                421,
+                crate::mail::Enhanced::new(4, 7, 0),
+                &format!(
+                    "{} Too many connections, try again later",
+                    cfg.server.hostname
+                ),
+            ),
+            deadlines: smtp_deadlines,
+            on_accept: Some(metrics.smtp_connections.with_label_values(&[kind.label()])),
+        });
+        let ctx = smtp.clone();
+        tokio::spawn(net::serve(l, spec, server.clone(), move |conn, peer| {
+            crate::smtp::server::handle(conn, peer, kind, ctx.clone())
+        }));
     }
     if let Some(addr) = cfg.metrics.listen {
         let m = metrics.clone();
@@ -122,7 +158,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     // The quarantine mailboxes: POP3 and IMAP over the held messages.
     let accounts = cfg.load_accounts().map_err(anyhow::Error::msg)?;
-    let mailbox = Arc::new(MailboxCtx::new(
+    let mut mailbox = MailboxCtx::new(
         Arc::new(SledQuarantine {
             store: store.clone(),
             scheduler: scheduler.clone(),
@@ -131,7 +167,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tls_acceptor.clone(),
         &cfg.server.hostname,
         metrics.mailbox_logins.clone(),
-    ));
+    );
+    mailbox.admission = Admission::new(AdmissionConfig {
+        max_connections: cfg.quarantine.max_connections,
+        max_per_ip: cfg.quarantine.max_connections_per_ip,
+        rate_per_ip: None,
+        exempt: Vec::new(),
+    });
+    mailbox.limits.handshake = cfg.smtp.handshake_timeout.0;
+    let mailbox = Arc::new(mailbox);
     let q = &cfg.quarantine;
     for (addrs, imap, tls) in [
         (&q.pop3, false, false),
@@ -142,11 +186,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
         for l in bind_all(addrs).await? {
             let proto = if imap { "IMAP" } else { "POP3" };
             tracing::info!(addr = %l.local_addr()?, tls, "{proto} listening");
-            let (ctx, rx) = (mailbox.clone(), shutdown_rx.clone());
+            let (ctx, srv) = (mailbox.clone(), server.clone());
             if imap {
-                tokio::spawn(mailbox::serve_imap(l, tls, ctx, rx));
+                tokio::spawn(mailbox::serve_imap(l, tls, ctx, srv));
             } else {
-                tokio::spawn(mailbox::serve_pop3(l, tls, ctx, rx));
+                tokio::spawn(mailbox::serve_pop3(l, tls, ctx, srv));
             }
         }
     }
@@ -163,7 +207,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         control,
         store.clone(),
         scheduler.clone(),
-        shutdown_rx.clone(),
+        server.clone(),
     ));
     let dispatcher = tokio::spawn(delivery::run(
         delivery.clone(),

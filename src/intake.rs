@@ -1,17 +1,38 @@
 //! Intake: what happens to a message between the final dot and the reply.
 //!
-//! The SMTP shell knows nothing of verdicts or storage; it hands the message
-//! here and sends back whatever reply this returns. The checks and the
-//! `data(m)` rules decide; "250" is only returned once the message is durable
-//! on disk (queued or quarantined), or when the rules said discard.
+//! The SMTP shell knows nothing of storage; it hands an [`Arrival`] (the
+//! peer, the envelope, what stuck to the transaction) and the body here, and
+//! sends back whatever reply this returns. The checks and the `data(m)`
+//! rules decide; "250" is only returned once the message is durable on disk
+//! (queued or quarantined), or when the rules said discard. The intake sees
+//! only shared types (`mail`, `policy`), never the SMTP session.
 
 use std::sync::Arc;
 
 use crate::delivery::Scheduler;
+use crate::mail::{Enhanced, Envelope, Peer, Reply};
 use crate::metrics::Metrics;
-use crate::policy::{RuleSet, Verdict, strip_forged_auth_results};
-use crate::smtp::session::{Session, Transaction, reply};
+use crate::policy::{RuleSet, TxInfo, Verdict, strip_forged_auth_results};
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, RcptStatus, Recipient, Store};
+
+/// A complete message as the SMTP session hands it over.
+pub struct Arrival {
+    /// The queue id, allocated when DATA began.
+    pub id: u64,
+    pub peer: Peer,
+    /// What the rules see of the session (sender and recipients are filled
+    /// in from `envelope`).
+    pub info: TxInfo,
+    pub envelope: Envelope,
+    /// A quarantine or discard decided before DATA, with its script.
+    pub sticky: Option<(Verdict, Option<String>)>,
+    /// The `Received:` header to prepend.
+    pub received: String,
+}
+
+fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
+    Reply::new(code, enhanced, text).to_bytes()
+}
 
 pub struct Intake {
     pub store: Store,
@@ -21,32 +42,29 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Allocate the queue id and build the Received header, before the data arrives.
-    pub fn prepare(&self, session: &Session, tx: &Transaction) -> store::Result<(u64, String)> {
-        let id = self.store.next_id()?;
-        let header = session.received_header(&store::fmt_id(id), tx);
-        Ok((id, header))
+    /// Allocate the queue id of a message about to arrive.
+    pub fn next_id(&self) -> store::Result<u64> {
+        self.store.next_id()
     }
 
     /// Decide on and store a complete message; return the reply to send.
-    pub async fn accept(
-        &self,
-        session: &Session,
-        rules: &Arc<RuleSet>,
-        tx: Transaction,
-        id: u64,
-        received: String,
-        body: Vec<u8>,
-    ) -> Vec<u8> {
-        let label = session.kind.label();
-        let mut info = session.tx_info(None);
+    pub async fn accept(&self, arrival: Arrival, rules: &Arc<RuleSet>, body: Vec<u8>) -> Vec<u8> {
+        let Arrival {
+            id,
+            peer,
+            mut info,
+            envelope: tx,
+            sticky,
+            received,
+        } = arrival;
+        let label = peer.listener;
         info.from = tx.from.clone();
-        info.rcpts = tx.rcpts.iter().map(|r| r.address.clone()).collect();
+        info.rcpts = tx.rcpt_addresses();
         let clean = strip_forged_auth_results(&body, &self.hostname);
         let outcome = rules.data(&info, &clean).await;
         // A reject or tempfail at DATA wins; otherwise a quarantine or
         // discard decided earlier in the session applies.
-        let (verdict, script) = match (&outcome.verdict, tx.sticky.clone()) {
+        let (verdict, script) = match (&outcome.verdict, sticky) {
             (Verdict::Reject { .. } | Verdict::Tempfail { .. }, _) | (_, None) => {
                 (outcome.verdict.clone(), outcome.script.clone())
             }
@@ -81,7 +99,7 @@ impl Intake {
         };
         match verdict {
             Verdict::Reject { code, text } | Verdict::Tempfail { code, text } => {
-                reply(code, &sanitize_text(&text))
+                Reply::parse_text(code, &text).to_bytes()
             }
             Verdict::Discard => {
                 self.metrics
@@ -89,7 +107,7 @@ impl Intake {
                     .with_label_values(&[label])
                     .inc();
                 tracing::info!(id = %qid, "discarded by the rules");
-                reply(250, &format!("2.0.0 Ok: queued as {qid}"))
+                reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
             }
             Verdict::Quarantine { reason } => {
                 let m = message();
@@ -98,12 +116,12 @@ impl Intake {
                     body_key: 0,
                     sender: tx.from.clone(),
                     recipient: String::new(),
-                    reason: sanitize_text(&reason),
+                    reason: crate::mail::one_line(&reason),
                     script,
                     received: store::now_unix(),
                     size: m.len() as u64,
-                    client_ip: session.ip.to_string(),
-                    helo: session.helo.clone().unwrap_or_default(),
+                    client_ip: peer.ip.to_string(),
+                    helo: peer.helo.clone(),
                 };
                 let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
                 let held = self.store.quarantine(&template, &rcpts, &m);
@@ -113,20 +131,24 @@ impl Intake {
                 };
                 if let Err(e) = stored {
                     tracing::error!(error = %e, "could not quarantine; answering 451");
-                    return reply(451, "4.3.0 Temporary storage failure, try again later");
+                    return reply(
+                        451,
+                        Enhanced::new(4, 3, 0),
+                        "Temporary storage failure, try again later",
+                    );
                 }
                 self.metrics
                     .messages_received
                     .with_label_values(&[label])
                     .inc();
                 tracing::info!(id = %qid, reason = %template.reason, "quarantined");
-                reply(250, &format!("2.0.0 Ok: queued as {qid}"))
+                reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
             }
-            Verdict::Accept => self.enqueue(session, tx, id, message()).await,
+            Verdict::Accept => self.enqueue(&peer, tx, id, message()).await,
         }
     }
 
-    async fn enqueue(&self, session: &Session, tx: Transaction, id: u64, body: Vec<u8>) -> Vec<u8> {
+    async fn enqueue(&self, peer: &Peer, tx: Envelope, id: u64, body: Vec<u8>) -> Vec<u8> {
         let entry = QueueEntry {
             id,
             sender: tx.from,
@@ -145,8 +167,8 @@ impl Intake {
             next_attempt_ms: store::now_ms(),
             attempts: 0,
             size: body.len() as u64,
-            client_ip: session.ip.to_string(),
-            helo: session.helo.clone().unwrap_or_default(),
+            client_ip: peer.ip.to_string(),
+            helo: peer.helo.clone(),
             last_error: None,
         };
         let stored = match self.store.enqueue(&entry, &body) {
@@ -158,22 +180,19 @@ impl Intake {
             // Do not leave a half-written entry to be delivered after the
             // client was told to retry.
             let _ = self.store.remove(id);
-            return reply(451, "4.3.0 Temporary storage failure, try again later");
+            return reply(
+                451,
+                Enhanced::new(4, 3, 0),
+                "Temporary storage failure, try again later",
+            );
         }
         let qid = store::fmt_id(id);
         tracing::info!(id = %qid, from = %entry.sender, rcpts = entry.recipients.len(), size = entry.size, "queued");
         self.metrics
             .messages_received
-            .with_label_values(&[session.kind.label()])
+            .with_label_values(&[peer.listener])
             .inc();
         self.scheduler.now(id);
-        reply(250, &format!("2.0.0 Ok: queued as {qid}"))
+        reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
     }
-}
-
-/// Reply and header text must stay on one line.
-fn sanitize_text(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }

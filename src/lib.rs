@@ -14,6 +14,7 @@ pub mod intake;
 pub mod mail;
 pub mod mailbox;
 pub mod metrics;
+pub mod net;
 pub mod policy;
 pub mod quarantine;
 pub mod rules_test;
@@ -21,8 +22,4 @@ pub mod smtp;
 pub mod store;
 pub mod tls;
 
-/// Resolve once the shutdown flag is set. The watch guard is dropped inside,
-/// so callers' futures stay `Send`.
-pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
+pub(crate) use net::stopped;

@@ -2,9 +2,11 @@
 //! and the mailboxes all speak, so none of them has to import another's
 //! internals. No sockets and no sled here.
 
+pub mod envelope;
 pub mod headers;
 pub mod reply;
 
+pub use envelope::{Envelope, Peer, Rcpt, split_address};
 pub use reply::{Enhanced, Reply};
 
 /// Longest peer-supplied text kept in a reply, header or log line.

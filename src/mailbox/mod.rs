@@ -30,12 +30,12 @@ use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
 
 use crate::mailbox::accounts::{Account, Accounts};
-use crate::mailbox::io::{Conn, Throttle};
+use crate::mailbox::io::Throttle;
 use crate::mailbox::store::QuarantineStore;
+use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec};
 
 /// Bounds on sessions; the defaults follow the RFCs' minimum autologout timers.
 #[derive(Clone, Debug)]
@@ -46,10 +46,8 @@ pub struct Limits {
     pub imap_idle: Duration,
     /// Largest IMAP literal accepted (we take no APPEND, so literals are only strings).
     pub max_literal: usize,
-    /// Concurrent sessions per listener.
-    pub max_sessions: usize,
-    /// How long sessions in flight get to finish after shutdown before they are dropped.
-    pub shutdown_grace: Duration,
+    /// A TLS handshake (POP3S/IMAPS, or after STLS/STARTTLS).
+    pub handshake: Duration,
 }
 
 impl Default for Limits {
@@ -58,8 +56,7 @@ impl Default for Limits {
             pop3_idle: Duration::from_secs(10 * 60),
             imap_idle: Duration::from_secs(30 * 60),
             max_literal: 64 * 1024,
-            max_sessions: 1000,
-            shutdown_grace: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
         }
     }
 }
@@ -74,6 +71,9 @@ pub struct MailboxCtx {
     /// `postern_mailbox_logins_total{protocol, result}`.
     pub logins: IntCounterVec,
     pub limits: Limits,
+    /// The caps shared by every POP3 and IMAP listener (`[quarantine]
+    /// max_connections`, `max_connections_per_ip`).
+    pub admission: Arc<Admission>,
     pub(crate) throttle: Throttle,
     pub(crate) pop3_locks: Mutex<HashSet<String>>,
     /// Per-user IMAP state (UIDs, flags) shared by all IMAP sessions.
@@ -96,6 +96,12 @@ impl MailboxCtx {
             hostname: hostname.to_string(),
             logins,
             limits: Limits::default(),
+            admission: Admission::new(AdmissionConfig {
+                max_connections: 1000,
+                max_per_ip: 20,
+                rate_per_ip: None,
+                exempt: Vec::new(),
+            }),
             throttle: Throttle::default(),
             pop3_locks: Mutex::new(HashSet::new()),
         }
@@ -174,26 +180,34 @@ enum Protocol {
 }
 
 impl Protocol {
-    fn name(self) -> &'static str {
+    fn label(self, implicit_tls: bool) -> &'static str {
+        match (self, implicit_tls) {
+            (Protocol::Pop3, false) => "pop3",
+            (Protocol::Pop3, true) => "pop3s",
+            (Protocol::Imap, false) => "imap",
+            (Protocol::Imap, true) => "imaps",
+        }
+    }
+
+    /// What a client turned away by the connection caps is told.
+    fn overload(self) -> &'static [u8] {
         match self {
-            Protocol::Pop3 => "pop3",
-            Protocol::Imap => "imap",
+            Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+            Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
         }
     }
 }
 
-static SESSION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// Serve POP3 (`implicit_tls = false`: port 110 style with STLS; `true`: POP3S) until
-/// `shutdown` turns true (or its sender is dropped); then stop accepting, tell sessions
-/// (POP3: `-ERR`, nothing deleted; IMAP: `* BYE`) and give them `limits.shutdown_grace`.
+/// shutdown; sessions are told (POP3: `-ERR`, nothing deleted; IMAP: `* BYE`) and run in
+/// `server.tracker`, which the gateway gives `[server] shutdown_grace`.
 pub async fn serve_pop3(
     listener: TcpListener,
     implicit_tls: bool,
     ctx: Arc<MailboxCtx>,
-    shutdown: watch::Receiver<bool>,
+    server: net::Server,
 ) {
-    serve(listener, implicit_tls, ctx, shutdown, Protocol::Pop3).await
+    serve(listener, implicit_tls, ctx, server, Protocol::Pop3).await
 }
 
 /// Serve IMAP (`implicit_tls = false`: port 143 style with STARTTLS; `true`: IMAPS).
@@ -201,105 +215,47 @@ pub async fn serve_imap(
     listener: TcpListener,
     implicit_tls: bool,
     ctx: Arc<MailboxCtx>,
-    shutdown: watch::Receiver<bool>,
+    server: net::Server,
 ) {
-    serve(listener, implicit_tls, ctx, shutdown, Protocol::Imap).await
+    serve(listener, implicit_tls, ctx, server, Protocol::Imap).await
 }
 
 async fn serve(
     listener: TcpListener,
     implicit_tls: bool,
     ctx: Arc<MailboxCtx>,
-    mut shutdown: watch::Receiver<bool>,
+    server: net::Server,
     protocol: Protocol,
 ) {
-    let sem = Arc::new(Semaphore::new(ctx.limits.max_sessions.max(1)));
-    let mut sessions = JoinSet::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "mailbox accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = crate::mailbox::io::wait_shutdown(&mut shutdown) => break,
-        };
-        // Reap finished sessions so the set does not grow.
-        while sessions.try_join_next().is_some() {}
-        let Ok(permit) = sem.clone().try_acquire_owned() else {
-            drop(tcp);
-            continue;
-        };
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!(
-            "mailbox_session",
-            protocol = protocol.name(),
-            %peer,
-            session = SESSION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        sessions.spawn(tracing::Instrument::instrument(
-            async move {
-                let _permit = permit;
-                let _ = tcp.set_nodelay(true);
-                let conn = if implicit_tls {
-                    match tokio::time::timeout(Duration::from_secs(30), ctx.tls.accept(tcp)).await {
-                        Ok(Ok(tls)) => Conn::new(Box::new(tls), true),
-                        _ => return,
-                    }
-                } else {
-                    Conn::new(Box::new(tcp), false)
-                };
-                let r = run_session(conn, peer.ip(), ctx, shutdown, protocol).await;
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "mailbox session ended with an error");
-                }
-            },
-            span,
-        ));
-    }
-    let grace = ctx.limits.shutdown_grace;
-    let _ = tokio::time::timeout(grace, async {
-        while sessions.join_next().await.is_some() {}
+    let idle = match protocol {
+        Protocol::Pop3 => ctx.limits.pop3_idle,
+        Protocol::Imap => ctx.limits.imap_idle,
+    };
+    let spec = Arc::new(ListenerSpec {
+        label: protocol.label(implicit_tls),
+        tls: implicit_tls.then(|| ctx.tls.clone()),
+        admission: ctx.admission.clone(),
+        overload: protocol.overload().to_vec(),
+        deadlines: Deadlines {
+            idle,
+            handshake: ctx.limits.handshake,
+            session: None,
+        },
+        on_accept: None,
+    });
+    let shutdown = server.shutdown.clone();
+    net::serve(listener, spec, server, move |conn, peer| {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move {
+            let Some(addr) = peer.addr else { return };
+            let r = match protocol {
+                Protocol::Pop3 => pop3::run_session(conn, addr.ip(), ctx, shutdown).await,
+                Protocol::Imap => imap::run_session(conn, addr.ip(), ctx, shutdown).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "mailbox session ended with an error");
+            }
+        }
     })
-    .await;
-    sessions.abort_all();
-}
-
-/// Run one POP3 session on any byte stream (`tls`: whether it already is TLS, e.g. POP3S).
-pub async fn pop3_session<S: io::Stream + 'static>(
-    stream: S,
-    peer: IpAddr,
-    tls: bool,
-    ctx: Arc<MailboxCtx>,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    pop3::run_session(Conn::new(Box::new(stream), tls), peer, ctx, shutdown).await
-}
-
-/// Run one IMAP session on any byte stream (`tls`: whether it already is TLS, e.g. IMAPS).
-pub async fn imap_session<S: io::Stream + 'static>(
-    stream: S,
-    peer: IpAddr,
-    tls: bool,
-    ctx: Arc<MailboxCtx>,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    imap::run_session(Conn::new(Box::new(stream), tls), peer, ctx, shutdown).await
-}
-
-async fn run_session(
-    conn: Conn,
-    ip: IpAddr,
-    ctx: Arc<MailboxCtx>,
-    shutdown: watch::Receiver<bool>,
-    protocol: Protocol,
-) -> std::io::Result<()> {
-    match protocol {
-        Protocol::Pop3 => pop3::run_session(conn, ip, ctx, shutdown).await,
-        Protocol::Imap => imap::run_session(conn, ip, ctx, shutdown).await,
-    }
+    .await
 }

@@ -497,7 +497,11 @@ pub async fn run_session(
             }
         };
         let step = match line {
-            Line::Eof => return Ok(()),
+            Line::Eof | Line::Shutdown => return Ok(()),
+            Line::Timeout => {
+                conn.write(&err("autologout; idle for too long")).await?;
+                return Ok(());
+            }
             Line::TooLong => core.line_too_long(),
             Line::Data(l) => core.handle(&l),
         };
@@ -537,11 +541,10 @@ pub async fn run_session(
             }
             Step::StartTls(bytes) => {
                 conn.write(&bytes).await?;
-                conn = match tokio::time::timeout(Duration::from_secs(30), conn.starttls(&ctx.tls))
-                    .await
-                {
-                    Ok(Ok(c)) => c,
-                    _ => return Ok(()),
+                // The handshake deadline is the connection's own.
+                conn = match conn.starttls(&ctx.tls).await {
+                    Ok(c) => c,
+                    Err(_) => return Ok(()),
                 };
                 core.tls_started();
             }

@@ -11,8 +11,11 @@ use std::sync::Arc;
 use smtp_proto::{Error as ProtoError, Request};
 
 use crate::config::RelayConfig;
+use crate::mail::{self, Enhanced, Envelope, Reply};
 use crate::policy::relay::{self, RcptDecision};
 use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
+
+pub use crate::mail::Rcpt;
 
 /// Which listener a session came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +72,6 @@ pub enum Check {
     Rcpt(Rcpt),
 }
 
-/// One accepted recipient.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rcpt {
-    pub address: String,
-    /// In one of `[relay] domains` (else: outbound).
-    pub local: bool,
-}
-
 /// The envelope being built between MAIL and the end of DATA.
 #[derive(Debug, Clone, Default)]
 pub struct Transaction {
@@ -87,41 +82,47 @@ pub struct Transaction {
     pub sticky: Option<(Verdict, Option<String>)>,
 }
 
+impl Transaction {
+    /// The envelope for the intake, and the verdict that sticks to it.
+    pub fn into_parts(self) -> (Envelope, Option<(Verdict, Option<String>)>) {
+        (
+            Envelope {
+                from: self.from,
+                rcpts: self.rcpts,
+                declared_size: self.declared_size,
+            },
+            self.sticky,
+        )
+    }
+}
+
 /// Too many protocol errors in one session and we hang up.
 const MAX_ERRORS: u32 = 20;
 
 pub struct Session {
     cfg: Arc<SessionConfig>,
-    pub kind: ListenerKind,
-    pub ip: IpAddr,
+    kind: ListenerKind,
+    ip: IpAddr,
     /// The client's port.
-    pub port: u16,
-    pub tls: bool,
-    pub helo: Option<String>,
-    pub esmtp: bool,
-    pub auth_user: Option<String>,
-    pub tx: Option<Transaction>,
+    port: u16,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    auth_user: Option<String>,
+    tx: Option<Transaction>,
     errors: u32,
     /// The last decision taken, as `(verdict, stage)`, for the verdict metric;
     /// the shell takes it after each command.
-    pub verdict: Option<(&'static str, &'static str)>,
+    verdict: Option<(&'static str, &'static str)>,
     /// A MAIL command waiting for the rules.
     pending_mail: Option<Transaction>,
     /// A quarantine or discard decided at connect: applies to every message.
-    pub session_sticky: Option<(Verdict, Option<String>)>,
+    session_sticky: Option<(Verdict, Option<String>)>,
 }
 
-/// Format one reply line.
-pub fn reply(code: u16, text: &str) -> Vec<u8> {
-    format!("{code} {text}\r\n").into_bytes()
-}
-
-/// Keep peer-supplied text printable and on one line (it goes into headers and logs).
-pub fn sanitize(s: &str) -> String {
-    s.chars()
-        .take(255)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect()
+/// One reply line with its enhanced status code (RFC 2034), as wire bytes.
+pub fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
+    Reply::new(code, enhanced, text).to_bytes()
 }
 
 impl Session {
@@ -152,8 +153,60 @@ impl Session {
         &self.cfg
     }
 
-    pub fn greeting(&self) -> Vec<u8> {
-        reply(220, &format!("{} ESMTP Postern", self.cfg.hostname))
+    pub fn kind(&self) -> ListenerKind {
+        self.kind
+    }
+
+    /// A transaction is open (MAIL accepted, message not yet taken).
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// The last `(verdict, stage)` decided, once, for the verdict metric.
+    pub fn take_verdict(&mut self) -> Option<(&'static str, &'static str)> {
+        self.verdict.take()
+    }
+
+    /// The client as the intake and the logs see it.
+    pub fn peer(&self) -> mail::Peer {
+        mail::Peer {
+            ip: self.ip,
+            port: self.port,
+            helo: self.helo.clone().unwrap_or_default(),
+            tls: self.tls,
+            auth_user: self.auth_user.clone(),
+            listener: self.kind.label(),
+        }
+    }
+
+    fn greeting(&self) -> Vec<u8> {
+        Reply::plain(220, format!("{} ESMTP Postern", self.cfg.hostname)).to_bytes()
+    }
+
+    /// The rules decided at connect: greet, or refuse and close. A
+    /// quarantine or discard sticks to every message of the session.
+    pub fn connected(&mut self, d: Decision) -> Action {
+        match d.verdict {
+            Some(Verdict::Reject { code, text }) => {
+                self.verdict = Some(("reject", "connect"));
+                Action::Close(Reply::parse_text(code, &text).to_bytes())
+            }
+            // RFC 5321 3.8: a server that must go away says 421 and closes.
+            Some(Verdict::Tempfail { text, .. }) => {
+                self.verdict = Some(("tempfail", "connect"));
+                Action::Close(Reply::parse_text(421, &text).to_bytes())
+            }
+            Some(Verdict::Accept) => {
+                self.verdict = Some(("accept", "connect"));
+                Action::Reply(self.greeting())
+            }
+            Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) => {
+                self.verdict = Some((v.word(), "connect"));
+                self.session_sticky = Some((v, d.script));
+                Action::Reply(self.greeting())
+            }
+            None => Action::Reply(self.greeting()),
+        }
     }
 
     /// The TLS handshake succeeded: RFC 3207 says forget everything said before.
@@ -174,7 +227,11 @@ impl Session {
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
             let mut b = bytes;
-            b.extend(reply(421, "4.7.0 Too many errors, closing connection"));
+            b.extend(reply(
+                421,
+                Enhanced::new(4, 7, 0),
+                "Too many errors, closing connection",
+            ));
             return Action::Close(b);
         }
         Action::Reply(bytes)
@@ -190,72 +247,96 @@ impl Session {
         match req {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
-            Request::Lhlo { .. } => self.error(reply(500, "5.5.1 This is SMTP, not LMTP")),
+            Request::Lhlo { .. } => {
+                self.error(reply(500, Enhanced::new(5, 5, 1), "This is SMTP, not LMTP"))
+            }
             Request::Mail { from } => self.mail(from.address, from.size as u64),
             Request::Rcpt { to } => self.rcpt(to.address),
             Request::Data => self.data(),
             Request::Rset => {
                 self.tx = None;
-                Action::Reply(reply(250, "2.0.0 Ok"))
+                Action::Reply(reply(250, Enhanced::new(2, 0, 0), "Ok"))
             }
-            Request::Noop { .. } => Action::Reply(reply(250, "2.0.0 Ok")),
-            Request::Quit => Action::Close(reply(221, "2.0.0 Bye")),
+            Request::Noop { .. } => Action::Reply(reply(250, Enhanced::new(2, 0, 0), "Ok")),
+            Request::Quit => Action::Close(reply(221, Enhanced::new(2, 0, 0), "Bye")),
             Request::Vrfy { .. } => Action::Reply(reply(
                 252,
-                "2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+                Enhanced::new(2, 5, 0),
+                "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Request::Help { .. } => Action::Reply(reply(
                 214,
-                "2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS",
+                Enhanced::new(2, 0, 0),
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS",
             )),
             Request::StartTls => {
                 if self.tls {
-                    self.error(reply(503, "5.5.1 TLS already active"))
+                    self.error(reply(503, Enhanced::new(5, 5, 1), "TLS already active"))
                 } else if !self.cfg.tls_available {
-                    self.error(reply(502, "5.5.1 STARTTLS not available"))
+                    self.error(reply(502, Enhanced::new(5, 5, 1), "STARTTLS not available"))
                 } else if self.tx.is_some() {
                     self.error(reply(
                         503,
-                        "5.5.1 STARTTLS not allowed during a transaction",
+                        Enhanced::new(5, 5, 1),
+                        "STARTTLS not allowed during a transaction",
                     ))
                 } else {
-                    Action::StartTls(reply(220, "2.0.0 Ready to start TLS"))
+                    Action::StartTls(reply(220, Enhanced::new(2, 0, 0), "Ready to start TLS"))
                 }
             }
-            Request::Auth { .. } => self.error(reply(502, "5.5.1 AUTH not available")),
-            Request::Bdat { .. } => self.error(reply(502, "5.5.1 CHUNKING not supported")),
+            Request::Auth { .. } => {
+                self.error(reply(502, Enhanced::new(5, 5, 1), "AUTH not available"))
+            }
+            Request::Bdat { .. } => {
+                self.error(reply(502, Enhanced::new(5, 5, 1), "CHUNKING not supported"))
+            }
             Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
-            | Request::Burl { .. } => self.error(reply(502, "5.5.1 Command not implemented")),
+            | Request::Burl { .. } => self.error(reply(
+                502,
+                Enhanced::new(5, 5, 1),
+                "Command not implemented",
+            )),
         }
     }
 
     fn parse_error(&mut self, e: ProtoError) -> Action {
         let r = match e {
-            ProtoError::UnknownCommand => reply(500, "5.5.2 Command not recognised"),
-            ProtoError::SyntaxError { syntax } => reply(501, &format!("5.5.4 Syntax: {syntax}")),
-            ProtoError::InvalidSenderAddress => reply(501, "5.1.7 Bad sender address syntax"),
-            ProtoError::InvalidRecipientAddress => reply(501, "5.1.3 Bad recipient address syntax"),
-            ProtoError::InvalidParameter { param } => {
-                reply(501, &format!("5.5.4 Invalid parameter {}", sanitize(param)))
+            ProtoError::UnknownCommand => {
+                reply(500, Enhanced::new(5, 5, 2), "Command not recognised")
             }
+            ProtoError::SyntaxError { syntax } => {
+                reply(501, Enhanced::new(5, 5, 4), &format!("Syntax: {syntax}"))
+            }
+            ProtoError::InvalidSenderAddress => {
+                reply(501, Enhanced::new(5, 1, 7), "Bad sender address syntax")
+            }
+            ProtoError::InvalidRecipientAddress => {
+                reply(501, Enhanced::new(5, 1, 3), "Bad recipient address syntax")
+            }
+            ProtoError::InvalidParameter { param } => reply(
+                501,
+                Enhanced::new(5, 5, 4),
+                &format!("Invalid parameter {}", mail::token(param)),
+            ),
             ProtoError::UnsupportedParameter { param } => reply(
                 555,
-                &format!("5.5.4 Unsupported parameter {}", sanitize(&param)),
+                Enhanced::new(5, 5, 4),
+                &format!("Unsupported parameter {}", mail::token(&param)),
             ),
-            _ => reply(500, "5.5.2 Syntax error"),
+            _ => reply(500, Enhanced::new(5, 5, 2), "Syntax error"),
         };
         self.error(r)
     }
 
     fn hello(&mut self, host: Cow<'_, str>, esmtp: bool) -> Action {
-        self.helo = Some(sanitize(&host));
+        self.helo = Some(mail::token(&host));
         self.esmtp = esmtp;
         self.tx = None;
         let host = &self.cfg.hostname;
         if !esmtp {
-            return Action::Reply(reply(250, host));
+            return Action::Reply(Reply::plain(250, host).to_bytes());
         }
         let mut caps = vec![
             format!("{host} greets {}", self.ip),
@@ -278,16 +359,28 @@ impl Session {
 
     fn mail(&mut self, from: Cow<'_, str>, size: u64) -> Action {
         if self.helo.is_none() {
-            return self.error(reply(503, "5.5.1 Send EHLO or HELO first"));
+            return self.error(reply(
+                503,
+                Enhanced::new(5, 5, 1),
+                "Send EHLO or HELO first",
+            ));
         }
         if self.tx.is_some() {
-            return self.error(reply(503, "5.5.1 Nested MAIL command"));
+            return self.error(reply(503, Enhanced::new(5, 5, 1), "Nested MAIL command"));
         }
         if size > self.cfg.max_message_size {
-            return Action::Reply(reply(552, "5.3.4 Message size exceeds fixed maximum"));
+            return Action::Reply(reply(
+                552,
+                Enhanced::new(5, 3, 4),
+                "Message size exceeds fixed maximum",
+            ));
         }
         if !from.is_empty() && relay::split(&from).is_none() {
-            return self.error(reply(501, "5.1.7 Bad sender address syntax"));
+            return self.error(reply(
+                501,
+                Enhanced::new(5, 1, 7),
+                "Bad sender address syntax",
+            ));
         }
         self.pending_mail = Some(Transaction {
             from: from.into_owned(),
@@ -308,16 +401,18 @@ impl Session {
             .first()
             .map(|d| format!("postmaster@{d}"));
         let Some(tx) = self.tx.as_mut() else {
-            return self.error(reply(503, "5.5.1 Need MAIL before RCPT"));
+            return self.error(reply(503, Enhanced::new(5, 5, 1), "Need MAIL before RCPT"));
         };
         if tx.rcpts.len() >= max {
-            return Action::Reply(reply(452, "4.5.3 Too many recipients"));
+            return Action::Reply(reply(452, Enhanced::new(4, 5, 3), "Too many recipients"));
         }
         // smtp-proto turns the bare `<postmaster>` (RFC 5321 4.1.1.3) into "".
         let address = if to.is_empty() {
             match postmaster {
                 Some(p) => p,
-                None => return self.error(reply(550, "5.1.1 No postmaster here")),
+                None => {
+                    return self.error(reply(550, Enhanced::new(5, 1, 1), "No postmaster here"));
+                }
             }
         } else {
             to.into_owned()
@@ -329,7 +424,11 @@ impl Session {
                     .iter()
                     .any(|r| r.address.eq_ignore_ascii_case(&address)) =>
             {
-                Action::Reply(reply(250, "2.1.5 Ok (duplicate recipient)"))
+                Action::Reply(reply(
+                    250,
+                    Enhanced::new(2, 1, 5),
+                    "Ok (duplicate recipient)",
+                ))
             }
             d @ (RcptDecision::Local | RcptDecision::Outbound) => {
                 Action::Policy(Check::Rcpt(Rcpt {
@@ -339,16 +438,20 @@ impl Session {
             }
             RcptDecision::Refuse(code, text) => {
                 self.verdict = Some(("reject", "rcpt"));
-                self.error(reply(code, &sanitize_line(&text)))
+                self.error(Reply::parse_text(code, &text).to_bytes())
             }
         }
     }
 
     fn data(&mut self) -> Action {
         match &self.tx {
-            None => self.error(reply(503, "5.5.1 Need MAIL command")),
-            Some(tx) if tx.rcpts.is_empty() => self.error(reply(554, "5.5.1 No valid recipients")),
-            Some(_) => Action::Data(reply(354, "End data with <CR><LF>.<CR><LF>")),
+            None => self.error(reply(503, Enhanced::new(5, 5, 1), "Need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                self.error(reply(554, Enhanced::new(5, 5, 1), "No valid recipients"))
+            }
+            Some(_) => {
+                Action::Data(Reply::plain(354, "End data with <CR><LF>.<CR><LF>").to_bytes())
+            }
         }
     }
 
@@ -391,7 +494,7 @@ impl Session {
                 if matches!(check, Check::Mail) {
                     self.pending_mail = None;
                 }
-                Action::Reply(reply(code, &sanitize_line(&text)))
+                Action::Reply(Reply::parse_text(code, &text).to_bytes())
             }
             other => {
                 let sticky = match other {
@@ -412,7 +515,7 @@ impl Session {
                             tx.sticky = sticky;
                         }
                         self.tx = Some(tx);
-                        Action::Reply(reply(250, "2.1.0 Ok"))
+                        Action::Reply(reply(250, Enhanced::new(2, 1, 0), "Ok"))
                     }
                     Check::Rcpt(r) => match self.tx.as_mut() {
                         Some(tx) => {
@@ -420,9 +523,13 @@ impl Session {
                                 tx.sticky = sticky;
                             }
                             tx.rcpts.push(r);
-                            Action::Reply(reply(250, "2.1.5 Ok"))
+                            Action::Reply(reply(250, Enhanced::new(2, 1, 5), "Ok"))
                         }
-                        None => Action::Reply(reply(503, "5.5.1 Need MAIL before RCPT")),
+                        None => Action::Reply(reply(
+                            503,
+                            Enhanced::new(5, 5, 1),
+                            "Need MAIL before RCPT",
+                        )),
                     },
                 }
             }
@@ -445,31 +552,30 @@ impl Session {
         }
     }
 
-    /// The trace header prepended to every accepted message (RFC 5321 4.4).
-    pub fn received_header(&self, id: &str, tx: &Transaction) -> String {
+    /// The trace header prepended to every accepted message (RFC 5321 4.4),
+    /// stamped `now` (the clock is the caller's, so tests can fix it).
+    pub fn received_header(
+        &self,
+        id: &str,
+        tx: &Transaction,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> String {
         let helo = self.helo.as_deref().unwrap_or("unknown");
         let ip = match self.ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("IPv6:{v6}"),
         };
         let for_clause = match tx.rcpts.as_slice() {
-            [one] => format!("\r\n\tfor <{}>", sanitize(&one.address)),
+            [one] => format!("\r\n\tfor <{}>", mail::token(&one.address)),
             _ => String::new(),
         };
         format!(
             "Received: from {helo} ([{ip}])\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
             self.cfg.hostname,
             self.protocol(),
-            chrono::Utc::now().to_rfc2822()
+            now.to_rfc2822()
         )
     }
-}
-
-/// Reply text must not carry CR or LF.
-fn sanitize_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 #[cfg(test)]
@@ -616,7 +722,7 @@ mod policy_tests {
         };
         assert_eq!(
             s.policy_answer(c, d),
-            Action::Reply(reply(450, "4.7.1 slow down"))
+            Action::Reply(reply(450, Enhanced::new(4, 7, 1), "slow down"))
         );
         assert!(s.tx.is_none());
         assert_eq!(s.verdict, Some(("tempfail", "mail")));

@@ -247,6 +247,10 @@ pub struct Opts {
     pub mx_port: Option<u16>,
     /// SPF/DKIM/DMARC on, against this DNS server.
     pub dns: Option<std::net::SocketAddr>,
+    /// More keys for the `[smtp]` table (e.g. `handshake_timeout = "2s"`).
+    pub smtp_extra: String,
+    /// More keys for the `[quarantine]` table.
+    pub quarantine_extra: String,
     pub extra: String,
 }
 
@@ -268,6 +272,8 @@ impl Default for Opts {
             mx_port: None,
             retention: "30d".into(),
             dns: None,
+            smtp_extra: String::new(),
+            quarantine_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -334,6 +340,7 @@ max_message_size = "{size}"
 max_recipients = {rcpts}
 max_connections = {conns}
 idle_timeout = "{idle}"
+{smtp_extra}
 
 [relay]
 domains = ["local.test"]
@@ -372,6 +379,7 @@ pop3s = ["127.0.0.1:{pop3s}"]
 imap = ["127.0.0.1:{imap}"]
 imaps = ["127.0.0.1:{imaps}"]
 retention = "{retention}"
+{quarantine_extra}
 
 [metrics]
 listen = "127.0.0.1:{metrics}"
@@ -401,6 +409,8 @@ listen = "127.0.0.1:{metrics}"
             imaps = g.imaps,
             retention = opts.retention,
             mx_port = opts.mx_port.unwrap_or(25),
+            smtp_extra = opts.smtp_extra,
+            quarantine_extra = opts.quarantine_extra,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();
@@ -580,6 +590,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     pub async fn send(&mut self, raw: &[u8]) {
         self.r.get_mut().write_all(raw).await.unwrap();
+    }
+
+    /// The socket itself, for tests that read or write around the reply framing.
+    pub fn stream(&mut self) -> &mut S {
+        self.r.get_mut()
     }
 
     /// Send one command line and return the reply.

@@ -7,6 +7,7 @@ mod delivery;
 #[path = "../policy/common.rs"]
 mod dns;
 mod durability;
+mod limits;
 mod policy;
 mod quarantine;
 mod smtp_front;

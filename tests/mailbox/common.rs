@@ -73,6 +73,8 @@ pub struct Servers {
     pub imaps: SocketAddr,
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Every session, as the gateway tracks them for its shutdown grace.
+    pub sessions: tokio_util::task::TaskTracker,
 }
 
 impl Servers {
@@ -81,20 +83,26 @@ impl Servers {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.sessions.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.sessions.wait()).await;
     }
 }
 
 pub async fn start(store: Arc<MemStore>) -> Servers {
-    let mut ctx = MailboxCtx::new(
+    let ctx = MailboxCtx::new(
         store,
         accounts(),
         tls().acceptor.clone(),
         "mx.example.test",
         MailboxCtx::logins_metric(),
     );
-    ctx.limits.shutdown_grace = std::time::Duration::from_secs(2);
     let ctx = Arc::new(ctx);
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let sessions = tokio_util::task::TaskTracker::new();
+    let server = postern::net::Server {
+        shutdown: rx,
+        tracker: sessions.clone(),
+    };
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for (imap, implicit) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -103,12 +111,12 @@ pub async fn start(store: Arc<MemStore>) -> Servers {
             .expect("bind");
         addrs.push(l.local_addr().expect("addr"));
         let ctx = ctx.clone();
-        let rx = rx.clone();
+        let server = server.clone();
         tasks.push(tokio::spawn(async move {
             if imap {
-                serve_imap(l, implicit, ctx, rx).await
+                serve_imap(l, implicit, ctx, server).await
             } else {
-                serve_pop3(l, implicit, ctx, rx).await
+                serve_pop3(l, implicit, ctx, server).await
             }
         }));
     }
@@ -120,6 +128,7 @@ pub async fn start(store: Arc<MemStore>) -> Servers {
         imaps: addrs[3],
         shutdown: tx,
         tasks,
+        sessions,
     }
 }
 

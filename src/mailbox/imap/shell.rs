@@ -29,6 +29,8 @@ pub enum Framed {
     /// A non-synchronising literal larger than allowed: we cannot find the next command.
     Fatal,
     Eof,
+    /// The command was not complete within the idle deadline.
+    Timeout,
 }
 
 /// `{123}` or `{123+}` at the end of a line: (length, synchronising).
@@ -55,7 +57,8 @@ pub async fn read_command(conn: &mut Conn, max_literal: usize) -> std::io::Resul
     let mut cmd: Vec<u8> = Vec::new();
     loop {
         let line = match conn.read_line(MAX_LINE).await? {
-            Line::Eof => return Ok(Framed::Eof),
+            Line::Eof | Line::Shutdown => return Ok(Framed::Eof),
+            Line::Timeout => return Ok(Framed::Timeout),
             Line::TooLong => return Ok(Framed::TooLong(tag_of(&cmd).map(str::to_string))),
             Line::Data(l) => l,
         };
@@ -127,6 +130,11 @@ pub async fn run_session(
         };
         let mut step = match framed {
             Framed::Eof => return Ok(()),
+            Framed::Timeout => {
+                conn.write(b"* BYE Autologout; idle for too long\r\n")
+                    .await?;
+                return Ok(());
+            }
             Framed::Command(bytes) => core.handle(&bytes),
             Framed::TooLong(tag) => core.too_long(tag.as_deref()),
             Framed::LiteralRefused(tag) => core.too_long(tag.as_deref()),
@@ -149,7 +157,7 @@ pub async fn run_session(
                 Step::SaslContinue { tag } => {
                     conn.write(b"+ \r\n").await?;
                     step = match conn.read_line(MAX_LINE).await? {
-                        Line::Eof => return Ok(()),
+                        Line::Eof | Line::Shutdown | Line::Timeout => return Ok(()),
                         Line::TooLong => core.too_long(Some(&tag)),
                         Line::Data(l) => core.sasl_response(&tag, &l),
                     };
@@ -165,14 +173,10 @@ pub async fn run_session(
                 }
                 Step::StartTls(bytes) => {
                     conn.write(&bytes).await?;
-                    conn = match tokio::time::timeout(
-                        Duration::from_secs(30),
-                        conn.starttls(&ctx.tls),
-                    )
-                    .await
-                    {
-                        Ok(Ok(c)) => c,
-                        _ => return Ok(()),
+                    // The handshake deadline is the connection's own.
+                    conn = match conn.starttls(&ctx.tls).await {
+                        Ok(c) => c,
+                        Err(_) => return Ok(()),
                     };
                     core.tls_started();
                     break;
@@ -189,7 +193,11 @@ pub async fn run_session(
                                         conn.write(b"* BYE Autologout; idle for too long\r\n").await?;
                                         return Ok(());
                                     }
-                                    Ok(Ok(Line::Eof)) => return Ok(()),
+                                    Ok(Ok(Line::Eof | Line::Shutdown)) => return Ok(()),
+                                    Ok(Ok(Line::Timeout)) => {
+                                        conn.write(b"* BYE Autologout; idle for too long\r\n").await?;
+                                        return Ok(());
+                                    }
                                     Ok(Ok(Line::TooLong)) => {
                                         let out = core.idle_done(b"");
                                         conn.write(&out).await?;

@@ -1,0 +1,47 @@
+//! The envelope and the peer: what the SMTP session hands to the intake at
+//! the end of DATA, so the intake never needs the session itself.
+
+use std::net::IpAddr;
+
+/// One accepted recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rcpt {
+    pub address: String,
+    /// In one of `[relay] domains` (else: outbound).
+    pub local: bool,
+}
+
+/// MAIL FROM and the accepted RCPT TOs of one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// `""` for the null sender `<>`.
+    pub from: String,
+    pub rcpts: Vec<Rcpt>,
+    /// The `SIZE=` the client declared (0 when none).
+    pub declared_size: u64,
+}
+
+impl Envelope {
+    pub fn rcpt_addresses(&self) -> Vec<String> {
+        self.rcpts.iter().map(|r| r.address.clone()).collect()
+    }
+}
+
+/// The client as the session knows it when a message arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The EHLO/HELO name, already made safe ([`super::token`]).
+    pub helo: String,
+    pub tls: bool,
+    pub auth_user: Option<String>,
+    /// The listener's label: `relay`, `submission`, `submissions`.
+    pub listener: &'static str,
+}
+
+/// Split `local@domain` at the last `@` (either part may be empty: the
+/// caller decides what that means).
+pub fn split_address(address: &str) -> Option<(&str, &str)> {
+    address.rsplit_once('@')
+}
