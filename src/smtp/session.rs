@@ -705,6 +705,46 @@ mod policy_tests {
     }
 
     #[test]
+    fn connect_verdicts_greet_refuse_or_stick() {
+        let mut s = session();
+        let d = |v| Decision {
+            verdict: Some(v),
+            script: Some("00-x.rhai".into()),
+            function: Some("connect".into()),
+        };
+        assert!(matches!(s.connected(Decision::pass()), Action::Reply(g) if g.starts_with(b"220 mx.test")));
+        let tempfail = Verdict::Tempfail {
+            code: 451,
+            text: "4.7.0 busy".into(),
+        };
+        // RFC 5321 3.8: a tempfail at connect is 421 and a close.
+        assert_eq!(
+            s.connected(d(tempfail)),
+            Action::Close(b"421 4.7.0 busy\r\n".to_vec())
+        );
+        assert_eq!(s.take_verdict(), Some(("tempfail", "connect")));
+        let reject = Verdict::Reject {
+            code: 554,
+            text: "5.7.1 go away".into(),
+        };
+        assert!(matches!(s.connected(d(reject)), Action::Close(b) if b.starts_with(b"554 5.7.1")));
+        let mut s = session();
+        let q = Verdict::Quarantine {
+            reason: "listed".into(),
+        };
+        assert!(matches!(s.connected(d(q)), Action::Reply(_)));
+        s.command(b"HELO c\r\n");
+        let Action::Policy(c) = s.command(b"MAIL FROM:<a@b.test>\r\n") else {
+            panic!()
+        };
+        s.policy_answer(c, Decision::pass());
+        assert!(matches!(
+            s.tx.as_ref().and_then(|t| t.sticky.as_ref()),
+            Some((Verdict::Quarantine { .. }, Some(sc))) if sc == "00-x.rhai"
+        ));
+    }
+
+    #[test]
     fn reject_at_mail_leaves_no_transaction() {
         let mut s = session();
         s.command(b"HELO c\r\n");
