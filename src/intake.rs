@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
-use crate::delivery::Scheduler;
 use crate::metrics::Metrics;
-use crate::policy::{RuleSet, Verdict, strip_forged_auth_results};
+use crate::policy::{RuleSet, Verdict, final_verdict, strip_forged_auth_results};
 use crate::smtp::session::{Session, Transaction, reply};
+use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, RcptStatus, Recipient, Store};
 
 pub struct Intake {
@@ -44,17 +44,10 @@ impl Intake {
         info.rcpts = tx.rcpts.iter().map(|r| r.address.clone()).collect();
         let clean = strip_forged_auth_results(&body, &self.hostname);
         let outcome = rules.data(&info, &clean).await;
-        // A reject or tempfail at DATA wins; otherwise a quarantine or
-        // discard decided earlier in the session applies.
-        let (verdict, script) = match (&outcome.verdict, tx.sticky.clone()) {
-            (Verdict::Reject { .. } | Verdict::Tempfail { .. }, _) | (_, None) => {
-                (outcome.verdict.clone(), outcome.script.clone())
-            }
-            (Verdict::Quarantine { .. }, Some((Verdict::Discard, _))) => {
-                (outcome.verdict.clone(), outcome.script.clone())
-            }
-            (_, Some(sticky)) => sticky,
-        };
+        let (verdict, script) = final_verdict(
+            (outcome.verdict.clone(), outcome.script.clone()),
+            tx.sticky.clone(),
+        );
         self.metrics
             .verdicts
             .with_label_values(&[verdict.word(), "data"])
@@ -80,9 +73,7 @@ impl Intake {
             m
         };
         match verdict {
-            Verdict::Reject { code, text } | Verdict::Tempfail { code, text } => {
-                reply(code, &sanitize_text(&text))
-            }
+            Verdict::Reject(r) | Verdict::Tempfail(r) => r.to_bytes(),
             Verdict::Discard => {
                 self.metrics
                     .messages_received

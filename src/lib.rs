@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod delivery;
+pub mod dns;
 pub mod gateway;
 pub mod intake;
 pub mod mail;
@@ -20,6 +21,7 @@ pub mod rules_test;
 pub mod smtp;
 pub mod store;
 pub mod tls;
+pub(crate) mod watch;
 
 /// Resolve once the shutdown flag is set. The watch guard is dropped inside,
 /// so callers' futures stay `Send`.

@@ -133,9 +133,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     if greet {
         let d = rules.connect_async(&session.conn_info()).await;
         let refusal = match d.verdict {
-            Some(Verdict::Reject { code, text }) => Some(reply(code, &text)),
+            Some(Verdict::Reject(r)) => Some(r.to_bytes()),
             // RFC 5321 3.8: a server that must go away says 421 and closes.
-            Some(Verdict::Tempfail { text, .. }) => Some(reply(421, &text)),
+            Some(Verdict::Tempfail(r)) => Some(crate::mail::Reply { code: 421, ..r }.to_bytes()),
             Some(Verdict::Accept) => {
                 ctx.metrics
                     .verdicts

@@ -386,12 +386,12 @@ impl Session {
             Check::Rcpt(_) => "rcpt",
         };
         match d.verdict {
-            Some(Verdict::Reject { code, text }) | Some(Verdict::Tempfail { code, text }) => {
-                self.verdict = Some((if code >= 500 { "reject" } else { "tempfail" }, stage));
+            Some(Verdict::Reject(r)) | Some(Verdict::Tempfail(r)) => {
+                self.verdict = Some((if r.code >= 500 { "reject" } else { "tempfail" }, stage));
                 if matches!(check, Check::Mail) {
                     self.pending_mail = None;
                 }
-                Action::Reply(reply(code, &sanitize_line(&text)))
+                Action::Reply(r.to_bytes())
             }
             other => {
                 let sticky = match other {
@@ -607,10 +607,11 @@ mod policy_tests {
         };
         assert_eq!(s.tx_info(Some(&c)).from, "a@b.test");
         let d = Decision {
-            verdict: Some(Verdict::Tempfail {
-                code: 450,
-                text: "4.7.1 slow down".into(),
-            }),
+            verdict: Some(Verdict::Tempfail(crate::mail::Reply::new(
+                450,
+                crate::mail::Enhanced::new(4, 7, 1),
+                "slow down",
+            ))),
             script: None,
             function: None,
         };
