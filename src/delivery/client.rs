@@ -398,3 +398,26 @@ pub async fn deliver(
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_reply_keeps_its_enhanced_code_apart() {
+        let r = Response {
+            code: 550,
+            esc: [5, 1, 1],
+            message: "no such\r\nuser".to_string(),
+        };
+        let reply = reply_of(&r);
+        assert_eq!(reply.enhanced, Some(Enhanced::new(5, 1, 1)));
+        assert_eq!(reply.to_string(), "550 5.1.1 no such  user");
+        let r = Response {
+            code: 250,
+            esc: [0, 0, 0],
+            message: "ok".to_string(),
+        };
+        assert_eq!(reply_of(&r).enhanced, None);
+    }
+}

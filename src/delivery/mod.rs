@@ -575,3 +575,26 @@ pub async fn run(
         c.quit().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_typed_by_its_code() {
+        let r = |code, e: (u8, u16, u16)| Reply::new(code, Enhanced::new(e.0, e.1, e.2), "x");
+        assert!(matches!(
+            Outcome::answered(r(250, (2, 0, 0))),
+            Outcome::Delivered(_)
+        ));
+        assert!(matches!(
+            Outcome::answered(r(550, (5, 1, 1))),
+            Outcome::Failed(_)
+        ));
+        // A server's own 4.4.1 is an answer: it never moves on to the next MX.
+        assert!(matches!(
+            Outcome::answered(r(451, (4, 4, 1))),
+            Outcome::Deferred(Reason::Remote, _)
+        ));
+    }
+}
