@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use postern::policy::{ChecksConfig, ConnInfo, OnError, Policy, RulesConfig, TxInfo};
+use postern::config::{ChecksConfig, DnsConfig, OnError, RulesConfig};
+use postern::policy::{ConnInfo, Policy, TxInfo};
 
 fn corpus() -> Vec<(&'static str, Vec<u8>)> {
     let plain = b"From: Alice <alice@far.test>\r\nTo: bob@example.test\r\nSubject: Lunch on Friday?\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@far.test>\r\n\r\nHi Bob,\r\n\r\nshall we have lunch on Friday at noon?\r\n\r\nAlice\r\n".to_vec();
@@ -44,20 +45,20 @@ fn main() {
     // No rate limits: they are not what is measured, and would throttle the loop.
     let no_policies = tempfile::tempdir().expect("temp dir");
     let policy = Policy::load(
-        root.join("rules"),
-        no_policies.path(),
         RulesConfig {
+            dir: root.join("rules"),
             max_operations: 100_000,
             on_error: OnError::Tempfail,
             quarantine_score: 10.0,
         },
+        no_policies.path(),
         ChecksConfig {
             spf: false,
             dkim: false,
             dmarc: false,
             ..Default::default()
         },
-        vec![],
+        DnsConfig::default(),
         "bench.test",
     )
     .unwrap_or_else(|p| panic!("shipped rules do not load: {p:?}"));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::delivery::Scheduler;
+use crate::store::wake::Scheduler;
 use crate::store::{
     self, HeldEntry, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_ms, now_unix, parse_id,
 };
@@ -301,13 +301,14 @@ fn queue_change(
     Ok(fail(format!("{}: busy, try again", fmt_id(id))))
 }
 
+/// The header fields of a message for `show`; a message without an empty
+/// line is cut at 8 KiB, so a huge headerless body does not flood the screen.
 fn header_block(body: &[u8]) -> String {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 2)
-        .unwrap_or(body.len().min(8192));
-    String::from_utf8_lossy(&body[..end]).replace("\r\n", "\n")
+    let mut h = crate::mail::headers::header_fields_only(body);
+    if h.len() == body.len() {
+        h = &h[..h.len().min(8192)];
+    }
+    String::from_utf8_lossy(h).replace("\r\n", "\n")
 }
 
 fn show_queue(e: &QueueEntry, body: &[u8]) -> String {

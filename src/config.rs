@@ -11,10 +11,52 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-/// A configuration problem, already formatted as `file:line: message`.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+/// One problem found in a configuration file (postern.toml, a rule, a
+/// policy file): `file:line: message`. Config problems name their key in
+/// the message (`[table] key: ...`), so every problem reads the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for Problem {}
+
+/// Why a config file did not load: every problem found, one per line when
+/// shown. TOML syntax stops at its first error; the checks after parsing
+/// all run, so an administrator fixes everything in one round.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl From<Problem> for ConfigError {
+    fn from(p: Problem) -> Self {
+        ConfigError { problems: vec![p] }
+    }
+}
 
 /// The whole configuration, with relative paths already resolved against the
 /// directory of the config file.
@@ -251,13 +293,15 @@ impl Default for DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[dns]`: the one source of every resolver (see `dns::resolver`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[checks]`: which of SPF, DKIM and DMARC run, under one deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChecksConfig {
     pub spf: bool,
@@ -286,20 +330,28 @@ pub struct DkimSignConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// What to do when a script fails at run time or runs away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
+    /// Answer 451 (the sender retries later).
+    #[default]
     Tempfail,
+    /// Ignore the failing script and let the next one decide.
     Accept,
+    /// Hold the message in quarantine.
     Quarantine,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[rules]`: where the scripts are and how they run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
     pub dir: PathBuf,
+    /// Operations allowed per script call; beyond it the call is an error.
     pub max_operations: u64,
     pub on_error: OnError,
+    /// A total score at or above this quarantines.
     pub quarantine_score: f64,
 }
 
@@ -470,10 +522,10 @@ fn line_of(text: &str, offset: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Format a TOML error as `file:line: message` (used for policies too).
-pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+/// A TOML error as a [`Problem`] with its line.
+pub fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
     let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-    format!("{}:{}: {}", path.display(), line, e.message().trim_end())
+    Problem::new(path, Some(line), e.message().trim_end())
 }
 
 /// Find the line of `key = ...` inside `[table]`, for errors found after parsing.
@@ -496,63 +548,20 @@ fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
 }
 
 impl Config {
-    /// Load the rules and policies this config names (also what `check` validates).
-    pub fn load_policy(&self) -> Result<crate::policy::Policy, Vec<crate::policy::Problem>> {
-        use crate::policy;
-        let on_error = match self.rules.on_error {
-            OnError::Tempfail => policy::OnError::Tempfail,
-            OnError::Accept => policy::OnError::Accept,
-            OnError::Quarantine => policy::OnError::Quarantine,
-        };
-        policy::Policy::load(
-            &self.rules.dir,
-            &self.policies.dir,
-            policy::RulesConfig {
-                max_operations: self.rules.max_operations,
-                on_error,
-                quarantine_score: self.rules.quarantine_score,
-            },
-            policy::ChecksConfig {
-                spf: self.checks.spf,
-                dkim: self.checks.dkim,
-                dmarc: self.checks.dmarc,
-                deadline: self.checks.deadline.0,
-            },
-            self.dns.nameservers.clone(),
-            self.server.hostname.clone(),
-        )
-    }
-
-    /// `policies/users.toml`: the quarantine (and, later, submission) accounts.
-    /// A missing file means no accounts.
-    pub fn load_accounts(&self) -> Result<crate::mailbox::accounts::Accounts, String> {
-        use crate::mailbox::accounts::Accounts;
-        let path = self.users_file();
-        if !path.exists() {
-            return Accounts::parse("", &path.display().to_string()).map_err(|e| e.to_string());
-        }
-        Accounts::load(&path).map_err(|e| e.to_string())
-    }
-
-    pub fn users_file(&self) -> PathBuf {
-        self.policies.dir.join("users.toml")
-    }
-
     /// The embedded default, as shipped in the repository's `postern.toml`.
     pub const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
 
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+            .map_err(|e| Problem::new(path, None, format!("cannot read: {e}")))?;
         Config::from_str(&text, path)
     }
 
     /// Parse `text` as if read from `path`; resolve relative paths against
-    /// its directory; check what the types alone cannot.
+    /// its directory; check what the types alone cannot (every problem).
     pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError(toml_error(path, text, &e)))?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| toml_problem(path, text, &e))?;
         cfg.source = path.to_path_buf();
         let base = path
             .parent()
@@ -580,55 +589,69 @@ impl Config {
         cfg.rules.dir = abs(&cfg.rules.dir);
         cfg.policies.dir = abs(&cfg.policies.dir);
 
-        let err = |table: &str, key: &str, msg: String| {
-            let line = line_of_key(text, table, key).unwrap_or(1);
-            ConfigError(format!("{}:{line}: [{table}] {key}: {msg}", path.display()))
-        };
-        if cfg.server.hostname.trim().is_empty()
-            || cfg.server.hostname.contains(char::is_whitespace)
-        {
-            return Err(err("server", "hostname", "must be a host name".into()));
+        let problems = cfg.validate(text, path);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError { problems })
         }
-        if matches!(cfg.delivery.route, Route::Mx) {
-            return Err(err(
+    }
+
+    /// The checks after parsing, each problem with the line of its key.
+    fn validate(&self, text: &str, path: &Path) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut err = |table: &str, key: &str, msg: String| {
+            let line = line_of_key(text, table, key).unwrap_or(1);
+            problems.push(Problem::new(
+                path,
+                Some(line),
+                format!("[{table}] {key}: {msg}"),
+            ));
+        };
+        let host = &self.server.hostname;
+        if host.trim().is_empty() || host.contains(char::is_whitespace) {
+            err("server", "hostname", "must be a host name".into());
+        }
+        if matches!(self.delivery.route, Route::Mx) {
+            err(
                 "delivery",
                 "route",
                 "the mailbox backend cannot be \"mx\"; use smtp://, lmtp:// or maildir:".into(),
-            ));
+            );
         }
-        if matches!(cfg.delivery.outbound, Route::Maildir(_)) {
-            return Err(err(
+        if matches!(self.delivery.outbound, Route::Maildir(_)) {
+            err(
                 "delivery",
                 "outbound",
                 "outbound mail goes to \"mx\" or a smarthost (smtp://host:port)".into(),
-            ));
+            );
         }
-        if cfg.delivery.retry.is_empty() {
-            return Err(err("delivery", "retry", "needs at least one step".into()));
+        if self.delivery.retry.is_empty() {
+            err("delivery", "retry", "needs at least one step".into());
         }
-        if cfg.delivery.concurrency == 0 {
-            return Err(err("delivery", "concurrency", "must be at least 1".into()));
+        if self.delivery.concurrency == 0 {
+            err("delivery", "concurrency", "must be at least 1".into());
         }
-        if cfg.smtp.max_recipients == 0 {
-            return Err(err("smtp", "max_recipients", "must be at least 1".into()));
+        if self.smtp.max_recipients == 0 {
+            err("smtp", "max_recipients", "must be at least 1".into());
         }
-        if cfg.smtp.max_line_length < 512 {
-            return Err(err(
+        if self.smtp.max_line_length < 512 {
+            err(
                 "smtp",
                 "max_line_length",
                 "RFC 5321 requires at least 512".into(),
-            ));
+            );
         }
-        for d in &cfg.relay.domains {
+        for d in &self.relay.domains {
             if d.is_empty()
                 || d.contains('@')
                 || d.ends_with('.')
                 || d.contains(char::is_whitespace)
             {
-                return Err(err("relay", "domains", format!("\"{d}\" is not a domain")));
+                err("relay", "domains", format!("\"{d}\" is not a domain"));
             }
         }
-        Ok(cfg)
+        problems
     }
 }
 
@@ -646,7 +669,9 @@ mod tests {
     #[test]
     fn unknown_key_names_file_and_line() {
         let t = "[server]\nhostname = \"a\"\n\n[smtp]\nrelai = []\n";
-        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        let e = Config::from_str(t, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("x.toml:5:"), "{e}");
         assert!(e.contains("relai"), "{e}");
     }
@@ -654,7 +679,9 @@ mod tests {
     #[test]
     fn bad_duration_names_line() {
         let t = "[smtp]\nidle_timeout = \"5 parsecs\"\n";
-        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        let e = Config::from_str(t, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("x.toml:2:"), "{e}");
         assert!(e.contains("invalid duration"), "{e}");
     }
@@ -662,9 +689,42 @@ mod tests {
     #[test]
     fn bad_route_named() {
         let t = "[delivery]\nroute = \"ftp://x\"\n";
-        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err().0;
+        let e = Config::from_str(t, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("x.toml:2:") && e.contains("unknown route"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_bad_key_is_a_problem_with_its_line() {
+        let t = "[server]\nhostname = \"two words\"\n\n[smtp]\nmax_recipients = 0\nmax_line_length = 100\n\n[relay]\ndomains = [\"a@b\", \"ok.test\"]\n\n[delivery]\nconcurrency = 0\n";
+        let e = Config::from_str(t, Path::new("x.toml")).unwrap_err();
+        let shown: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "x.toml:2: [server] hostname: must be a host name",
+                "x.toml:12: [delivery] concurrency: must be at least 1",
+                "x.toml:5: [smtp] max_recipients: must be at least 1",
+                "x.toml:6: [smtp] max_line_length: RFC 5321 requires at least 512",
+                "x.toml:9: [relay] domains: \"a@b\" is not a domain",
+            ],
+            "{e}"
+        );
+        // Shown together, one per line.
+        assert_eq!(e.to_string().lines().count(), 5);
+    }
+
+    #[test]
+    fn a_missing_file_is_one_problem() {
+        let e = Config::load(Path::new("/nonexistent/postern.toml")).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/postern.toml: cannot read"),
             "{e}"
         );
     }

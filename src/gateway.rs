@@ -9,15 +9,18 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::delivery::{self, Delivery, Scheduler};
+use crate::delivery::{self, Delivery};
 use crate::intake::Intake;
+use crate::mailbox::accounts::Accounts;
 use crate::mailbox::{self, MailboxCtx};
 use crate::metrics::{self, Metrics};
 use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec, bind_all};
+use crate::policy::Policy;
 use crate::quarantine::SledQuarantine;
 use crate::smtp::server::SmtpContext;
 use crate::smtp::session::{ListenerKind, SessionConfig, reply};
 use crate::store::Store;
+use crate::store::wake::Scheduler;
 use crate::{admin, tls};
 
 /// Run until SIGTERM or SIGINT.
@@ -34,7 +37,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let store = Store::open(&data_dir.join("store"))?;
     let metrics = Metrics::new();
-    let policy = Arc::new(cfg.load_policy().map_err(|problems| {
+    let policy = Arc::new(Policy::from_config(&cfg).map_err(|problems| {
         anyhow::anyhow!(
             "rules or policies do not load:\n{}",
             problems
@@ -157,7 +160,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         });
     }
     // The quarantine mailboxes: POP3 and IMAP over the held messages.
-    let accounts = cfg.load_accounts().map_err(anyhow::Error::msg)?;
+    let accounts = Accounts::from_config(&cfg)?;
     let mut mailbox = MailboxCtx::new(
         Arc::new(SledQuarantine {
             store: store.clone(),
@@ -200,7 +203,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
         retention,
         (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(600)),
     ));
-    let accounts_watch = tokio::spawn(watch_accounts(cfg.clone(), mailbox.clone()));
+    let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
+    let accounts_watch = crate::watch::spawn(
+        vec![Accounts::file(&cfg)],
+        Duration::from_secs(1),
+        move || reload_accounts(&watch_cfg, &watch_mailbox),
+    );
 
     let control = admin::socket_path(data_dir);
     tokio::spawn(admin::serve_control(
@@ -269,28 +277,13 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
 /// Reload `users.toml`; a broken file keeps the accounts in use.
 fn reload_accounts(cfg: &Config, mailbox: &MailboxCtx) {
-    match cfg.load_accounts() {
+    match Accounts::from_config(cfg) {
         Ok(a) => {
             tracing::info!(accounts = a.len(), "accounts loaded");
             mailbox.set_accounts(Arc::new(a));
         }
         Err(e) => {
             tracing::error!(error = %e, "users.toml does not load; keeping the accounts in use")
-        }
-    }
-}
-
-/// Reload the accounts when `users.toml` changes (polled: no extra crate, works on every filesystem).
-async fn watch_accounts(cfg: Arc<Config>, mailbox: Arc<MailboxCtx>) {
-    let path = cfg.users_file();
-    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = stamp(&path);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = stamp(&path);
-        if now != last {
-            last = now;
-            reload_accounts(&cfg, &mailbox);
         }
     }
 }

@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
-use crate::delivery::Scheduler;
 use crate::mail::{Enhanced, Envelope, Peer, Reply};
 use crate::metrics::Metrics;
-use crate::policy::{RuleSet, TxInfo, Verdict, strip_forged_auth_results};
+use crate::policy::{RuleSet, TxInfo, Verdict, final_verdict, strip_forged_auth_results};
+use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, RcptStatus, Recipient, Store};
 
 /// A complete message as the SMTP session hands it over.
@@ -62,17 +62,8 @@ impl Intake {
         info.rcpts = tx.rcpt_addresses();
         let clean = strip_forged_auth_results(&body, &self.hostname);
         let outcome = rules.data(&info, &clean).await;
-        // A reject or tempfail at DATA wins; otherwise a quarantine or
-        // discard decided earlier in the session applies.
-        let (verdict, script) = match (&outcome.verdict, sticky) {
-            (Verdict::Reject { .. } | Verdict::Tempfail { .. }, _) | (_, None) => {
-                (outcome.verdict.clone(), outcome.script.clone())
-            }
-            (Verdict::Quarantine { .. }, Some((Verdict::Discard, _))) => {
-                (outcome.verdict.clone(), outcome.script.clone())
-            }
-            (_, Some(sticky)) => sticky,
-        };
+        let (verdict, script) =
+            final_verdict((outcome.verdict.clone(), outcome.script.clone()), sticky);
         self.metrics
             .verdicts
             .with_label_values(&[verdict.word(), "data"])
@@ -98,9 +89,7 @@ impl Intake {
             m
         };
         match verdict {
-            Verdict::Reject { code, text } | Verdict::Tempfail { code, text } => {
-                Reply::parse_text(code, &text).to_bytes()
-            }
+            Verdict::Reject(r) | Verdict::Tempfail(r) => r.to_bytes(),
             Verdict::Discard => {
                 self.metrics
                     .messages_received

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod delivery;
+pub mod dns;
 pub mod gateway;
 pub mod intake;
 pub mod mail;
@@ -21,5 +22,6 @@ pub mod rules_test;
 pub mod smtp;
 pub mod store;
 pub mod tls;
+pub(crate) mod watch;
 
 pub(crate) use net::stopped;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use postern::admin::{self, Filter, Request};
 use postern::config::Config;
+use postern::mailbox::accounts::Accounts;
+use postern::policy::Policy;
 use postern::store::Store;
 
 #[derive(Parser)]
@@ -156,30 +158,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Passwd => ExitCode::SUCCESS,
-            Command::Check => match cfg.load_policy() {
-                Ok(_) if cfg.load_accounts().is_err() => {
-                    if let Err(e) = cfg.load_accounts() {
-                        eprintln!("{e}");
-                    }
-                    ExitCode::FAILURE
-                }
-                Ok(p) => {
-                    let set = p.current();
-                    println!(
-                        "{}: ok ({} rule script(s), {} rate limit(s))",
-                        cli.config.display(),
-                        set.script_names().len(),
-                        set.limit_names().len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(problems) => {
-                    for p in problems {
-                        eprintln!("{p}");
-                    }
-                    ExitCode::FAILURE
-                }
-            },
+            Command::Check => check(&cli.config, &cfg),
             Command::Rules {
                 cmd:
                     RulesCmd::Test {
@@ -218,6 +197,34 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `postern check`: every rule, policy and accounts problem (the config's
+/// own were printed when it loaded), each on its own line; exit 1 if any.
+fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
+    let policy = Policy::from_config(cfg);
+    let accounts = Accounts::from_config(cfg);
+    match (policy, accounts) {
+        (Ok(p), Ok(_)) => {
+            let set = p.current();
+            println!(
+                "{}: ok ({} rule script(s), {} rate limit(s))",
+                path.display(),
+                set.script_names().len(),
+                set.limit_names().len()
+            );
+            ExitCode::SUCCESS
+        }
+        (policy, accounts) => {
+            for p in policy.err().into_iter().flatten() {
+                eprintln!("{p}");
+            }
+            if let Err(e) = accounts {
+                eprintln!("{e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Ask the running gateway, or open the store when none runs.

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use crate::delivery::Scheduler;
 use crate::mailbox::store::{HeldMeta, QuarantineStore};
 use crate::store::Store;
+use crate::store::wake::Scheduler;
 
 pub struct SledQuarantine {
     pub store: Store,

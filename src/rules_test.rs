@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
+use crate::policy::{ConnInfo, Decided, Decision, Policy, TxInfo, Verdict, final_verdict};
 
 fn show(d: &Decision) -> String {
     match &d.verdict {
@@ -23,9 +23,7 @@ fn show(d: &Decision) -> String {
 fn verdict_text(v: &Verdict) -> String {
     match v {
         Verdict::Accept => "accept".into(),
-        Verdict::Reject { code, text } | Verdict::Tempfail { code, text } => {
-            format!("{} {code} {text}", v.word())
-        }
+        Verdict::Reject(r) | Verdict::Tempfail(r) => format!("{} {r}", v.word()),
         Verdict::Quarantine { reason } => format!("quarantine: {reason}"),
         Verdict::Discard => "discard".into(),
     }
@@ -47,7 +45,7 @@ pub async fn run(
             return ExitCode::FAILURE;
         }
     };
-    let policy = match cfg.load_policy() {
+    let policy = match Policy::from_config(cfg) {
         Ok(p) => p,
         Err(problems) => {
             for p in problems {
@@ -73,17 +71,20 @@ pub async fn run(
         trusted: false,
     };
     println!("scripts:   {}", set.script_names().join(", "));
-    // A reject or tempfail ends the transaction; a quarantine or discard
-    // before DATA sticks to the message, as in the gateway (intake.rs).
-    let mut sticky: Option<Decision> = None;
-    let note = |d: &Decision, sticky: &mut Option<Decision>| {
+    // A reject or tempfail ends the transaction; the first quarantine or
+    // discard before DATA sticks to the message ([`final_verdict`] decides,
+    // as in the gateway), shown with the script and function that said it.
+    let mut sticky: Option<Decided> = None;
+    let note = |d: &Decision, sticky: &mut Option<Decided>| {
         if sticky.is_none()
-            && matches!(
-                d.verdict,
-                Some(Verdict::Quarantine { .. } | Verdict::Discard)
-            )
+            && let Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) = &d.verdict
         {
-            *sticky = Some(d.clone());
+            let by = format!(
+                "{} {}",
+                d.script.as_deref().unwrap_or_default(),
+                d.function.as_deref().unwrap_or_default()
+            );
+            *sticky = Some((v.clone(), Some(by)));
         }
     };
     let d = set.connect_async(&conn).await;
@@ -125,29 +126,13 @@ pub async fn run(
             for (n, v) in &out.headers {
                 println!("header:    {n}: {v}");
             }
-            let data_decides = matches!(
-                out.verdict,
-                Verdict::Reject { .. } | Verdict::Tempfail { .. }
-            ) || matches!(
-                (
-                    &out.verdict,
-                    sticky.as_ref().and_then(|s| s.verdict.as_ref())
-                ),
-                (Verdict::Quarantine { .. }, Some(Verdict::Discard))
-            );
-            match sticky {
-                Some(d) if !data_decides => format!(
-                    "{} by {} {}",
-                    d.verdict.as_ref().map(verdict_text).unwrap_or_default(),
-                    d.script.unwrap_or_default(),
-                    d.function.unwrap_or_default()
-                ),
-                _ => format!(
-                    "{} by {}",
-                    verdict_text(&out.verdict),
-                    out.script.as_deref().unwrap_or("(no script decided)")
-                ),
-            }
+            let data = (out.verdict.clone(), out.script.clone());
+            let (verdict, by) = final_verdict(data, sticky);
+            format!(
+                "{} by {}",
+                verdict_text(&verdict),
+                by.as_deref().unwrap_or("(no script decided)")
+            )
         }
     };
     println!("verdict:   {verdict}");
@@ -160,9 +145,5 @@ pub async fn run(
 
 /// A reject or tempfail ends the transaction before DATA.
 fn stop(d: Decision) -> Option<Decision> {
-    matches!(
-        d.verdict,
-        Some(Verdict::Reject { .. } | Verdict::Tempfail { .. })
-    )
-    .then_some(d)
+    matches!(d.verdict, Some(Verdict::Reject(_) | Verdict::Tempfail(_))).then_some(d)
 }

@@ -14,57 +14,21 @@ use smtp_proto::response::parser::ResponseReceiver;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
-/// One server reply, as the client saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub text: String,
+use crate::mail::{Enhanced, Reply};
+
+/// A server's reply as the typed [`Reply`]: its enhanced code (when it
+/// sent one) apart from the text, which is made one safe line.
+fn reply_of(r: &Response<String>) -> Reply {
+    let enhanced =
+        (r.esc[0] > 0).then(|| Enhanced::new(r.esc[0], u16::from(r.esc[1]), u16::from(r.esc[2])));
+    let mut reply = Reply::plain(r.code, r.message.trim());
+    reply.enhanced = enhanced;
+    reply
 }
 
-impl Reply {
-    fn from_response(r: Response<String>) -> Reply {
-        let esc = if r.esc[0] > 0 {
-            format!("{}.{}.{} ", r.esc[0], r.esc[1], r.esc[2])
-        } else {
-            String::new()
-        };
-        Reply {
-            code: r.code,
-            text: format!("{esc}{}", r.message.replace(['\r', '\n'], " ").trim()),
-        }
-    }
-
-    pub fn local(code: u16, text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            text: text.into(),
-        }
-    }
-
-    pub fn is_ok(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    pub fn is_permanent(&self) -> bool {
-        (500..600).contains(&self.code)
-    }
-
-    /// The enhanced status code (RFC 3463) if the reply carries one.
-    pub fn status(&self) -> Option<&str> {
-        let first = self.text.split_whitespace().next()?;
-        let parts: Vec<&str> = first.split('.').collect();
-        (parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())))
-        .then_some(first)
-    }
-}
-
-impl std::fmt::Display for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.code, self.text)
-    }
+/// 2xx: the command (or the message) was taken.
+fn is_ok(r: &Reply) -> bool {
+    (200..300).contains(&r.code)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +86,9 @@ impl Conn {
         let verb = if lmtp { "LHLO" } else { "EHLO" };
         c.send(format!("{verb} {helo_name}\r\n").as_bytes()).await?;
         c.flush().await?;
-        let ehlo = c.read_reply().await?;
-        if !ehlo.is_ok() {
+        let ehlo_raw = c.read_response().await?;
+        let ehlo = reply_of(&ehlo_raw);
+        if !is_ok(&ehlo) {
             if lmtp {
                 return Err(ClientError::Refused(ehlo));
             }
@@ -131,13 +96,14 @@ impl Conn {
             c.send(format!("HELO {helo_name}\r\n").as_bytes()).await?;
             c.flush().await?;
             let helo = c.read_reply().await?;
-            if !helo.is_ok() {
+            if !is_ok(&helo) {
                 return Err(ClientError::Refused(helo));
             }
         } else {
-            c.pipelining = ehlo
-                .text
-                .split(' ')
+            // From the raw reply: the sanitised text is capped in length.
+            c.pipelining = ehlo_raw
+                .message
+                .split_whitespace()
                 .any(|w| w.eq_ignore_ascii_case("PIPELINING"));
         }
         Ok(c)
@@ -159,6 +125,11 @@ impl Conn {
 
     /// Read one (possibly multi-line) reply.
     async fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        Ok(reply_of(&self.read_response().await?))
+    }
+
+    /// Read one (possibly multi-line) reply as the parser gives it.
+    async fn read_response(&mut self) -> Result<Response<String>, ClientError> {
         loop {
             if self.rpos < self.rbuf.len() {
                 let mut it = self.rbuf[self.rpos..].iter();
@@ -167,7 +138,7 @@ impl Conn {
                 match res {
                     Ok(r) => {
                         self.receiver.reset();
-                        return Ok(Reply::from_response(r));
+                        return Ok(r);
                     }
                     Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
                     Err(e) => {
@@ -228,13 +199,13 @@ impl Conn {
             let m = self.read_reply().await?;
             let mut rr = Vec::new();
             let mut d = None;
-            if m.is_ok() {
+            if is_ok(&m) {
                 for r in rcpts {
                     self.send(format!("RCPT TO:<{r}>\r\n").as_bytes()).await?;
                     self.flush().await?;
                     rr.push(self.read_reply().await?);
                 }
-                if rr.iter().any(Reply::is_ok) {
+                if rr.iter().any(is_ok) {
                     self.send(b"DATA\r\n").await?;
                     self.flush().await?;
                     d = Some(self.read_reply().await?);
@@ -242,7 +213,7 @@ impl Conn {
             }
             (m, rr, d)
         };
-        if !mail_reply.is_ok() {
+        if !is_ok(&mail_reply) {
             if data_reply.as_ref().is_some_and(|d| d.code == 354) {
                 self.finish_empty_data().await?;
             }
@@ -251,7 +222,7 @@ impl Conn {
         }
         let mut accepted = Vec::new();
         for (i, r) in rcpt_replies.into_iter().enumerate() {
-            if r.is_ok() {
+            if is_ok(&r) {
                 accepted.push(i);
             } else {
                 results[i] = Some(r);
@@ -289,7 +260,11 @@ impl Conn {
         self.sent += 1;
         Ok(results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Reply::local(451, "4.3.0 No reply for this recipient")))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Reply::new(451, Enhanced::new(4, 3, 0), "No reply for this recipient")
+                })
+            })
             .collect())
     }
 
@@ -422,4 +397,27 @@ pub async fn deliver(
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_reply_keeps_its_enhanced_code_apart() {
+        let r = Response {
+            code: 550,
+            esc: [5, 1, 1],
+            message: "no such\r\nuser".to_string(),
+        };
+        let reply = reply_of(&r);
+        assert_eq!(reply.enhanced, Some(Enhanced::new(5, 1, 1)));
+        assert_eq!(reply.to_string(), "550 5.1.1 no such  user");
+        let r = Response {
+            code: 250,
+            esc: [0, 0, 0],
+            message: "ok".to_string(),
+        };
+        assert_eq!(reply_of(&r).enhanced, None);
+    }
 }

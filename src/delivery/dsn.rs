@@ -1,13 +1,15 @@
 //! Delivery status notifications (RFC 3464): the bounce sent to the sender
 //! when recipients fail permanently or the message outlives `max_age`.
 
+use crate::mail::{Enhanced, headers};
 use crate::store::Recipient;
 
 /// One failed recipient for the report.
 pub struct Failure<'a> {
     pub recipient: &'a Recipient,
-    /// `Status:` (RFC 3463), e.g. `5.1.1` or `4.4.7` for expiry.
-    pub status: String,
+    /// `Status:` (RFC 3463), e.g. `5.1.1`, or `5.4.7` for expiry.
+    pub status: Enhanced,
+    /// The reply that failed it, as `Diagnostic-Code: smtp; ...` shows it.
     pub diagnostic: String,
 }
 
@@ -42,7 +44,7 @@ pub fn build(
         }
         per_rcpt.push_str(&format!("Diagnostic-Code: smtp; {}\r\n\r\n", f.diagnostic));
     }
-    let headers = original_headers(original);
+    let headers = headers::header_fields_only(original);
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
          To: <{sender}>\r\n\
@@ -88,14 +90,6 @@ pub fn build(
     out
 }
 
-/// The header block of a message (up to the first empty line).
-fn original_headers(msg: &[u8]) -> &[u8] {
-    msg.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| &msg[..i + 2])
-        .unwrap_or(msg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,7 +110,7 @@ mod tests {
             0,
             &[Failure {
                 recipient: &r,
-                status: "5.1.1".into(),
+                status: Enhanced::new(5, 1, 1),
                 diagnostic: "550 5.1.1 no such user".into(),
             }],
             b"Subject: hi\r\nFrom: s@a.test\r\n\r\nbody\r\n",

@@ -17,38 +17,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, Route};
+use crate::dns::DnsError;
+use crate::mail::{Enhanced, Reply};
 use crate::metrics::Metrics;
 use crate::policy::relay;
+use crate::store::wake::{Scheduler, Wakeups};
 use crate::store::{
     self, QueueEntry, QueueState, RcptStatus, Recipient, Store, fmt_id, now_ms, now_unix,
 };
-use client::{Pool, Reply};
-
-/// Asks the dispatcher to attempt a message now or at a given time.
-#[derive(Clone)]
-pub struct Scheduler {
-    tx: mpsc::UnboundedSender<(i64, u64)>,
-}
-
-impl Scheduler {
-    pub fn channel() -> (Scheduler, mpsc::UnboundedReceiver<(i64, u64)>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Scheduler { tx }, rx)
-    }
-
-    pub fn now(&self, id: u64) {
-        let _ = self.tx.send((0, id));
-    }
-
-    pub fn at(&self, id: u64, due_ms: i64) {
-        let _ = self.tx.send((due_ms, id));
-    }
-}
+use client::Pool;
 
 /// What every delivery task shares.
 pub struct Delivery {
@@ -68,10 +50,50 @@ enum Hop {
     Mx(String),
 }
 
-/// The outcome for one recipient of one attempt.
+/// Why a recipient was deferred. The MX loop moves on to the next host
+/// only for [`Reason::ConnectFailed`]: any answer from a host is final for
+/// this attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// No session with the next hop (refused, timed out, dropped).
+    ConnectFailed,
+    /// A DNS lookup failed temporarily.
+    Dns,
+    /// Our side failed (Maildir write, a misconfigured route).
+    Local,
+    /// The next hop answered 4xx.
+    Remote,
+}
+
+/// What one attempt did for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Delivered(Reply),
+    Deferred(Reason, Reply),
+    Failed(Reply),
+}
+
+impl Outcome {
+    /// A next hop's answer: 2xx delivered, 5xx failed, anything else later.
+    fn answered(reply: Reply) -> Outcome {
+        match reply.code {
+            200..=299 => Outcome::Delivered(reply),
+            500..=599 => Outcome::Failed(reply),
+            _ => Outcome::Deferred(Reason::Remote, reply),
+        }
+    }
+
+    fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Delivered(r) | Outcome::Deferred(_, r) | Outcome::Failed(r) => r,
+        }
+    }
+}
+
+/// One recipient's outcome and the host that gave it.
 #[derive(Debug, Clone)]
-struct Outcome {
-    reply: Reply,
+struct RcptOutcome {
+    outcome: Outcome,
     remote: Option<String>,
 }
 
@@ -81,8 +103,8 @@ impl Delivery {
         store: Store,
         metrics: Arc<Metrics>,
         scheduler: Scheduler,
-    ) -> Result<Arc<Delivery>, String> {
-        let resolver = mx::resolver(&cfg.dns.nameservers)?;
+    ) -> Result<Arc<Delivery>, DnsError> {
+        let resolver = crate::dns::resolver(&cfg.dns)?;
         Ok(Arc::new(Delivery {
             cfg,
             store,
@@ -155,7 +177,10 @@ impl Delivery {
                 groups.entry(self.hop_for(&r.address)).or_default().push(i);
             }
         }
-        let mut failed_now: Vec<usize> = Vec::new();
+        // Failed in this attempt, with the reply that failed them.
+        let mut failed_now: Vec<(usize, Reply)> = Vec::new();
+        // The deferral of each recipient still pending, for expiry.
+        let mut deferred: HashMap<usize, Reply> = HashMap::new();
         for (hop, idx) in groups {
             let rcpts: Vec<String> = idx
                 .iter()
@@ -169,22 +194,27 @@ impl Delivery {
             let mut result = "ok";
             for (&i, o) in idx.iter().zip(outcomes) {
                 let r = &mut entry.recipients[i];
-                r.last_reply = Some(o.reply.to_string());
-                r.remote = o.remote.clone();
-                if o.reply.is_ok() {
-                    r.status = RcptStatus::Delivered;
-                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %o.reply, "delivered");
-                } else if o.reply.is_permanent() {
-                    r.status = RcptStatus::Failed;
-                    failed_now.push(i);
-                    result = "permfail";
-                    tracing::warn!(id = %fmt_id(id), rcpt = %r.address, reply = %o.reply, "failed permanently");
-                } else {
-                    if result == "ok" {
-                        result = "tempfail";
+                r.last_reply = Some(o.outcome.reply().to_string());
+                r.remote = o.remote;
+                match o.outcome {
+                    Outcome::Delivered(reply) => {
+                        r.status = RcptStatus::Delivered;
+                        tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "delivered");
                     }
-                    entry.last_error = Some(o.reply.to_string());
-                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %o.reply, "deferred");
+                    Outcome::Failed(reply) => {
+                        r.status = RcptStatus::Failed;
+                        result = "permfail";
+                        tracing::warn!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "failed permanently");
+                        failed_now.push((i, reply));
+                    }
+                    Outcome::Deferred(reason, reply) => {
+                        if result == "ok" {
+                            result = "tempfail";
+                        }
+                        entry.last_error = Some(reply.to_string());
+                        tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, ?reason, "deferred");
+                        deferred.insert(i, reply);
+                    }
                 }
             }
             self.metrics
@@ -195,15 +225,23 @@ impl Delivery {
         entry.attempts += 1;
         let expired = now_unix() - entry.created >= self.cfg.delivery.max_age.0.as_secs() as i64;
         if expired {
+            let age = humantime::format_duration(self.cfg.delivery.max_age.0);
             for (i, r) in entry.recipients.iter_mut().enumerate() {
                 if r.status == RcptStatus::Pending {
                     r.status = RcptStatus::Failed;
-                    let last = r.last_reply.clone().unwrap_or_default();
-                    r.last_reply = Some(format!(
-                        "4.4.7 Message expired after {} in the queue; last error: {last}",
-                        humantime::format_duration(self.cfg.delivery.max_age.0)
-                    ));
-                    failed_now.push(i);
+                    let last = deferred
+                        .remove(&i)
+                        .map(|d| d.to_string())
+                        .or_else(|| r.last_reply.clone())
+                        .unwrap_or_default();
+                    // "Delivery time expired" (4.4.7), final now.
+                    let reply = Reply::new(
+                        554,
+                        Enhanced::new(4, 4, 7).permanent(),
+                        format!("Message expired after {age} in the queue; last error: {last}"),
+                    );
+                    r.last_reply = Some(reply.to_string());
+                    failed_now.push((i, reply));
                 }
             }
         }
@@ -235,36 +273,25 @@ impl Delivery {
         Ok(())
     }
 
-    /// Send a DSN for the recipients at `failed` (never to the null sender).
-    async fn bounce(&self, entry: &QueueEntry, failed: &[usize], body: &[u8]) -> store::Result<()> {
+    /// Send a DSN for the recipients at `failed`, each with the reply that
+    /// failed it (never to the null sender).
+    async fn bounce(
+        &self,
+        entry: &QueueEntry,
+        failed: &[(usize, Reply)],
+        body: &[u8],
+    ) -> store::Result<()> {
         if entry.sender.is_empty() {
             tracing::warn!(id = %fmt_id(entry.id), "a bounce could not be delivered; dropping it (no DSN to <>)");
             return Ok(());
         }
         let failures: Vec<dsn::Failure<'_>> = failed
             .iter()
-            .map(|&i| {
-                let r = &entry.recipients[i];
-                let diag = r
-                    .last_reply
-                    .clone()
-                    .unwrap_or_else(|| "5.0.0 failed".into());
-                let status = first_status(&diag).unwrap_or_else(|| "5.0.0".into());
-                let status = if status.starts_with('4') && r.status == RcptStatus::Failed {
-                    // A temporary code that ran out of time is a permanent failure now.
-                    if diag.starts_with("4.4.7") {
-                        "4.4.7".to_string()
-                    } else {
-                        format!("5{}", &status[1..])
-                    }
-                } else {
-                    status
-                };
-                dsn::Failure {
-                    recipient: r,
-                    status,
-                    diagnostic: diag,
-                }
+            .map(|(i, reply)| dsn::Failure {
+                recipient: &entry.recipients[*i],
+                // A server that gave no enhanced code: "permanent, other".
+                status: reply.enhanced.unwrap_or(Enhanced::new(5, 0, 0)),
+                diagnostic: reply.to_string(),
             })
             .collect();
         let report = dsn::build(
@@ -310,15 +337,12 @@ impl Delivery {
         from: &str,
         rcpts: &[String],
         body: &sled::IVec,
-    ) -> Vec<Outcome> {
-        let all = |code: u16, text: String, remote: Option<String>| {
-            vec![
-                Outcome {
-                    reply: Reply::local(code, text),
-                    remote,
-                };
-                rcpts.len()
-            ]
+    ) -> Vec<RcptOutcome> {
+        let all = |outcome: Outcome, remote: Option<String>| {
+            vec![RcptOutcome { outcome, remote }; rcpts.len()]
+        };
+        let later = |reason: Reason, enhanced: Enhanced, text: String| {
+            Outcome::Deferred(reason, Reply::new(451, enhanced, text))
         };
         let timeout = self.cfg.delivery.timeout.0;
         let hostname = &self.cfg.server.hostname;
@@ -332,72 +356,100 @@ impl Delivery {
                     rcpts2
                         .iter()
                         .map(|r| match maildir::deliver(&root, r, &host, &data) {
-                            Ok(_) => Reply::local(250, "2.0.0 Delivered to Maildir"),
-                            Err(e) => Reply::local(451, format!("4.3.0 Maildir write failed: {e}")),
+                            Ok(_) => Outcome::Delivered(Reply::new(
+                                250,
+                                Enhanced::new(2, 0, 0),
+                                "Delivered to Maildir",
+                            )),
+                            Err(e) => later(
+                                Reason::Local,
+                                Enhanced::new(4, 3, 0),
+                                format!("Maildir write failed: {e}"),
+                            ),
                         })
                         .collect::<Vec<_>>()
                 })
                 .await;
                 match res {
-                    Ok(replies) => replies
+                    Ok(outcomes) => outcomes
                         .into_iter()
-                        .map(|reply| Outcome {
-                            reply,
+                        .map(|outcome| RcptOutcome {
+                            outcome,
                             remote: None,
                         })
                         .collect(),
-                    Err(e) => all(451, format!("4.3.0 Maildir task failed: {e}"), None),
+                    Err(e) => all(
+                        later(
+                            Reason::Local,
+                            Enhanced::new(4, 3, 0),
+                            format!("Maildir task failed: {e}"),
+                        ),
+                        None,
+                    ),
                 }
             }
             Hop::Route(Route::Smtp(hp)) | Hop::Route(Route::Lmtp(hp)) => {
                 let lmtp = matches!(hop, Hop::Route(Route::Lmtp(_)));
                 let Some((host, port)) = mx::split_host_port(hp) else {
-                    return all(451, format!("4.3.5 Bad route {hp}"), None);
+                    let bad = format!("Bad route {hp}");
+                    return all(later(Reason::Local, Enhanced::new(4, 3, 5), bad), None);
                 };
                 let addrs = match mx::resolve_host(&self.resolver, host, port).await {
                     Ok(a) => a,
-                    Err(e) => return all(451, format!("4.4.3 {e}"), Some(hp.clone())),
+                    Err(e) => {
+                        let why = later(Reason::Dns, Enhanced::new(4, 4, 3), e.to_string());
+                        return all(why, Some(hp.clone()));
+                    }
                 };
                 let key = format!("{}://{hp}", if lmtp { "lmtp" } else { "smtp" });
                 self.send(&key, &addrs, lmtp, from, rcpts, body, timeout, hp)
                     .await
             }
-            Hop::Route(Route::Mx) => all(451, "4.3.5 Misconfigured route".into(), None),
+            Hop::Route(Route::Mx) => all(
+                later(
+                    Reason::Local,
+                    Enhanced::new(4, 3, 5),
+                    "Misconfigured route".into(),
+                ),
+                None,
+            ),
             Hop::Mx(domain) => {
                 let hosts = match mx::lookup_mx(&self.resolver, domain).await {
                     mx::MxAnswer::Hosts(h) => h,
                     mx::MxAnswer::NullMx => {
-                        return all(
-                            556,
-                            format!("5.1.10 Domain {domain} accepts no mail (null MX)"),
-                            None,
-                        );
+                        let text = format!("Domain {domain} accepts no mail (null MX)");
+                        let reply = Reply::new(556, Enhanced::new(5, 1, 10), text);
+                        return all(Outcome::Failed(reply), None);
                     }
                     mx::MxAnswer::NoDomain => {
-                        return all(550, format!("5.1.2 Domain {domain} does not exist"), None);
+                        let text = format!("Domain {domain} does not exist");
+                        let reply = Reply::new(550, Enhanced::new(5, 1, 2), text);
+                        return all(Outcome::Failed(reply), None);
                     }
                     mx::MxAnswer::TempFail(e) => {
-                        return all(
-                            451,
-                            format!("4.4.3 DNS lookup for {domain} failed: {e}"),
-                            None,
-                        );
+                        let text = format!("DNS lookup for {domain} failed: {e}");
+                        return all(later(Reason::Dns, Enhanced::new(4, 4, 3), text), None);
                     }
                 };
-                let mut last = all(451, format!("4.4.1 No MX host of {domain} answered"), None);
+                let none = format!("No MX host of {domain} answered");
+                let mut last = all(
+                    later(Reason::ConnectFailed, Enhanced::new(4, 4, 1), none),
+                    None,
+                );
+                let port = self.cfg.delivery.mx_port;
                 for h in hosts {
-                    let addrs =
-                        match mx::resolve_host(&self.resolver, &h, self.cfg.delivery.mx_port).await
-                        {
-                            Ok(a) if !a.is_empty() => a,
-                            Ok(_) | Err(_) => continue,
-                        };
-                    let key = format!("smtp://{h}:{}", self.cfg.delivery.mx_port);
+                    let addrs = match mx::resolve_host(&self.resolver, &h, port).await {
+                        Ok(a) if !a.is_empty() => a,
+                        Ok(_) | Err(_) => continue,
+                    };
+                    let key = format!("smtp://{h}:{port}");
                     let out = self
                         .send(&key, &addrs, false, from, rcpts, body, timeout, &h)
                         .await;
                     // Only a connection-level failure moves on to the next MX.
-                    let conn_failed = out.iter().all(|o| o.reply.text.starts_with("4.4.1"));
+                    let conn_failed = out
+                        .iter()
+                        .all(|o| matches!(o.outcome, Outcome::Deferred(Reason::ConnectFailed, _)));
                     if !conn_failed {
                         return out;
                     }
@@ -419,8 +471,17 @@ impl Delivery {
         body: &[u8],
         timeout: Duration,
         remote: &str,
-    ) -> Vec<Outcome> {
+    ) -> Vec<RcptOutcome> {
         let remote = Some(remote.to_string());
+        let each = |outcome: Outcome| {
+            vec![
+                RcptOutcome {
+                    outcome,
+                    remote: remote.clone()
+                };
+                rcpts.len()
+            ]
+        };
         match client::deliver(
             &self.pool,
             key,
@@ -436,41 +497,32 @@ impl Delivery {
         {
             Ok(replies) => replies
                 .into_iter()
-                .map(|reply| Outcome {
-                    reply,
+                .map(|reply| RcptOutcome {
+                    outcome: Outcome::answered(reply),
                     remote: remote.clone(),
                 })
                 .collect(),
-            Err(client::ClientError::Refused(r)) => vec![
-                Outcome {
-                    reply: r,
-                    remote: remote.clone()
-                };
-                rcpts.len()
-            ],
-            Err(e) => vec![
-                Outcome {
-                    reply: Reply::local(451, format!("4.4.1 Connection to {key} failed: {e}")),
-                    remote: remote.clone()
-                };
-                rcpts.len()
-            ],
+            // Refused in the greeting or EHLO: an answer, not a lost
+            // connection, but never a delivery.
+            Err(client::ClientError::Refused(r)) if r.is_permanent() => each(Outcome::Failed(r)),
+            Err(client::ClientError::Refused(r)) => each(Outcome::Deferred(Reason::Remote, r)),
+            Err(e) => each(Outcome::Deferred(
+                Reason::ConnectFailed,
+                Reply::new(
+                    451,
+                    Enhanced::new(4, 4, 1),
+                    format!("Connection to {key} failed: {e}"),
+                ),
+            )),
         }
     }
-}
-
-/// Find an enhanced status code anywhere in a reply text ("550 5.1.1 ...").
-fn first_status(text: &str) -> Option<String> {
-    text.split_whitespace()
-        .map(|w| Reply::local(0, w.to_string()))
-        .find_map(|r| r.status().map(str::to_string))
 }
 
 /// Run the dispatcher until shutdown; in-flight attempts finish (bounded by
 /// the delivery timeout) and are tracked by `tracker`.
 pub async fn run(
     delivery: Arc<Delivery>,
-    mut rx: mpsc::UnboundedReceiver<(i64, u64)>,
+    mut rx: Wakeups,
     mut shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
 ) {
@@ -521,5 +573,28 @@ pub async fn run(
     }
     for c in delivery.pool.drain() {
         c.quit().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_typed_by_its_code() {
+        let r = |code, e: (u8, u16, u16)| Reply::new(code, Enhanced::new(e.0, e.1, e.2), "x");
+        assert!(matches!(
+            Outcome::answered(r(250, (2, 0, 0))),
+            Outcome::Delivered(_)
+        ));
+        assert!(matches!(
+            Outcome::answered(r(550, (5, 1, 1))),
+            Outcome::Failed(_)
+        ));
+        // A server's own 4.4.1 is an answer: it never moves on to the next MX.
+        assert!(matches!(
+            Outcome::answered(r(451, (4, 4, 1))),
+            Outcome::Deferred(Reason::Remote, _)
+        ));
     }
 }

@@ -1,46 +1,17 @@
 //! Next-hop lookup over hickory-resolver: MX records (RFC 5321 5.1), the
-//! implicit MX, null MX (RFC 7505), and A/AAAA for host names. The system
-//! resolver is never used when `[dns] nameservers` is set.
+//! implicit MX, null MX (RFC 7505), and A/AAAA for host names, over the
+//! resolver [`crate::dns::resolver`] builds.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::RData;
-use hickory_resolver::{Resolver, TokioResolver};
 
-/// Build the resolver for `[dns] nameservers` (empty: `/etc/resolv.conf`).
-pub fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
-    let mut opts = ResolverOpts::default();
-    opts.timeout = Duration::from_secs(3);
-    opts.attempts = 2;
-    let builder = if nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| format!("reading /etc/resolv.conf: {e}"))?
-    } else {
-        let servers = nameservers
-            .iter()
-            .map(|a| {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = a.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = a.port();
-                NameServerConfig::new(a.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        Resolver::builder_with_config(
-            ResolverConfig::from_name_servers(servers),
-            TokioRuntimeProvider::default(),
-        )
-    };
-    builder
-        .with_options(opts)
-        .build()
-        .map_err(|e| format!("building the DNS resolver: {e}"))
-}
+use crate::dns::DnsError;
 
 /// Where mail for a domain goes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum MxAnswer {
     /// Exchange host names, most preferred first.
     Hosts(Vec<String>),
@@ -49,7 +20,7 @@ pub enum MxAnswer {
     /// The domain does not exist (permanent).
     NoDomain,
     /// DNS failed; try again later.
-    TempFail(String),
+    TempFail(NetError),
 }
 
 pub async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
@@ -80,7 +51,7 @@ pub async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
         Err(e) if e.is_nx_domain() => MxAnswer::NoDomain,
         // No MX but the name exists: the implicit MX is the domain itself.
         Err(e) if e.is_no_records_found() => MxAnswer::Hosts(vec![domain.to_string()]),
-        Err(e) => MxAnswer::TempFail(e.to_string()),
+        Err(e) => MxAnswer::TempFail(e),
     }
 }
 
@@ -89,7 +60,7 @@ pub async fn resolve_host(
     resolver: &TokioResolver,
     host: &str,
     port: u16,
-) -> Result<Vec<SocketAddr>, String> {
+) -> Result<Vec<SocketAddr>, DnsError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
@@ -97,7 +68,10 @@ pub async fn resolve_host(
     let fqdn = format!("{}.", host.trim_end_matches('.'));
     match resolver.lookup_ip(fqdn.as_str()).await {
         Ok(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect()),
-        Err(e) => Err(format!("cannot resolve {host}: {e}")),
+        Err(source) => Err(DnsError::Lookup {
+            host: host.to_string(),
+            source,
+        }),
     }
 }
 

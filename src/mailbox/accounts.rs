@@ -133,6 +133,21 @@ impl Accounts {
         Ok(Accounts { users })
     }
 
+    /// `policies/users.toml` of `cfg`: the quarantine (and, later,
+    /// submission) accounts.
+    pub fn file(cfg: &crate::config::Config) -> std::path::PathBuf {
+        cfg.policies.dir.join("users.toml")
+    }
+
+    /// The accounts `cfg` names; a missing users file means no accounts.
+    pub fn from_config(cfg: &crate::config::Config) -> Result<Accounts, AccountsError> {
+        let path = Self::file(cfg);
+        if !path.exists() {
+            return Self::parse("", &path.display().to_string());
+        }
+        Self::load(&path)
+    }
+
     /// Read and parse a users file.
     pub fn load(path: &Path) -> Result<Accounts, AccountsError> {
         let text = std::fs::read_to_string(path).map_err(|source| AccountsError::Io {

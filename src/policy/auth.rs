@@ -3,14 +3,10 @@
 //! forged ones.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::IpAddr;
 
 use mail_auth::dmarc::Policy as DmarcPolicy;
 use mail_auth::dmarc::verify::DmarcParameters;
-use mail_auth::hickory_resolver::config::{
-    NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput,
@@ -18,7 +14,7 @@ use mail_auth::{
 };
 use tokio::time::{Instant, timeout_at};
 
-use crate::policy::types::ChecksConfig;
+use crate::config::ChecksConfig;
 
 /// The outcome of the checks on one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,34 +27,6 @@ pub struct AuthOutcome {
     pub dmarc_policy: &'static str,
     /// The value of the `Authentication-Results` header (after the name).
     pub header: String,
-}
-
-/// Builds the resolver used for all checks. Empty `nameservers` = the
-/// system configuration (`/etc/resolv.conf`).
-pub fn build_resolver(
-    nameservers: &[SocketAddr],
-    per_query: Duration,
-) -> Result<MessageAuthenticator, String> {
-    let mut opts = ResolverOpts::default();
-    opts.timeout = per_query;
-    opts.attempts = 1;
-    opts.use_hosts_file = ResolveHosts::Never;
-    opts.ndots = 0;
-    if nameservers.is_empty() {
-        return MessageAuthenticator::new_system_conf().map_err(|e| e.to_string());
-    }
-    let servers = nameservers
-        .iter()
-        .map(|addr| {
-            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-            for c in &mut ns.connections {
-                c.port = addr.port();
-            }
-            ns
-        })
-        .collect();
-    MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
-        .map_err(|e| e.to_string())
 }
 
 fn spf_word(r: SpfResult) -> &'static str {
@@ -140,7 +108,7 @@ pub async fn check_message(
     mail_from: &str,
     message: &[u8],
 ) -> AuthOutcome {
-    let deadline = Instant::now() + checks.deadline;
+    let deadline = Instant::now() + checks.deadline.0;
     let helo = helo.trim();
     let mail_from_domain = mail_from
         .rsplit_once('@')

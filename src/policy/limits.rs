@@ -16,7 +16,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::policy::types::{Problem, TxInfo, Verdict};
+use crate::config::Problem;
+use crate::mail::{Enhanced, Reply};
+use crate::policy::types::{TxInfo, Verdict};
 
 /// What a limit counts by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -377,14 +379,15 @@ impl Limit {
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                Some(Verdict::Tempfail {
-                    code: 450,
-                    text: format!(
-                        "4.7.1 Rate limit {} exceeded, try again in {}s",
+                Some(Verdict::Tempfail(Reply::new(
+                    450,
+                    Enhanced::new(4, 7, 1),
+                    format!(
+                        "Rate limit {} exceeded, try again in {}s",
                         self.spec.name,
                         secs.max(1)
                     ),
-                })
+                )))
             }
         }
     }

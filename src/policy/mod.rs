@@ -16,23 +16,23 @@ mod watch;
 /// The open-relay guard every RCPT goes through.
 pub mod relay;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::config::{ChecksConfig, Config, DnsConfig, OnError, RulesConfig};
+
 use arc_swap::ArcSwap;
 use mail_auth::MessageAuthenticator;
 use rhai::Dynamic;
 
+pub use crate::config::Problem;
 pub use auth::{AuthOutcome, strip_forged_auth_results};
 pub use limits::{LimitKey, LimitSpec, Scope, normalize_address};
 pub use metrics::PolicyMetrics;
 pub use rules::{CALL_TIME_LIMIT, STAGES};
-pub use types::{
-    ChecksConfig, ConnInfo, DataOutcome, Decision, OnError, Problem, RulesConfig, TxInfo, Verdict,
-};
+pub use types::{ConnInfo, DataOutcome, Decided, Decision, TxInfo, Verdict, final_verdict};
 pub use watch::{spawn_housekeeping, watch, watch_every};
 
 use limits::{LimiterRegistry, Limits};
@@ -46,21 +46,16 @@ pub const RATELIMITS_FILE: &str = "ratelimits.toml";
 struct Dns {
     checks: ChecksConfig,
     hostname: String,
-    nameservers: Vec<SocketAddr>,
+    config: DnsConfig,
     /// Built on first use, inside the runtime.
-    resolver: OnceLock<Result<MessageAuthenticator, String>>,
+    resolver: OnceLock<Result<MessageAuthenticator, crate::dns::DnsError>>,
 }
 
 impl Dns {
-    fn resolver(&self) -> Result<&MessageAuthenticator, &str> {
-        let per_query = self
-            .checks
-            .deadline
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+    fn resolver(&self) -> Result<&MessageAuthenticator, &crate::dns::DnsError> {
         self.resolver
-            .get_or_init(|| auth::build_resolver(&self.nameservers, per_query))
+            .get_or_init(|| crate::dns::resolver(&self.config).map(MessageAuthenticator))
             .as_ref()
-            .map_err(String::as_str)
     }
 }
 
@@ -75,7 +70,6 @@ pub struct RuleSet {
 
 /// The loader and holder of the current [`RuleSet`].
 pub struct Policy {
-    rules_dir: PathBuf,
     policies_dir: PathBuf,
     rules_config: RulesConfig,
     dns: Arc<Dns>,
@@ -87,36 +81,38 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Compiles every rule and parses every policy; all problems at once.
+    /// The rules and policies `cfg` names (what `serve`, `check` and
+    /// `rules test` load).
+    pub fn from_config(cfg: &Config) -> Result<Policy, Vec<Problem>> {
+        Policy::load(
+            cfg.rules.clone(),
+            &cfg.policies.dir,
+            cfg.checks.clone(),
+            cfg.dns.clone(),
+            cfg.server.hostname.clone(),
+        )
+    }
+
+    /// Compiles every rule in `rules.dir` and parses every policy in
+    /// `policies_dir`; all problems at once.
     pub fn load(
-        rules_dir: impl AsRef<Path>,
-        policies_dir: impl AsRef<Path>,
         rules_config: RulesConfig,
+        policies_dir: impl AsRef<Path>,
         checks: ChecksConfig,
-        dns_nameservers: Vec<SocketAddr>,
+        dns: DnsConfig,
         hostname: impl Into<String>,
     ) -> Result<Policy, Vec<Problem>> {
         let metrics = PolicyMetrics::new();
         let dns = Arc::new(Dns {
             checks,
             hostname: hostname.into(),
-            nameservers: dns_nameservers,
+            config: dns,
             resolver: OnceLock::new(),
         });
         let limiters = LimiterRegistry::default();
-        let rules_dir = rules_dir.as_ref().to_path_buf();
         let policies_dir = policies_dir.as_ref().to_path_buf();
-        let set = build_set(
-            &rules_dir,
-            &policies_dir,
-            &rules_config,
-            &dns,
-            &limiters,
-            &metrics,
-            1,
-        )?;
+        let set = build_set(&policies_dir, &rules_config, &dns, &limiters, &metrics, 1)?;
         Ok(Policy {
-            rules_dir,
             policies_dir,
             rules_config,
             dns,
@@ -138,7 +134,6 @@ impl Policy {
             .unwrap_or_else(PoisonError::into_inner);
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         match build_set(
-            &self.rules_dir,
             &self.policies_dir,
             &self.rules_config,
             &self.dns,
@@ -179,7 +174,7 @@ impl Policy {
 
     /// The directories whose files make up the set (for [`watch`]).
     pub fn dirs(&self) -> Vec<PathBuf> {
-        vec![self.rules_dir.clone(), self.policies_dir.clone()]
+        vec![self.rules_config.dir.clone(), self.policies_dir.clone()]
     }
 
     /// Forgets rate-limit keys whose bucket is full again and frees the
@@ -191,7 +186,6 @@ impl Policy {
 }
 
 fn build_set(
-    rules_dir: &Path,
     policies_dir: &Path,
     rules_config: &RulesConfig,
     dns: &Arc<Dns>,
@@ -200,7 +194,7 @@ fn build_set(
     generation: u64,
 ) -> Result<RuleSet, Vec<Problem>> {
     let mut problems = Vec::new();
-    let rules = Rules::load(rules_dir, rules_config.clone(), metrics.clone())
+    let rules = Rules::load(rules_config.clone(), metrics.clone())
         .map_err(|p| problems.extend(p))
         .ok();
     if !policies_dir.is_dir() {
@@ -340,10 +334,7 @@ impl RuleSet {
     fn error_verdict(&self) -> Option<Verdict> {
         match self.rules.config.on_error {
             OnError::Accept => None,
-            OnError::Tempfail => Some(Verdict::Tempfail {
-                code: 451,
-                text: "4.3.0 Temporary local problem, please try again later".to_string(),
-            }),
+            OnError::Tempfail => Some(Verdict::local_tempfail()),
             OnError::Quarantine => Some(Verdict::Quarantine {
                 reason: "rule error".to_string(),
             }),

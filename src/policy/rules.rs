@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use rhai::module_resolvers::DummyModuleResolver;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
+use crate::config::{OnError, Problem, RulesConfig};
 use crate::policy::metrics::PolicyMetrics;
 use crate::policy::script_api::{self, ScriptVerdict};
-use crate::policy::types::{OnError, Problem, RulesConfig, Verdict};
+use crate::policy::types::Verdict;
 
 /// The stage functions, in the order of an SMTP transaction.
 pub const STAGES: [&str; 4] = ["connect", "mail_from", "rcpt", "data"];
@@ -106,14 +107,10 @@ fn position_line(pos: Position) -> Option<usize> {
 }
 
 impl Rules {
-    /// Compiles every `*.rhai` in `dir`; all problems at once.
-    pub fn load(
-        dir: &Path,
-        config: RulesConfig,
-        metrics: PolicyMetrics,
-    ) -> Result<Self, Vec<Problem>> {
+    /// Compiles every `*.rhai` in `config.dir`; all problems at once.
+    pub fn load(config: RulesConfig, metrics: PolicyMetrics) -> Result<Self, Vec<Problem>> {
         let engine = new_engine(&config);
-        let files = rule_files(dir).map_err(|p| vec![p])?;
+        let files = rule_files(&config.dir).map_err(|p| vec![p])?;
         let mut problems = Vec::new();
         let mut scripts = Vec::new();
         for path in files {
@@ -229,11 +226,7 @@ impl Rules {
                     );
                     let verdict = match self.config.on_error {
                         OnError::Accept => continue,
-                        OnError::Tempfail => Verdict::Tempfail {
-                            code: 451,
-                            text: "4.3.0 Temporary local problem, please try again later"
-                                .to_string(),
-                        },
+                        OnError::Tempfail => Verdict::local_tempfail(),
                         OnError::Quarantine => Verdict::Quarantine {
                             reason: format!("rule error in {}", script.name),
                         },

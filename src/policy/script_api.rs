@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use mail_parser::{MessageParser, MimeHeaders};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString};
 
+use crate::mail::{Enhanced, Reply};
 use crate::policy::auth::AuthOutcome;
 use crate::policy::types::{ConnInfo, TxInfo, Verdict};
 
@@ -212,31 +213,20 @@ impl Msg {
     }
 }
 
-/// True when `text` starts with an enhanced status code like `5.7.1`.
-fn has_enhanced_code(text: &str) -> bool {
-    let code = text.split_whitespace().next().unwrap_or("");
-    let parts: Vec<&str> = code.split('.').collect();
-    parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Makes a reply text safe (one line) and gives it an enhanced status code.
-pub fn reply_text(text: &str, default_code: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(400)
-        .collect();
-    let clean = clean.trim();
-    if has_enhanced_code(clean) {
-        clean.to_string()
-    } else if clean.is_empty() {
-        default_code.to_string()
+/// The reply of a script's `reject()`/`tempfail()`: a leading enhanced
+/// code (`"5.7.1 go away"`) is kept apart from the text; without one,
+/// `default` is supplied. The text is made one safe line.
+pub fn script_reply(code: u16, text: &str, default: Enhanced) -> Reply {
+    let clean = text.trim();
+    let first = clean.split_whitespace().next().unwrap_or("");
+    let mut r = if Enhanced::parse(first).is_some() {
+        Reply::parse_text(code, clean)
     } else {
-        format!("{default_code} {clean}")
-    }
+        Reply::new(code, default, clean)
+    };
+    // A control character at the end became a space.
+    r.text.truncate(r.text.trim_end().len());
+    r
 }
 
 fn sanitize_reason(reason: &str) -> String {
@@ -261,17 +251,19 @@ pub fn register(engine: &mut Engine) {
                 return Err(format!("reject() needs a 5xx code, not {code}").into());
             }
             let code = u16::try_from(code).unwrap_or(550);
-            Ok(ScriptVerdict(Verdict::Reject {
+            Ok(ScriptVerdict(Verdict::Reject(script_reply(
                 code,
-                text: reply_text(text, "5.7.1"),
-            }))
+                text,
+                Enhanced::new(5, 7, 1),
+            ))))
         },
     );
     engine.register_fn("tempfail", |text: &str| {
-        ScriptVerdict(Verdict::Tempfail {
-            code: 451,
-            text: reply_text(text, "4.7.1"),
-        })
+        ScriptVerdict(Verdict::Tempfail(script_reply(
+            451,
+            text,
+            Enhanced::new(4, 7, 1),
+        )))
     });
     engine.register_fn("quarantine", |reason: &str| {
         ScriptVerdict(Verdict::Quarantine {
@@ -324,11 +316,22 @@ pub fn register(engine: &mut Engine) {
 mod tests {
     use super::*;
 
+    /// What the old text-only form showed: enhanced code, then the text.
+    fn reply_text(text: &str, default: Enhanced) -> String {
+        let r = script_reply(550, text, default);
+        match r.enhanced {
+            Some(e) if r.text.is_empty() => e.to_string(),
+            Some(e) => format!("{e} {}", r.text),
+            None => r.text,
+        }
+    }
+
     #[test]
     fn reply_texts() {
-        assert_eq!(reply_text("5.7.1 go away", "5.7.1"), "5.7.1 go away");
-        assert_eq!(reply_text("go away", "5.7.1"), "5.7.1 go away");
-        assert_eq!(reply_text("a\r\n250 OK", "4.7.1"), "4.7.1 a  250 OK");
-        assert_eq!(reply_text("", "4.7.1"), "4.7.1");
+        let (e571, e471) = (Enhanced::new(5, 7, 1), Enhanced::new(4, 7, 1));
+        assert_eq!(reply_text("5.7.1 go away", e571), "5.7.1 go away");
+        assert_eq!(reply_text("go away", e571), "5.7.1 go away");
+        assert_eq!(reply_text("a\r\n250 OK", e471), "4.7.1 a  250 OK");
+        assert_eq!(reply_text("", e471), "4.7.1");
     }
 }

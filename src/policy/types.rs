@@ -1,9 +1,9 @@
 //! The plain data types the SMTP session hands in and gets back.
 
-use std::fmt;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::mail::{Enhanced, Reply};
 
 /// What is known about a client when it connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,27 +30,46 @@ pub struct TxInfo {
     pub trusted: bool,
 }
 
-/// The answer of a stage. `text` starts with an enhanced status code
-/// (RFC 3463), e.g. `"5.7.1 ..."`: one is added when a script leaves it out.
+/// The answer of a stage. A reject or tempfail carries the SMTP reply to
+/// send, its enhanced status code (RFC 3463) apart from the text (one is
+/// supplied when a script leaves it out).
 ///
 /// `Quarantine` and `Discard` decided before DATA are meant to stick to the
-/// transaction: the session accepts the command and applies them to the message.
+/// transaction: the session accepts the command and applies them to the
+/// message (see [`final_verdict`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Accept,
-    Reject { code: u16, text: String },
-    Tempfail { code: u16, text: String },
+    Reject(Reply),
+    Tempfail(Reply),
     Quarantine { reason: String },
     Discard,
 }
 
 impl Verdict {
+    /// `451 4.3.0`: what `on_error = "tempfail"` answers for a failed rule.
+    pub fn local_tempfail() -> Verdict {
+        Verdict::Tempfail(Reply::new(
+            451,
+            Enhanced::new(4, 3, 0),
+            "Temporary local problem, please try again later",
+        ))
+    }
+
+    /// The reply of a reject or tempfail.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Verdict::Reject(r) | Verdict::Tempfail(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// A short word for logs and the `verdict` metric label.
     pub fn word(&self) -> &'static str {
         match self {
             Verdict::Accept => "accept",
-            Verdict::Reject { .. } => "reject",
-            Verdict::Tempfail { .. } => "tempfail",
+            Verdict::Reject(_) => "reject",
+            Verdict::Tempfail(_) => "tempfail",
             Verdict::Quarantine { .. } => "quarantine",
             Verdict::Discard => "discard",
         }
@@ -93,100 +112,73 @@ pub struct DataOutcome {
     pub elapsed: Duration,
 }
 
-/// What to do when a script fails at run time or runs away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnError {
-    /// Answer 451 (the sender retries later).
-    #[default]
-    Tempfail,
-    /// Ignore the failing script and let the next one decide.
-    Accept,
-    /// Hold the message in quarantine.
-    Quarantine,
-}
+/// A verdict with what decided it (a script name, `ratelimit:<name>`, or a
+/// label the caller chooses).
+pub type Decided = (Verdict, Option<String>);
 
-impl std::str::FromStr for OnError {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tempfail" => Ok(OnError::Tempfail),
-            "accept" => Ok(OnError::Accept),
-            "quarantine" => Ok(OnError::Quarantine),
-            other => Err(format!(
-                "on_error must be \"tempfail\", \"accept\" or \"quarantine\", not {other:?}"
-            )),
-        }
+/// The verdict applied to a message, the one rule the gateway and
+/// `postern rules test` share: a reject or tempfail at DATA wins; else a
+/// quarantine or discard decided before DATA (`sticky`) applies, except
+/// that a DATA quarantine beats an earlier discard (holding is the safer
+/// of the two); else the DATA verdict.
+pub fn final_verdict(data: Decided, sticky: Option<Decided>) -> Decided {
+    match (&data.0, sticky) {
+        (Verdict::Reject(_) | Verdict::Tempfail(_), _) | (_, None) => data,
+        (Verdict::Quarantine { .. }, Some((Verdict::Discard, _))) => data,
+        (_, Some(sticky)) => sticky,
     }
 }
 
-/// `[rules]` of postern.toml (without `dir`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RulesConfig {
-    /// Operations allowed per script call; beyond it the call is an error.
-    pub max_operations: u64,
-    pub on_error: OnError,
-    /// A total score at or above this quarantines.
-    pub quarantine_score: f64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Default for RulesConfig {
-    fn default() -> Self {
-        Self {
-            max_operations: 100_000,
-            on_error: OnError::Tempfail,
-            quarantine_score: 10.0,
-        }
+    fn q(why: &str) -> Verdict {
+        Verdict::Quarantine { reason: why.into() }
+    }
+
+    #[test]
+    fn final_verdict_rule() {
+        let by = |v: Verdict, s: &str| (v, Some(s.to_string()));
+        let reject = Verdict::Reject(Reply::new(550, Enhanced::new(5, 7, 1), "no"));
+        // Nothing sticky: DATA decides.
+        assert_eq!(
+            final_verdict(by(Verdict::Accept, "d"), None),
+            by(Verdict::Accept, "d")
+        );
+        // A reject or tempfail at DATA wins over anything earlier.
+        assert_eq!(
+            final_verdict(by(reject.clone(), "d"), Some(by(q("early"), "m"))),
+            by(reject, "d")
+        );
+        assert_eq!(
+            final_verdict(
+                by(Verdict::local_tempfail(), "d"),
+                Some(by(Verdict::Discard, "m"))
+            ),
+            by(Verdict::local_tempfail(), "d")
+        );
+        // An early quarantine or discard sticks over accept (or a later discard).
+        assert_eq!(
+            final_verdict(by(Verdict::Accept, "d"), Some(by(q("early"), "m"))),
+            by(q("early"), "m")
+        );
+        assert_eq!(
+            final_verdict(by(Verdict::Discard, "d"), Some(by(q("early"), "m"))),
+            by(q("early"), "m")
+        );
+        assert_eq!(
+            final_verdict((Verdict::Accept, None), Some(by(Verdict::Discard, "m"))),
+            by(Verdict::Discard, "m")
+        );
+        // A DATA quarantine beats an earlier discard, not an earlier quarantine.
+        assert_eq!(
+            final_verdict(by(q("late"), "d"), Some(by(Verdict::Discard, "m"))),
+            by(q("late"), "d")
+        );
+        assert_eq!(
+            final_verdict(by(q("late"), "d"), Some(by(q("early"), "m"))),
+            by(q("early"), "m")
+        );
     }
 }
-
-/// `[checks]` of postern.toml.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChecksConfig {
-    pub spf: bool,
-    pub dkim: bool,
-    pub dmarc: bool,
-    /// One deadline for all DNS work of one message; what is not done by
-    /// then is `temperror`.
-    pub deadline: Duration,
-}
-
-impl Default for ChecksConfig {
-    fn default() -> Self {
-        Self {
-            spf: true,
-            dkim: true,
-            dmarc: true,
-            deadline: Duration::from_secs(20),
-        }
-    }
-}
-
-/// One problem found while loading rules or policies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub file: PathBuf,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
-    pub message: String,
-}
-
-impl Problem {
-    pub fn new(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
-        Self {
-            file: file.into(),
-            line,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
-
-impl std::error::Error for Problem {}

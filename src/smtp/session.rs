@@ -187,14 +187,14 @@ impl Session {
     /// quarantine or discard sticks to every message of the session.
     pub fn connected(&mut self, d: Decision) -> Action {
         match d.verdict {
-            Some(Verdict::Reject { code, text }) => {
+            Some(Verdict::Reject(r)) => {
                 self.verdict = Some(("reject", "connect"));
-                Action::Close(Reply::parse_text(code, &text).to_bytes())
+                Action::Close(r.to_bytes())
             }
             // RFC 5321 3.8: a server that must go away says 421 and closes.
-            Some(Verdict::Tempfail { text, .. }) => {
+            Some(Verdict::Tempfail(r)) => {
                 self.verdict = Some(("tempfail", "connect"));
-                Action::Close(Reply::parse_text(421, &text).to_bytes())
+                Action::Close(Reply { code: 421, ..r }.to_bytes())
             }
             Some(Verdict::Accept) => {
                 self.verdict = Some(("accept", "connect"));
@@ -489,12 +489,12 @@ impl Session {
             Check::Rcpt(_) => "rcpt",
         };
         match d.verdict {
-            Some(Verdict::Reject { code, text }) | Some(Verdict::Tempfail { code, text }) => {
-                self.verdict = Some((if code >= 500 { "reject" } else { "tempfail" }, stage));
+            Some(Verdict::Reject(r)) | Some(Verdict::Tempfail(r)) => {
+                self.verdict = Some((if r.code >= 500 { "reject" } else { "tempfail" }, stage));
                 if matches!(check, Check::Mail) {
                     self.pending_mail = None;
                 }
-                Action::Reply(Reply::parse_text(code, &text).to_bytes())
+                Action::Reply(r.to_bytes())
             }
             other => {
                 let sticky = match other {
@@ -712,21 +712,17 @@ mod policy_tests {
             script: Some("00-x.rhai".into()),
             function: Some("connect".into()),
         };
-        assert!(matches!(s.connected(Decision::pass()), Action::Reply(g) if g.starts_with(b"220 mx.test")));
-        let tempfail = Verdict::Tempfail {
-            code: 451,
-            text: "4.7.0 busy".into(),
-        };
+        assert!(
+            matches!(s.connected(Decision::pass()), Action::Reply(g) if g.starts_with(b"220 mx.test"))
+        );
+        let tempfail = Verdict::Tempfail(Reply::new(451, Enhanced::new(4, 7, 0), "busy"));
         // RFC 5321 3.8: a tempfail at connect is 421 and a close.
         assert_eq!(
             s.connected(d(tempfail)),
             Action::Close(b"421 4.7.0 busy\r\n".to_vec())
         );
         assert_eq!(s.take_verdict(), Some(("tempfail", "connect")));
-        let reject = Verdict::Reject {
-            code: 554,
-            text: "5.7.1 go away".into(),
-        };
+        let reject = Verdict::Reject(Reply::new(554, Enhanced::new(5, 7, 1), "go away"));
         assert!(matches!(s.connected(d(reject)), Action::Close(b) if b.starts_with(b"554 5.7.1")));
         let mut s = session();
         let q = Verdict::Quarantine {
@@ -753,10 +749,11 @@ mod policy_tests {
         };
         assert_eq!(s.tx_info(Some(&c)).from, "a@b.test");
         let d = Decision {
-            verdict: Some(Verdict::Tempfail {
-                code: 450,
-                text: "4.7.1 slow down".into(),
-            }),
+            verdict: Some(Verdict::Tempfail(crate::mail::Reply::new(
+                450,
+                crate::mail::Enhanced::new(4, 7, 1),
+                "slow down",
+            ))),
             script: None,
             function: None,
         };

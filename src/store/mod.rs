@@ -14,6 +14,7 @@
 //! for it at the same time (group commit).
 
 mod commit;
+pub mod wake;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -155,6 +155,75 @@ fn check_names_file_line_and_key() {
     );
 }
 
+/// `postern check` prints every problem at once: each bad key of the
+/// config with its line, and (for a config that loads) every rule, policy
+/// and accounts problem together.
+#[test]
+fn check_prints_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nhostname = \"two words\"\n\n[smtp]\nmax_recipients = 0\n\n[delivery]\nconcurrency = 0\n",
+    )
+    .unwrap();
+    let check = |path: &std::path::Path| {
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(&bad);
+    assert_eq!(code, Some(1), "{err}");
+    for want in [
+        "bad.toml:2: [server] hostname:",
+        "bad.toml:5: [smtp] max_recipients:",
+        "bad.toml:8: [delivery] concurrency:",
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(want)),
+            "{want:?} missing:\n{err}"
+        );
+    }
+
+    // The config is fine; a rule, the rate limits and users.toml are not.
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[server]\nhostname = \"gw.test\"\n").unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/10-x.rhai"),
+        "fn data(m) {\n  let = 1;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policies/ratelimits.toml"),
+        "[[limit]]\nname = \"a\"\nkey = \"nope\"\nrate = \"1/1s\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policies/users.toml"),
+        "[[user]]\nlogin = 1\n",
+    )
+    .unwrap();
+    let (code, err) = check(&good);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("10-x.rhai:2:"), "rule problem missing:\n{err}");
+    assert!(
+        err.contains("ratelimits.toml:3:"),
+        "limit problem missing:\n{err}"
+    );
+    assert!(
+        err.contains("users.toml"),
+        "accounts problem missing:\n{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_endpoint_counts_what_happened() {
     let sink = Sink::start(false).await;

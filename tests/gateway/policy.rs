@@ -1630,52 +1630,6 @@ async fn check_names_the_file_and_line_of_a_broken_rule() {
     );
 }
 
-/// `rules test` must print the verdict the gateway would apply: a quarantine
-/// or discard decided at connect, MAIL or RCPT sticks to the message.
-#[tokio::test(flavor = "multi_thread")]
-async fn rules_test_agrees_with_the_gateway_on_early_quarantine() {
-    let sink = Sink::start(false).await;
-    let gw = start(Opts {
-        rules: rules(&[(
-            "10-watch.rhai",
-            "fn mail_from(c) { if c.from == \"a@remote.test\" { quarantine(\"sender on watch list\") } }",
-        )]),
-        ..Opts::sink(sink.port)
-    })
-    .await;
-    let msg = message("a@remote.test", "c@local.test", "hello", "x");
-    // The gateway holds it.
-    let r = send(&gw, "a@remote.test", "c@local.test", msg.as_bytes()).await;
-    assert!(r.starts_with("250"), "{r}");
-    let list = quarantine_list(&gw);
-    assert!(
-        list.contains("a@remote.test -> c@local.test  (sender on watch list)"),
-        "{list}"
-    );
-    // `rules test` on the same message and envelope must say so.
-    let eml = gw.dir.path().join("m.eml");
-    std::fs::write(&eml, &msg).unwrap();
-    let (ok, out, err) = gw.admin(&[
-        "rules",
-        "test",
-        "--message",
-        eml.to_str().unwrap(),
-        "--from",
-        "a@remote.test",
-        "--rcpt",
-        "c@local.test",
-    ]);
-    assert!(ok, "{err}");
-    let verdict = out
-        .lines()
-        .find(|l| l.starts_with("verdict:"))
-        .unwrap_or_default();
-    assert!(
-        verdict.contains("quarantine: sender on watch list") && verdict.contains("10-watch.rhai"),
-        "{out}"
-    );
-}
-
 /// An admin (or logrotate) may send SIGHUP as soon as the gateway answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_right_after_start_does_not_kill_the_gateway() {

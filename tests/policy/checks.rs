@@ -7,7 +7,9 @@ use base64::Engine as _;
 use mail_auth::common::crypto::Ed25519Key;
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::DkimSigner;
-use postern::policy::{ChecksConfig, Policy, RulesConfig, Verdict};
+use postern::config::{ChecksConfig, DnsConfig, DurationStr, RulesConfig};
+use postern::mail::Enhanced;
+use postern::policy::{Policy, Verdict};
 
 /// Signs `msg` for `domain` with selector `sel`; returns the signed message
 /// and the DKIM TXT record.
@@ -161,11 +163,15 @@ async fn dmarc_reject_and_spf_fail_with_shipped_rules() {
     ])
     .await;
     let policy = Policy::load(
-        shipped_rules(),
+        RulesConfig {
+            dir: shipped_rules(),
+            ..RulesConfig::default()
+        },
         shipped_policies(),
-        RulesConfig::default(),
         ChecksConfig::default(),
-        vec![dns],
+        DnsConfig {
+            nameservers: vec![dns],
+        },
         "mx.postern.test",
     )
     .unwrap_or_else(|p| panic!("shipped set: {p:?}"));
@@ -185,7 +191,7 @@ async fn dmarc_reject_and_spf_fail_with_shipped_rules() {
         .await;
     assert_eq!(out.dmarc, "fail");
     assert!(
-        matches!(&out.verdict, Verdict::Reject { code: 550, text } if text.starts_with("5.7.1 ")),
+        matches!(&out.verdict, Verdict::Reject(r) if r.code == 550 && r.enhanced == Some(Enhanced::new(5, 7, 1))),
         "{out:?}"
     );
     assert_eq!(out.script.as_deref(), Some("10-auth.rhai"));
@@ -242,7 +248,7 @@ async fn silent_dns_gives_temperror_within_the_deadline() {
     let (addr, _socket) = silent_dns().await;
     let dirs = Dirs::new(&[], "");
     let checks = ChecksConfig {
-        deadline: Duration::from_millis(800),
+        deadline: DurationStr(Duration::from_millis(800)),
         ..ChecksConfig::default()
     };
     let policy = dirs

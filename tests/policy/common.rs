@@ -14,7 +14,8 @@ use hickory_server::proto::rr::rdata::{SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
-use postern::policy::{ChecksConfig, ConnInfo, Policy, Problem, RulesConfig, TxInfo};
+use postern::config::{ChecksConfig, DnsConfig, RulesConfig};
+use postern::policy::{ConnInfo, Policy, Problem, TxInfo};
 
 /// Starts a DNS server on 127.0.0.1 (UDP and TCP, one port) serving
 /// `records` (name, TXT text). It lives as long as the test's runtime.
@@ -142,11 +143,13 @@ impl Dirs {
         dns: Vec<SocketAddr>,
     ) -> Result<Policy, Vec<Problem>> {
         Policy::load(
-            self.rules(),
+            RulesConfig {
+                dir: self.rules(),
+                ..rules
+            },
             self.policies(),
-            rules,
             checks,
-            dns,
+            DnsConfig { nameservers: dns },
             "mx.postern.test",
         )
     }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use postern::policy::{Decision, OnError, RulesConfig, Verdict, watch};
+use postern::config::{OnError, RulesConfig};
+use postern::mail::{Enhanced, Reply};
+use postern::policy::{Decision, Verdict, watch};
 
 const STAGES: &str = r#"
 fn pick(word) {
@@ -41,14 +43,8 @@ fn data(m) {
 fn verdict_of(word: &str, code_reject: u16, stage_text: bool) -> Option<Verdict> {
     let _ = stage_text;
     Some(match word {
-        "reject" => Verdict::Reject {
-            code: code_reject,
-            text: "5.7.1 no thanks".into(),
-        },
-        "tempfail" => Verdict::Tempfail {
-            code: 451,
-            text: "4.2.0 later".into(),
-        },
+        "reject" => Verdict::Reject(Reply::new(code_reject, Enhanced::new(5, 7, 1), "no thanks")),
+        "tempfail" => Verdict::Tempfail(Reply::new(451, Enhanced::new(4, 2, 0), "later")),
         "quarantine" => Verdict::Quarantine {
             reason: "held".into(),
         },
@@ -162,7 +158,7 @@ async fn bad_verdict_arguments_are_errors() {
     assert_eq!(d.script.as_deref(), Some("10-bad-code.rhai"));
     assert!(matches!(
         d.verdict,
-        Some(Verdict::Tempfail { code: 451, .. })
+        Some(Verdict::Tempfail(Reply { code: 451, .. }))
     ));
     let out = set
         .data(
@@ -214,7 +210,7 @@ async fn runaway_script_tempfails_quickly_while_others_run() {
     }
     let out = looping.await.expect("join");
     assert!(
-        matches!(&out.verdict, Verdict::Tempfail { code: 451, text } if text.starts_with("4.")),
+        matches!(&out.verdict, Verdict::Tempfail(r) if r.code == 451 && r.enhanced.is_some_and(|e| e.class == 4)),
         "{out:?}"
     );
     assert_eq!(out.script.as_deref(), Some("40-loop.rhai"));
@@ -229,7 +225,7 @@ async fn runaway_script_tempfails_quickly_while_others_run() {
     let d = set.rcpt(&t, "loop@x.test");
     assert!(matches!(
         d.verdict,
-        Some(Verdict::Tempfail { code: 451, .. })
+        Some(Verdict::Tempfail(Reply { code: 451, .. }))
     ));
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(
@@ -262,7 +258,7 @@ async fn runtime_error_is_counted_under_the_script_name_and_follows_on_error() {
     assert_eq!(d.script.as_deref(), Some("10-broken.rhai"));
     assert!(matches!(
         d.verdict,
-        Some(Verdict::Tempfail { code: 451, .. })
+        Some(Verdict::Tempfail(Reply { code: 451, .. }))
     ));
     assert_eq!(
         policy
@@ -283,7 +279,10 @@ async fn runtime_error_is_counted_under_the_script_name_and_follows_on_error() {
         .current()
         .mail_from(&tx("192.0.2.1", "h", "a@b.test", &[]));
     assert_eq!(d.script.as_deref(), Some("20-after.rhai"));
-    assert!(matches!(d.verdict, Some(Verdict::Reject { code: 550, .. })));
+    assert!(matches!(
+        d.verdict,
+        Some(Verdict::Reject(Reply { code: 550, .. }))
+    ));
 
     // on_error = quarantine.
     let cfg = RulesConfig {
@@ -382,7 +381,7 @@ fn eval_cannot_be_reached_through_a_function_pointer() {
     );
     let policy = dirs.load_rules_only();
     let d = policy.current().connect(&conn("192.0.2.1", 25));
-    assert!(!matches!(d.verdict, Some(Verdict::Reject { .. })), "{d:?}");
+    assert!(!matches!(d.verdict, Some(Verdict::Reject(_))), "{d:?}");
 }
 
 #[test]
@@ -397,7 +396,7 @@ fn import_has_no_resolver() {
     let policy = dirs.load_rules_only();
     let d = policy.current().connect(&conn("192.0.2.1", 25));
     // The import has no resolver: a runtime error, on_error = tempfail.
-    assert!(matches!(d.verdict, Some(Verdict::Tempfail { .. })), "{d:?}");
+    assert!(matches!(d.verdict, Some(Verdict::Tempfail(_))), "{d:?}");
 }
 
 const LIMITS: &str = r#"
@@ -432,10 +431,10 @@ fn rate_limit_shares_a_bucket_across_tags_and_case() {
     );
     let d = set.mail_from(&tx("192.0.2.3", "h", "alice@example.test", &[]));
     match &d.verdict {
-        Some(Verdict::Tempfail { code: 450, text }) => {
+        Some(Verdict::Tempfail(r)) if r.code == 450 => {
             assert!(
-                text.starts_with("4.7.1 ") && text.contains("try again in"),
-                "{text}"
+                r.enhanced == Some(Enhanced::new(4, 7, 1)) && r.text.contains("try again in"),
+                "{r}"
             );
         }
         other => panic!("{other:?}"),
@@ -483,7 +482,7 @@ fn rate_limit_shares_a_bucket_across_tags_and_case() {
     let d = set.rcpt(&t, "boss@example.test");
     assert!(matches!(
         d.verdict,
-        Some(Verdict::Tempfail { code: 450, .. })
+        Some(Verdict::Tempfail(Reply { code: 450, .. }))
     ));
     assert_eq!(d.function.as_deref(), Some("rcpt"));
     assert!(policy.housekeeping() >= 1);
@@ -511,7 +510,8 @@ fn reload_swaps_and_a_failed_reload_keeps_the_old_set() {
         n.set(n.get() + 1);
         let t = tx("192.0.2.1", "h", &format!("s{}@example.test", n.get()), &[]);
         match set.mail_from(&t).verdict {
-            Some(Verdict::Reject { text, .. }) => text,
+            // The enhanced code and text, as the text-only verdict read.
+            Some(Verdict::Reject(r)) => format!("{} {}", r.enhanced.expect("enhanced"), r.text),
             other => panic!("{other:?}"),
         }
     };
@@ -585,11 +585,13 @@ async fn watch_reloads_on_file_change() {
 #[test]
 fn shipped_set_loads() {
     let policy = postern::policy::Policy::load(
-        shipped_rules(),
+        RulesConfig {
+            dir: shipped_rules(),
+            ..RulesConfig::default()
+        },
         shipped_policies(),
-        RulesConfig::default(),
         no_checks(),
-        Vec::new(),
+        postern::config::DnsConfig::default(),
         "mx.postern.test",
     )
     .unwrap_or_else(|p| panic!("{p:?}"));
@@ -619,7 +621,7 @@ fn wall_clock_and_size_limits_stop_scripts() {
     let started = Instant::now();
     let d = policy.current().connect(&conn("192.0.2.1", 1));
     let took = started.elapsed();
-    assert!(matches!(d.verdict, Some(Verdict::Tempfail { .. })), "{d:?}");
+    assert!(matches!(d.verdict, Some(Verdict::Tempfail(_))), "{d:?}");
     assert!(
         took < postern::policy::CALL_TIME_LIMIT + Duration::from_secs(2),
         "{took:?}"
@@ -627,7 +629,7 @@ fn wall_clock_and_size_limits_stop_scripts() {
     // A string doubling forever hits the string size limit quickly.
     let started = Instant::now();
     let d = policy.current().connect(&conn("192.0.2.1", 2));
-    assert!(matches!(d.verdict, Some(Verdict::Tempfail { .. })), "{d:?}");
+    assert!(matches!(d.verdict, Some(Verdict::Tempfail(_))), "{d:?}");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -657,7 +659,10 @@ async fn async_variants_give_the_same_answers() {
     let policy = dirs.load_rules_only();
     let set = policy.current();
     let d = set.connect_async(&conn("192.0.2.1", 1)).await;
-    assert!(matches!(d.verdict, Some(Verdict::Reject { code: 554, .. })));
+    assert!(matches!(
+        d.verdict,
+        Some(Verdict::Reject(Reply { code: 554, .. }))
+    ));
     let t = tx("192.0.2.1", "h", "discard@x.test", &[]);
     assert_eq!(
         set.mail_from_async(&t).await.verdict,
@@ -672,6 +677,6 @@ async fn async_variants_give_the_same_answers() {
     let d = set.rcpt_async(&t, "accept@y.test").await;
     assert!(matches!(
         d.verdict,
-        Some(Verdict::Tempfail { code: 450, .. })
+        Some(Verdict::Tempfail(Reply { code: 450, .. }))
     ));
 }
