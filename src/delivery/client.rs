@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 
 use crate::mail::{Enhanced, Reply};
+use crate::smtp::data::DotStuffer;
 
 /// A server's reply as the typed [`Reply`]: its enhanced code (when it
 /// sent one) apart from the text, which is made one safe line.
@@ -283,23 +284,19 @@ impl Conn {
         Ok(())
     }
 
-    /// Send the message with dot-stuffing (RFC 5321 4.5.2) and the final dot.
+    /// Send the message with dot-stuffing (RFC 5321 4.5.2) and the final
+    /// dot, a slice at a time, so a large body is never copied whole.
     async fn send_body(&mut self, body: &[u8]) -> Result<(), ClientError> {
-        let mut start = 0;
-        let mut at_line_start = true;
-        for (i, &b) in body.iter().enumerate() {
-            if at_line_start && b == b'.' {
-                self.send(&body[start..i]).await?;
-                self.send(b".").await?;
-                start = i;
-            }
-            at_line_start = b == b'\n';
+        const CHUNK: usize = 64 * 1024;
+        let mut stuffer = DotStuffer::new();
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8);
+        for chunk in body.chunks(CHUNK) {
+            stuffer.feed(chunk, &mut out);
+            self.send(&out).await?;
+            out.clear();
         }
-        self.send(&body[start..]).await?;
-        if !body.is_empty() && !body.ends_with(b"\r\n") {
-            self.send(b"\r\n").await?;
-        }
-        self.send(b".\r\n").await?;
+        stuffer.finish(&mut out);
+        self.send(&out).await?;
         self.flush().await
     }
 

@@ -283,54 +283,19 @@ fn authserv_id(value: &[u8]) -> String {
 /// `hostname` (case-insensitive) from the header section of `message`.
 /// Returns the message unchanged (borrowed) when there is none.
 pub fn strip_forged_auth_results<'a>(message: &'a [u8], hostname: &str) -> Cow<'a, [u8]> {
-    // Split the header section into fields (a field = its first line and
-    // its continuation lines).
-    let mut fields: Vec<(usize, usize)> = Vec::new();
-    let mut pos = 0;
-    let mut body_start = message.len();
-    while pos < message.len() {
-        let line_end = message[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(message.len(), |i| pos + i + 1);
-        let line = &message[pos..line_end];
-        if line == b"\r\n" || line == b"\n" {
-            body_start = pos;
-            break;
-        }
-        if (line[0] == b' ' || line[0] == b'\t')
-            && let Some(last) = fields.last_mut()
-        {
-            last.1 = line_end;
-        } else {
-            fields.push((pos, line_end));
-        }
-        pos = line_end;
-    }
-    let header_end = if body_start == message.len() {
-        pos.min(message.len())
-    } else {
-        body_start
+    let h = crate::mail::headers::scan(message);
+    let forged = |f: &crate::mail::headers::Field| {
+        f.is(message, "Authentication-Results")
+            && authserv_id(f.value(message)).eq_ignore_ascii_case(hostname)
     };
-    let forged = |&(start, end): &(usize, usize)| {
-        let field = &message[start..end];
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        let name = field[..colon].trim_ascii();
-        name.eq_ignore_ascii_case(b"Authentication-Results")
-            && authserv_id(&field[colon + 1..]).eq_ignore_ascii_case(hostname)
-    };
-    if !fields.iter().any(forged) {
+    if !h.fields.iter().any(forged) {
         return Cow::Borrowed(message);
     }
     let mut out = Vec::with_capacity(message.len());
-    for f in &fields {
-        if !forged(f) {
-            out.extend_from_slice(&message[f.0..f.1]);
-        }
+    for f in h.fields.iter().filter(|f| !forged(f)) {
+        out.extend_from_slice(f.raw(message));
     }
-    out.extend_from_slice(&message[header_end..]);
+    out.extend_from_slice(&message[h.header_end..]);
     Cow::Owned(out)
 }
 

@@ -9,6 +9,7 @@
 //! address literals and trailing dots.
 
 use crate::config::RelayConfig;
+use crate::mail::{Enhanced, Reply};
 
 /// What to do with one `RCPT TO` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,24 +18,34 @@ pub enum RcptDecision {
     Local,
     /// Any other domain; only trusted or authenticated clients get this.
     Outbound,
-    /// Refused: `(code, enhanced code and text)`.
-    Refuse(u16, String),
+    /// Refused, with the reply to give.
+    Refuse(Reply),
 }
 
-/// Split an address into local part and domain on its last `@`.
-pub fn split(address: &str) -> Option<(&str, &str)> {
-    address.rsplit_once('@')
-}
+pub use crate::mail::split_address as split;
 
 /// Decide for one recipient. `may_relay` is true for trusted networks and
 /// authenticated users.
 pub fn decide(relay: &RelayConfig, address: &str, may_relay: bool) -> RcptDecision {
-    let refuse = |why: &str| RcptDecision::Refuse(550, format!("5.7.1 <{address}>: {why}"));
+    let refuse = |why: &str| {
+        RcptDecision::Refuse(Reply::new(
+            550,
+            Enhanced::new(5, 7, 1),
+            format!("<{address}>: {why}"),
+        ))
+    };
+    let syntax = |why: &str| {
+        RcptDecision::Refuse(Reply::new(
+            501,
+            Enhanced::new(5, 1, 3),
+            format!("<{address}>: {why}"),
+        ))
+    };
     let Some((local, domain)) = split(address) else {
-        return RcptDecision::Refuse(501, format!("5.1.3 <{address}>: address needs a domain"));
+        return syntax("address needs a domain");
     };
     if local.is_empty() || domain.is_empty() {
-        return RcptDecision::Refuse(501, format!("5.1.3 <{address}>: bad address syntax"));
+        return syntax("bad address syntax");
     }
     // A domain literal or trailing dot never names one of our domains.
     let odd_domain = domain.starts_with('[') || domain.ends_with('.');
@@ -48,7 +59,7 @@ pub fn decide(relay: &RelayConfig, address: &str, may_relay: bool) -> RcptDecisi
     }
     if may_relay {
         if odd_domain && domain.ends_with('.') {
-            return RcptDecision::Refuse(501, format!("5.1.3 <{address}>: bad domain"));
+            return syntax("bad domain");
         }
         return RcptDecision::Outbound;
     }
@@ -81,7 +92,7 @@ mod tests {
             "bob@local.test.other.test",
         ] {
             assert!(
-                matches!(decide(&c, trick, false), RcptDecision::Refuse(550, _)),
+                matches!(decide(&c, trick, false), RcptDecision::Refuse(r) if r.code == 550),
                 "{trick} was not refused"
             );
         }

@@ -230,13 +230,7 @@ pub fn script_reply(code: u16, text: &str, default: Enhanced) -> Reply {
 }
 
 fn sanitize_reason(reason: &str) -> String {
-    reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(400)
-        .collect::<String>()
-        .trim()
-        .to_string()
+    crate::mail::one_line(reason).trim().to_string()
 }
 
 /// Registers `c`, `m` and the verdict functions on `engine`.

@@ -63,6 +63,10 @@ pub async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<SmtpCon
                 }
             }
             Ok(Next::Close) => {
+                conn.shutdown().await;
+                break;
+            }
+            Ok(Next::CloseLingering) => {
                 conn.close_lingering(Duration::from_secs(2)).await;
                 break;
             }
@@ -83,6 +87,9 @@ enum Next {
     StartTls,
     /// We said goodbye: close our side.
     Close,
+    /// We hung up on a client that may still be sending (mid-DATA): close
+    /// our side and drain a moment, so our last reply is not lost to a reset.
+    CloseLingering,
     /// The peer went away.
     Gone,
 }
@@ -185,7 +192,7 @@ async fn run(
                     DataEnd::Reply(b) => out.extend(b),
                     DataEnd::Close(b) => {
                         conn.write(&b).await?;
-                        return Ok(Next::Close);
+                        return Ok(Next::CloseLingering);
                     }
                 }
             }

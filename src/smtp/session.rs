@@ -436,9 +436,9 @@ impl Session {
                     local: d == RcptDecision::Local,
                 }))
             }
-            RcptDecision::Refuse(code, text) => {
+            RcptDecision::Refuse(r) => {
                 self.verdict = Some(("reject", "rcpt"));
-                self.error(Reply::parse_text(code, &text).to_bytes())
+                self.error(r.to_bytes())
             }
         }
     }
