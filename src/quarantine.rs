@@ -114,3 +114,50 @@ pub async fn purge_loop(store: Store, retention: Duration, every: Duration) {
         tokio::time::sleep(every).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::HeldEntry;
+
+    /// A release from the blocking pool (where the mailbox shells call it) waits for the
+    /// group commit, queues the message, drops the entry and wakes delivery.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_from_the_blocking_pool_goes_through_the_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = HeldEntry {
+            id: 0,
+            body_key: 0,
+            sender: "x@far.test".into(),
+            recipient: String::new(),
+            reason: "test".into(),
+            script: None,
+            received: crate::store::now_unix(),
+            size: 4,
+            client_ip: String::new(),
+            helo: String::new(),
+        };
+        let id = store.quarantine(&t, &["a@l.test".into()], b"body").unwrap()[0];
+        let (scheduler, mut woken) = Scheduler::channel();
+        let q = Arc::new(SledQuarantine {
+            store: store.clone(),
+            scheduler,
+        });
+        let release = |q: Arc<SledQuarantine>| async move {
+            tokio::task::spawn_blocking(move || q.release(id))
+                .await
+                .unwrap()
+        };
+        assert!(release(q.clone()).await.unwrap());
+        let (_, qid) = woken.recv().await.unwrap();
+        let queued = store.entry(qid).unwrap().unwrap();
+        assert_eq!(queued.recipients[0].address, "a@l.test");
+        assert_eq!(&*store.body(qid).unwrap().unwrap(), b"body");
+        assert!(store.held_entry(id).unwrap().is_none());
+        // Gone now: Ok(false), not an error.
+        assert!(!release(q).await.unwrap());
+    }
+}

@@ -575,4 +575,59 @@ mod tests {
         assert!(!wildcard_match(b"%", b"a/b"));
         assert!(wildcard_match(b"inbox", b"INBOX"));
     }
+
+    /// A failing store answers NO [UNAVAILABLE] and changes nothing.
+    #[test]
+    fn store_failures_are_unavailable() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut c, _) = session(&mem);
+        mem.set_failing(true);
+        let r = text(c.handle(b"s SELECT INBOX\r\n"));
+        assert!(r.starts_with("s NO [UNAVAILABLE]"), "{r}");
+        mem.set_failing(false);
+        assert!(text(c.handle(b"s SELECT INBOX\r\n")).contains("s OK"));
+        mem.set_failing(true);
+        for (cmd, tag) in [
+            (&b"f FETCH 1 BODY[]\r\n"[..], "f"),
+            (b"q SEARCH BODY x\r\n", "q"),
+            (b"t STORE 1 +FLAGS (\\Deleted)\r\n", "t"),
+            (b"m MOVE 1 Release\r\n", "m"),
+            (b"c COPY 1 Release\r\n", "c"),
+        ] {
+            let r = text(c.handle(cmd));
+            assert!(r.starts_with(&format!("{tag} NO [UNAVAILABLE]")), "{r}");
+        }
+        // Nothing cached can answer once the quarantine changed.
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.starts_with("n NO [UNAVAILABLE]"), "{r}");
+        assert!(mem.released().is_empty() && mem.deleted().is_empty());
+        mem.set_failing(false);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.contains("* 2 EXISTS") && r.contains("n OK"), "{r}");
+        let r = text(c.handle(b"m MOVE 1 Release\r\n"));
+        assert!(r.contains("* 1 EXPUNGE\r\nm OK"), "{r}");
+        assert_eq!(mem.released().len(), 1);
+    }
+
+    /// NOOP and IDLE ticks with nothing changed do not list the store again.
+    #[test]
+    fn unchanged_mailbox_is_answered_from_the_cache() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut c, _) = session(&mem);
+        text(c.handle(b"s SELECT INBOX\r\n"));
+        let lists = mem.list_calls();
+        for _ in 0..5 {
+            assert_eq!(text(c.handle(b"n NOOP\r\n")), "n OK NOOP completed\r\n");
+            assert!(c.idle_update().is_empty());
+        }
+        text(c.handle(b"t STORE 1 +FLAGS.SILENT (\\Flagged)\r\n"));
+        assert_eq!(mem.list_calls(), lists);
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.contains("* 2 EXISTS"), "{r}");
+        assert_eq!(mem.list_calls(), lists + 1);
+    }
 }

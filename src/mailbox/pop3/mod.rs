@@ -603,4 +603,35 @@ mod tests {
         assert!(reply(c.handle(b"AUTH PLAIN !!!")).starts_with("-ERR"));
         assert!(reply(c.handle(b"STAT")).starts_with("-ERR"));
     }
+
+    /// A failing store is "try again later", never "gone" and never a silent success.
+    #[test]
+    fn store_failures_are_sys_temp() {
+        let store = Arc::new(MemStore::new());
+        store.add(
+            "s@x",
+            &["alice@example.test"],
+            "spam",
+            b"Subject: a\r\n\r\nx\r\n",
+        );
+        let mut c = Pop3Core::new(store.clone(), "h", true);
+        store.set_failing(true);
+        let r = String::from_utf8(c.login_ok(alice())).expect("utf8");
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        assert!(c.account().is_none() && !c.uses_store());
+        store.set_failing(false);
+        assert!(c.login_ok(alice()).starts_with(b"+OK"));
+        store.set_failing(true);
+        let r = reply(c.handle(b"RETR 1"));
+        assert!(
+            r.starts_with("-ERR [SYS/TEMP]") && !r.contains("no longer held"),
+            "{r}"
+        );
+        assert!(reply(c.handle(b"DELE 1")).starts_with("+OK"));
+        let r = reply(c.handle(b"QUIT"));
+        assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+        assert!(store.deleted().is_empty());
+        store.set_failing(false);
+        assert_eq!(store.list().map(|l| l.len()).ok(), Some(1));
+    }
 }
