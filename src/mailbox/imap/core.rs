@@ -148,10 +148,6 @@ impl ImapCore {
         }
     }
 
-    pub fn account(&self) -> Option<&Account> {
-        self.account.as_ref()
-    }
-
     /// Whether the next call may touch the store (the shell then runs it on
     /// the blocking pool): only once logged in.
     pub fn uses_store(&self) -> bool {

@@ -285,14 +285,6 @@ impl Shared {
         let _ = self.changes.send(());
         Ok(out)
     }
-
-    /// Replace the flags of some messages (tests and migrations).
-    pub fn set_flags(&self, account: &Account, updates: &[(u64, Vec<String>)]) -> QResult<()> {
-        for (id, flags) in updates {
-            self.apply_flags(account, &[*id], FlagOp::Replace(flags))?;
-        }
-        Ok(())
-    }
 }
 
 /// A flag change, as STORE gives it.
@@ -322,8 +314,12 @@ mod tests {
         let v1 = sh.view(&a).unwrap();
         assert_eq!(v1.msgs.len(), 1);
         assert_eq!(v1.msgs[0].uid, 1);
-        sh.set_flags(&a, &[(v1.msgs[0].meta.id, vec!["\\Seen".into()])])
-            .unwrap();
+        sh.apply_flags(
+            &a,
+            &[v1.msgs[0].meta.id],
+            FlagOp::Replace(&["\\Seen".into()]),
+        )
+        .unwrap();
         mem.add("s@y", &["alice@x.test"], "r", b"y");
         let sh2 = Shared::new(mem.clone());
         let v2 = sh2.view(&a).unwrap();

@@ -28,6 +28,43 @@ impl Drop for MaildropLock {
     }
 }
 
+/// Check the credentials, take the maildrop lock and enter TRANSACTION
+/// (listing the store on the blocking pool). The lock is kept only if the
+/// session really is in TRANSACTION afterwards.
+async fn log_in(
+    ctx: &Arc<MailboxCtx>,
+    peer: IpAddr,
+    mut core: Pop3Core,
+    lock: &mut Option<MaildropLock>,
+    login: String,
+    password: String,
+) -> std::io::Result<(Pop3Core, Step)> {
+    let Some(account) = crate::mailbox::check_login(ctx, peer, "pop3", login, password).await
+    else {
+        let step = core.login_failed();
+        return Ok((core, step));
+    };
+    let key = account.login.to_ascii_lowercase();
+    let locked = {
+        let mut locks = ctx.pop3_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.insert(key.clone())
+    };
+    if !locked {
+        let reply = core.login_in_use();
+        return Ok((core, Step::Reply(reply)));
+    }
+    *lock = Some(MaildropLock {
+        ctx: ctx.clone(),
+        key,
+    });
+    let (core, reply) = offload(core, move |c| c.login_ok(account)).await?;
+    if core.account().is_none() {
+        // The store failed: no TRANSACTION, so no lock.
+        *lock = None;
+    }
+    Ok((core, Step::Reply(reply)))
+}
+
 /// Run one POP3 session on `conn` (the I/O shell).
 pub async fn run_session(
     mut conn: Conn,
@@ -66,32 +103,9 @@ pub async fn run_session(
         };
         let step = match step {
             Step::Login { login, password } => {
-                match crate::mailbox::check_login(&ctx, peer, "pop3", login, password).await {
-                    Some(account) => {
-                        let key = account.login.to_ascii_lowercase();
-                        let locked = {
-                            let mut locks =
-                                ctx.pop3_locks.lock().unwrap_or_else(|e| e.into_inner());
-                            locks.insert(key.clone())
-                        };
-                        if locked {
-                            _lock = Some(MaildropLock {
-                                ctx: ctx.clone(),
-                                key,
-                            });
-                            let (c, reply) = offload(core, move |c| c.login_ok(account)).await?;
-                            core = c;
-                            if core.account().is_none() {
-                                // The store failed: no TRANSACTION, so no lock.
-                                _lock = None;
-                            }
-                            Step::Reply(reply)
-                        } else {
-                            Step::Reply(core.login_in_use())
-                        }
-                    }
-                    None => core.login_failed(),
-                }
+                let (c, step) = log_in(&ctx, peer, core, &mut _lock, login, password).await?;
+                core = c;
+                step
             }
             s => s,
         };
