@@ -100,7 +100,7 @@ impl ImapCore {
                     .map_err(|e| Step::Reply(unavailable(tag, verb, &e)))?;
                 FolderView {
                     folder,
-                    msgs: v.msgs,
+                    msgs: v.msgs.clone(),
                     uidvalidity: v.uidvalidity,
                     uidnext: v.uidnext,
                 }

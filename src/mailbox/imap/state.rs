@@ -72,7 +72,8 @@ struct Cached {
     /// give the same login other addresses.
     account: Account,
     state: UserState,
-    view: View,
+    /// Shared with the sessions syncing against it: a NOOP copies nothing.
+    view: Arc<View>,
 }
 
 impl Inner {
@@ -183,7 +184,7 @@ impl Shared {
     /// The user's INBOX now: entries they may see, in ascending UID order; new entries get
     /// UIDs, entries gone from the quarantine are forgotten. Answered from the cache while
     /// the quarantine has not changed.
-    pub fn view(&self, account: &Account) -> QResult<View> {
+    pub fn view(&self, account: &Account) -> QResult<Arc<View>> {
         let mut g = self.lock();
         g.refresh();
         if let Some(c) = g.cached(account) {
@@ -221,11 +222,11 @@ impl Shared {
         if changed {
             self.save(account, &st)?;
         }
-        let view = View {
+        let view = Arc::new(View {
             uidvalidity: st.uidvalidity,
             uidnext: st.uidnext,
             msgs,
-        };
+        });
         g.cache.insert(
             account.login.to_ascii_lowercase(),
             Cached {
@@ -274,7 +275,7 @@ impl Shared {
             self.save(account, &st)?;
             let login = account.login.to_ascii_lowercase();
             if let Some(c) = g.cache.get_mut(&login).filter(|c| c.account == *account) {
-                for m in &mut c.view.msgs {
+                for m in &mut Arc::make_mut(&mut c.view).msgs {
                     if let Some(f) = out.get(&m.meta.id) {
                         m.flags = f.clone();
                     }
