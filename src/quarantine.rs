@@ -2,82 +2,99 @@
 //!
 //! `mailbox` knows only the [`QuarantineStore`] trait; this is where it meets
 //! the real store and the delivery scheduler (a release re-queues the
-//! message and wakes delivery at once).
+//! message durably and wakes delivery at once). Store failures are logged
+//! here and passed on as [`QuarantineError`], never as "gone".
 
 use std::time::Duration;
 
-use crate::mailbox::store::{HeldMeta, QuarantineStore};
-use crate::store::Store;
+use crate::mailbox::store::{HeldMeta, QResult, QuarantineError, QuarantineStore};
 use crate::store::wake::Scheduler;
+use crate::store::{Store, StoreError};
 
 pub struct SledQuarantine {
     pub store: Store,
     pub scheduler: Scheduler,
 }
 
+/// Log a store failure once, here, and hand the mailbox a typed error.
+fn unavailable(what: &str, e: StoreError) -> QuarantineError {
+    tracing::error!(error = %e, "quarantine {what} failed");
+    QuarantineError::Unavailable(e.to_string())
+}
+
 impl QuarantineStore for SledQuarantine {
-    fn list(&self) -> Vec<HeldMeta> {
-        match self.store.held_entries() {
-            Ok(v) => v
-                .into_iter()
-                .map(|e| HeldMeta {
-                    id: e.id,
-                    sender: e.sender,
-                    recipient: e.recipient,
-                    reason: e.reason,
-                    received_unix: e.received,
-                    size: e.size,
-                })
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list the quarantine");
-                Vec::new()
-            }
+    fn list(&self) -> QResult<Vec<HeldMeta>> {
+        let entries = self
+            .store
+            .held_entries()
+            .map_err(|e| unavailable("list", e))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| HeldMeta {
+                id: e.id,
+                sender: e.sender,
+                recipient: e.recipient,
+                reason: e.reason,
+                received_unix: e.received,
+                size: e.size,
+            })
+            .collect())
+    }
+
+    fn body(&self, id: u64) -> QResult<Option<Vec<u8>>> {
+        let Some(e) = self
+            .store
+            .held_entry(id)
+            .map_err(|e| unavailable("read", e))?
+        else {
+            return Ok(None);
+        };
+        let body = self
+            .store
+            .held_body(&e)
+            .map_err(|e| unavailable("read", e))?;
+        Ok(body.map(|b| b.to_vec()))
+    }
+
+    fn delete(&self, id: u64) -> QResult<bool> {
+        let gone = self
+            .store
+            .unhold(id)
+            .map_err(|e| unavailable("delete", e))?;
+        if gone.is_some() {
+            tracing::info!(id = %crate::store::fmt_id(id), "quarantine entry deleted by a mailbox user");
         }
+        Ok(gone.is_some())
     }
 
-    fn body(&self, id: u64) -> Option<Vec<u8>> {
-        let e = self.store.held_entry(id).ok()??;
-        self.store.held_body(&e).ok()?.map(|b| b.to_vec())
+    /// Runs on the blocking pool (the mailbox shells put every store call
+    /// there), so it may wait for the group commit: the message is queued
+    /// durably, with the fdatasync, before the held copy goes.
+    fn release(&self, id: u64) -> QResult<bool> {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Err(QuarantineError::Unavailable(
+                "release needs the runtime's group commit".into(),
+            ));
+        };
+        let qid = rt
+            .block_on(self.store.release_held(id))
+            .map_err(|e| unavailable("release", e))?;
+        let Some(qid) = qid else { return Ok(false) };
+        tracing::info!(id = %crate::store::fmt_id(id), queued = %crate::store::fmt_id(qid), "released from quarantine");
+        self.scheduler.now(qid);
+        Ok(true)
     }
 
-    fn delete(&self, id: u64) -> bool {
-        match self.store.unhold(id) {
-            Ok(Some(_)) => {
-                tracing::info!(id = %crate::store::fmt_id(id), "quarantine entry deleted by a mailbox user");
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                tracing::error!(error = %e, "quarantine delete failed");
-                false
-            }
-        }
+    fn get_state(&self, key: &[u8]) -> QResult<Option<Vec<u8>>> {
+        self.store
+            .get_state(key)
+            .map_err(|e| unavailable("state read", e))
     }
 
-    fn release(&self, id: u64) -> bool {
-        match self.store.release_held_blocking(id) {
-            Ok(Some(qid)) => {
-                tracing::info!(id = %crate::store::fmt_id(id), queued = %crate::store::fmt_id(qid), "released from quarantine");
-                self.scheduler.now(qid);
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                tracing::error!(error = %e, "quarantine release failed");
-                false
-            }
-        }
-    }
-
-    fn get_state(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.store.get_state(key).ok().flatten()
-    }
-
-    fn put_state(&self, key: &[u8], value: &[u8]) {
-        if let Err(e) = self.store.put_state(key, value) {
-            tracing::error!(error = %e, "cannot save mailbox state");
-        }
+    fn put_state(&self, key: &[u8], value: &[u8]) -> QResult<()> {
+        self.store
+            .put_state(key, value)
+            .map_err(|e| unavailable("state write", e))
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
@@ -95,5 +112,52 @@ pub async fn purge_loop(store: Store, retention: Duration, every: Duration) {
             Err(e) => tracing::error!(error = %e, "quarantine purge failed"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::HeldEntry;
+
+    /// A release from the blocking pool (where the mailbox shells call it) waits for the
+    /// group commit, queues the message, drops the entry and wakes delivery.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_from_the_blocking_pool_goes_through_the_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = HeldEntry {
+            id: 0,
+            body_key: 0,
+            sender: "x@far.test".into(),
+            recipient: String::new(),
+            reason: "test".into(),
+            script: None,
+            received: crate::store::now_unix(),
+            size: 4,
+            client_ip: String::new(),
+            helo: String::new(),
+        };
+        let id = store.quarantine(&t, &["a@l.test".into()], b"body").unwrap()[0];
+        let (scheduler, mut woken) = Scheduler::channel();
+        let q = Arc::new(SledQuarantine {
+            store: store.clone(),
+            scheduler,
+        });
+        let release = |q: Arc<SledQuarantine>| async move {
+            tokio::task::spawn_blocking(move || q.release(id))
+                .await
+                .unwrap()
+        };
+        assert!(release(q.clone()).await.unwrap());
+        let (_, qid) = woken.recv().await.unwrap();
+        let queued = store.entry(qid).unwrap().unwrap();
+        assert_eq!(queued.recipients[0].address, "a@l.test");
+        assert_eq!(&*store.body(qid).unwrap().unwrap(), b"body");
+        assert!(store.held_entry(id).unwrap().is_none());
+        // Gone now: Ok(false), not an error.
+        assert!(!release(q).await.unwrap());
     }
 }

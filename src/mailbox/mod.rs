@@ -2,8 +2,13 @@
 //!
 //! Layout: `store` (the interface to the quarantine, plus `MemStore` for tests), `accounts`
 //! (users.toml, argon2id), `io` (the I/O shell shared by both protocols: framing, STARTTLS,
-//! throttling), `pop3` (sans-I/O core + shell), `imap` (sans-I/O core + shell), and the
-//! listeners here.
+//! throttling), `pop3` (typed commands, sans-I/O core with one handler per state, shell),
+//! `imap` (sans-I/O core with one file per command group, shell), and the listeners here.
+//!
+//! The cores are synchronous and call the store; the shells run those calls on the
+//! blocking pool (`store::offload`), as they run the argon2 check ([`check_login`]), so
+//! neither sled nor argon2 ever holds a runtime thread. A store failure reaches the client
+//! as "try again later" (`-ERR [SYS/TEMP]`, `NO [UNAVAILABLE]`), never as "gone".
 //!
 //! Crates added for this module, and why:
 //! - `imap-codec` 2.0.0-alpha.10 (features `starttls`; builds on Rust 1.85+): parses IMAP
@@ -18,9 +23,9 @@
 //! - `base64` 0.22: SASL PLAIN.
 
 pub mod accounts;
-pub mod imap;
+pub(crate) mod imap;
 pub mod io;
-pub mod pop3;
+pub(crate) mod pop3;
 pub mod store;
 
 use std::collections::HashSet;
@@ -63,6 +68,7 @@ impl Default for Limits {
 
 /// Everything the mailbox listeners share.
 pub struct MailboxCtx {
+    /// Blocking: call it from the blocking pool (see the module doc).
     pub store: Arc<dyn QuarantineStore>,
     /// Swapped on reload; a login uses the set current at that moment.
     pub accounts: RwLock<Arc<Accounts>>,
@@ -76,7 +82,7 @@ pub struct MailboxCtx {
     pub admission: Arc<Admission>,
     pub(crate) throttle: Throttle,
     pub(crate) pop3_locks: Mutex<HashSet<String>>,
-    /// Per-user IMAP state (UIDs, flags) shared by all IMAP sessions.
+    /// Per-user IMAP state (UIDs, flags, cached views) shared by all IMAP sessions.
     pub(crate) imap: Arc<imap::state::Shared>,
 }
 
@@ -132,13 +138,14 @@ impl MailboxCtx {
     }
 }
 
-/// Check a login: wait the client IP's penalty, verify on a blocking thread, count the result.
+/// Bounds the argon2 checks running at once (one per core).
 fn verify_slots() -> &'static Semaphore {
     static SLOTS: std::sync::OnceLock<Semaphore> = std::sync::OnceLock::new();
     SLOTS
         .get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
 }
 
+/// Check a login: wait the client IP's penalty, verify on a blocking thread, count the result.
 pub(crate) async fn check_login(
     ctx: &Arc<MailboxCtx>,
     ip: IpAddr,

@@ -1,7 +1,13 @@
 //! The quarantine as the mailbox servers see it, and an in-memory store for tests.
+//!
+//! Every call may block (sled, later a database over the network): the
+//! protocol shells make them on the blocking pool, never on a runtime thread.
+//! A failing store is an `Err`, distinct from "no such entry" (`Ok(None)`,
+//! `Ok(false)`), so clients hear "try again later", not "gone".
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
@@ -16,19 +22,45 @@ pub struct HeldMeta {
     pub size: u64,
 }
 
+/// The store could not answer; the entry may well still be there.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QuarantineError {
+    #[error("quarantine store unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type QResult<T> = Result<T, QuarantineError>;
+
 pub trait QuarantineStore: Send + Sync + 'static {
     /// All held entries, ascending id.
-    fn list(&self) -> Vec<HeldMeta>;
-    fn body(&self, id: u64) -> Option<Vec<u8>>;
-    /// Remove the entry; false if it was already gone.
-    fn delete(&self, id: u64) -> bool;
-    /// Re-queue the message for delivery to the entry's recipient and remove the entry; false if gone.
-    fn release(&self, id: u64) -> bool;
-    /// Small persistent key/value space for per-user mailbox state (UIDVALIDITY, UID maps, flags, Release folder contents).
-    fn get_state(&self, key: &[u8]) -> Option<Vec<u8>>;
-    fn put_state(&self, key: &[u8], value: &[u8]);
+    fn list(&self) -> QResult<Vec<HeldMeta>>;
+    /// The held message; `Ok(None)` if the entry is gone.
+    fn body(&self, id: u64) -> QResult<Option<Vec<u8>>>;
+    /// Remove the entry; `Ok(false)` if it was already gone.
+    fn delete(&self, id: u64) -> QResult<bool>;
+    /// Re-queue the message for delivery to the entry's recipient (durably)
+    /// and remove the entry; `Ok(false)` if it was already gone.
+    fn release(&self, id: u64) -> QResult<bool>;
+    /// Small persistent key/value space for per-user mailbox state (UIDVALIDITY, UID maps, flags).
+    fn get_state(&self, key: &[u8]) -> QResult<Option<Vec<u8>>>;
+    fn put_state(&self, key: &[u8], value: &[u8]) -> QResult<()>;
     /// Fires whenever entries are added/removed (for IDLE / NOOP updates between sessions).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()>;
+}
+
+/// Run `f` on a protocol core on the blocking pool and hand the core back:
+/// the cores stay synchronous and sans-I/O, and store calls (sled) never run
+/// on a runtime thread. A panic in `f` ends the session; the core is lost with it.
+pub(crate) async fn offload<C: Send + 'static, T: Send + 'static>(
+    mut core: C,
+    f: impl FnOnce(&mut C) -> T + Send + 'static,
+) -> std::io::Result<(C, T)> {
+    tokio::task::spawn_blocking(move || {
+        let t = f(&mut core);
+        (core, t)
+    })
+    .await
+    .map_err(std::io::Error::other)
 }
 
 #[derive(Default)]
@@ -40,10 +72,13 @@ struct MemInner {
     deleted: Vec<u64>,
 }
 
-/// In-memory [`QuarantineStore`] for tests; records releases and deletions.
+/// In-memory [`QuarantineStore`] for tests; records releases and deletions,
+/// counts listings, and can be switched to fail every call.
 pub struct MemStore {
     inner: Mutex<MemInner>,
     tx: broadcast::Sender<()>,
+    failing: AtomicBool,
+    lists: AtomicUsize,
 }
 
 impl Default for MemStore {
@@ -61,11 +96,31 @@ impl MemStore {
                 ..MemInner::default()
             }),
             tx,
+            failing: AtomicBool::new(false),
+            lists: AtomicUsize::new(0),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock, or the failure a broken store would give.
+    fn inner(&self) -> QResult<std::sync::MutexGuard<'_, MemInner>> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(QuarantineError::Unavailable("MemStore set to fail".into()));
+        }
+        Ok(self.lock())
+    }
+
+    /// Make every [`QuarantineStore`] call fail (`true`) or work again.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// How many times [`QuarantineStore::list`] has run (each decodes every entry in sled).
+    pub fn list_calls(&self) -> usize {
+        self.lists.load(Ordering::SeqCst)
     }
 
     /// Hold `body` for each recipient (one entry per recipient); returns the new ids.
@@ -106,24 +161,23 @@ impl MemStore {
 }
 
 impl QuarantineStore for MemStore {
-    fn list(&self) -> Vec<HeldMeta> {
-        self.lock()
-            .entries
-            .values()
-            .map(|(m, _)| m.clone())
-            .collect()
+    fn list(&self) -> QResult<Vec<HeldMeta>> {
+        let g = self.inner()?;
+        self.lists.fetch_add(1, Ordering::SeqCst);
+        Ok(g.entries.values().map(|(m, _)| m.clone()).collect())
     }
 
-    fn body(&self, id: u64) -> Option<Vec<u8>> {
-        self.lock()
+    fn body(&self, id: u64) -> QResult<Option<Vec<u8>>> {
+        Ok(self
+            .inner()?
             .entries
             .get(&id)
-            .map(|(_, b)| b.as_ref().clone())
+            .map(|(_, b)| b.as_ref().clone()))
     }
 
-    fn delete(&self, id: u64) -> bool {
+    fn delete(&self, id: u64) -> QResult<bool> {
         let gone = {
-            let mut g = self.lock();
+            let mut g = self.inner()?;
             let r = g.entries.remove(&id).is_some();
             if r {
                 g.deleted.push(id);
@@ -133,12 +187,12 @@ impl QuarantineStore for MemStore {
         if gone {
             let _ = self.tx.send(());
         }
-        gone
+        Ok(gone)
     }
 
-    fn release(&self, id: u64) -> bool {
+    fn release(&self, id: u64) -> QResult<bool> {
         let gone = {
-            let mut g = self.lock();
+            let mut g = self.inner()?;
             match g.entries.remove(&id) {
                 Some((m, _)) => {
                     g.released.push(m);
@@ -150,15 +204,16 @@ impl QuarantineStore for MemStore {
         if gone {
             let _ = self.tx.send(());
         }
-        gone
+        Ok(gone)
     }
 
-    fn get_state(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.lock().state.get(key).cloned()
+    fn get_state(&self, key: &[u8]) -> QResult<Option<Vec<u8>>> {
+        Ok(self.inner()?.state.get(key).cloned())
     }
 
-    fn put_state(&self, key: &[u8], value: &[u8]) {
-        self.lock().state.insert(key.to_vec(), value.to_vec());
+    fn put_state(&self, key: &[u8], value: &[u8]) -> QResult<()> {
+        self.inner()?.state.insert(key.to_vec(), value.to_vec());
+        Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<()> {

@@ -1,17 +1,19 @@
 //! The durable store: one sled database holding the queue and the quarantine.
 //!
-//! Layout (one tree each):
+//! Layout (six trees):
 //! - `body`: queue id → the message bytes, exactly as they will be delivered;
 //! - `queue`: queue id → [`QueueEntry`] (JSON), the envelope and delivery state;
 //! - `held`: quarantine id → [`HeldEntry`] (JSON), one per held recipient;
 //! - `held_body`: message key → the held message bytes (shared by its entries);
+//! - `held_refs`: message key → how many held entries share that body;
 //! - `state`: small key/value space for the mailbox servers (UIDs, flags).
 //!
 //! A body is written before the entry that points at it, and sled recovers a
 //! prefix of its writes, so after a crash an entry never lacks its body; a
 //! body without an entry is swept at open. "250 OK" waits for
 //! [`Store::durable`], which shares one fsync among every session that asks
-//! for it at the same time (group commit).
+//! for it at the same time (group commit); a quarantine release waits for it
+//! too, whoever asks (IMAP, the control socket, the CLI).
 
 mod commit;
 pub mod wake;
@@ -22,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use commit::GroupCommit;
+pub use commit::{CommitError, GroupCommit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -30,8 +32,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("store: corrupt record {0}: {1}")]
     Corrupt(String, serde_json::Error),
-    #[error("no such message {0}")]
-    NotFound(String),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     #[error("cannot open the store at {path}: {why}")]
     Open { path: String, why: String },
 }
@@ -271,7 +273,7 @@ impl Store {
 
     /// Wait until everything written so far is on disk.
     pub async fn durable(&self) -> Result<()> {
-        self.commit.flush().await
+        Ok(self.commit.flush().await?)
     }
 
     /// Write a new queue entry and its body (not yet durable: call [`Store::durable`]).
@@ -450,16 +452,6 @@ impl Store {
         let qid = self.requeue_held(id)?;
         if qid.is_some() {
             self.durable().await?;
-            self.unhold(id)?;
-        }
-        Ok(qid)
-    }
-
-    /// [`Store::release_held`] for synchronous callers (the mailbox servers).
-    pub fn release_held_blocking(&self, id: u64) -> Result<Option<u64>> {
-        let qid = self.requeue_held(id)?;
-        if qid.is_some() {
-            self.db.flush()?;
             self.unhold(id)?;
         }
         Ok(qid)

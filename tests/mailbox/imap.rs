@@ -186,6 +186,7 @@ async fn imaplib_headers_first_then_body_move_expunge() {
     assert!(
         store
             .list()
+            .unwrap()
             .iter()
             .any(|m| m.recipient == "bob@example.test")
     );

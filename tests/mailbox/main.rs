@@ -4,6 +4,7 @@
 //! binary, over the sled store.)
 
 mod common;
+mod failing;
 mod imap;
 mod pop3;
 mod robustness;

@@ -129,7 +129,12 @@ async fn pop3_tls_required_then_dele_quit_deletes_and_drop_does_not() {
     assert_eq!(store.deleted(), vec![1]);
     // bob's copy (id 2) is untouched
     assert_eq!(
-        store.list().iter().map(|m| m.id).collect::<Vec<_>>(),
+        store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>(),
         vec![2, 3]
     );
 

@@ -1,31 +1,28 @@
 //! The sans-I/O IMAP core: complete command bytes in (framed by the shell, literals included),
-//! response bytes and [`Step`]s out. Store calls are synchronous and made here.
+//! response bytes and [`Step`]s out. This file keeps the session state, the dispatch by
+//! state (any, authenticated, selected) and the mailbox sync every command ends with; the
+//! commands themselves live one group per file beside it (`auth`, `select`, `fetch`,
+//! `search`, `flags`, `copy`, `expunge`, `idle`).
+//!
+//! Store calls are synchronous and made here, so the shell runs every call into a logged-in
+//! core on the blocking pool. A store failure answers `NO [UNAVAILABLE]`, never success.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use imap_codec::CommandCodec;
 use imap_codec::decode::Decoder;
-use imap_codec::imap_types::auth::AuthMechanism;
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::AString;
-use imap_codec::imap_types::fetch::{
-    Macro, MacroOrMessageDataItemNames, MessageDataItemName, Section,
-};
-use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
-use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
-use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
-use imap_codec::imap_types::status::StatusDataItemName;
 
 use crate::mailbox::accounts::Account;
-use crate::mailbox::imap::message::{self, Parsed};
-use crate::mailbox::imap::resp::{self, flag_list, internal_date, is_atom_char, tag_of};
-use crate::mailbox::imap::state::{FlagOp, MAX_FLAG_LEN, Shared, ViewMsg, normalize};
+use crate::mailbox::imap::resp::{flag_list, tag_of};
+use crate::mailbox::imap::state::{Shared, ViewMsg};
+use crate::mailbox::store::QuarantineError;
 
 const MAX_BAD_COMMANDS: u32 = 50;
-const MAX_AUTH_FAILURES: u32 = 3;
-const SYSTEM_FLAGS: &str = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)";
 
 /// What the shell must do after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,13 +47,13 @@ pub enum Step {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Folder {
+pub(super) enum Folder {
     Inbox,
     Release,
 }
 
 impl Folder {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Folder::Inbox => "INBOX",
             Folder::Release => "Release",
@@ -64,32 +61,46 @@ impl Folder {
     }
 }
 
-struct Selected {
-    folder: Folder,
-    read_only: bool,
-    msgs: Vec<ViewMsg>,
+/// The selected folder as this session last reported it to the client:
+/// sequence numbers are indices into `msgs`, so it changes only by sync.
+pub(super) struct Selected {
+    pub(super) folder: Folder,
+    pub(super) read_only: bool,
+    pub(super) msgs: Vec<ViewMsg>,
 }
 
 pub struct ImapCore {
-    shared: Arc<Shared>,
-    hostname: String,
-    tls: bool,
-    account: Option<Account>,
-    sel: Option<Selected>,
-    idle_tag: Option<String>,
-    bad: u32,
-    auth_failures: u32,
+    pub(super) shared: Arc<Shared>,
+    pub(super) hostname: String,
+    pub(super) tls: bool,
+    pub(super) account: Option<Account>,
+    pub(super) sel: Option<Selected>,
+    pub(super) idle_tag: Option<String>,
+    pub(super) bad: u32,
+    pub(super) auth_failures: u32,
 }
 
-fn tagged(tag: &str, status: &str, text: &str) -> Vec<u8> {
+pub(super) fn tagged(tag: &str, status: &str, text: &str) -> Vec<u8> {
     format!("{tag} {status} {text}\r\n").into_bytes()
 }
 
-fn astring_text(a: &AString<'_>) -> String {
+/// The tagged answer to a store failure (RFC 5530 UNAVAILABLE: try later).
+pub(super) fn unavailable(tag: &str, what: &str, e: &QuarantineError) -> Vec<u8> {
+    tracing::warn!(error = %e, "IMAP {what}: quarantine store failed");
+    tagged(
+        tag,
+        "NO",
+        &format!(
+            "[UNAVAILABLE] {what} failed: the quarantine store is unavailable, try again later"
+        ),
+    )
+}
+
+pub(super) fn astring_text(a: &AString<'_>) -> String {
     String::from_utf8_lossy(a.as_ref()).into_owned()
 }
 
-fn folder_of(m: &Mailbox<'_>) -> Option<Folder> {
+pub(super) fn folder_of(m: &Mailbox<'_>) -> Option<Folder> {
     match m {
         Mailbox::Inbox => Some(Folder::Inbox),
         Mailbox::Other(o) => {
@@ -112,7 +123,8 @@ fn seq_value(s: &SeqOrUid, max: u32) -> u32 {
     }
 }
 
-fn set_contains(set: &SequenceSet, v: u32, max: u32) -> bool {
+/// Whether `v` is in the set; `*` stands for `max` (RFC 3501 9, seq-number).
+pub(super) fn set_contains(set: &SequenceSet, v: u32, max: u32) -> bool {
     set.0.as_ref().iter().any(|s| match s {
         Sequence::Single(x) => seq_value(x, max) == v,
         Sequence::Range(a, b) => {
@@ -120,184 +132,6 @@ fn set_contains(set: &SequenceSet, v: u32, max: u32) -> bool {
             a.min(b) <= v && v <= a.max(b)
         }
     })
-}
-
-/// `*` and `%` wildcard match (RFC 3501 LIST), iterative, no backtracking blow-up.
-fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
-    // dp[j]: pattern[..i] matches name[..j]
-    let mut dp = vec![false; name.len() + 1];
-    dp[0] = true;
-    for &p in pattern {
-        let mut next = vec![false; name.len() + 1];
-        match p {
-            b'*' | b'%' => {
-                let mut any = false;
-                for j in 0..=name.len() {
-                    if p == b'%' && j > 0 && name[j - 1] == b'/' {
-                        any = false;
-                    }
-                    any = any || dp[j];
-                    next[j] = any;
-                }
-            }
-            _ => {
-                for j in 0..name.len() {
-                    next[j + 1] = dp[j] && name[j].eq_ignore_ascii_case(&p);
-                }
-            }
-        }
-        dp = next;
-    }
-    dp[name.len()]
-}
-
-fn flag_string(f: &Flag<'_>) -> Option<String> {
-    match f {
-        Flag::Extension(_) => None,
-        _ => {
-            let s = f.to_string();
-            (s.len() <= MAX_FLAG_LEN).then_some(s)
-        }
-    }
-}
-
-fn section_label(section: Option<&Section<'_>>) -> String {
-    let part = |p: &imap_codec::imap_types::fetch::Part| -> String {
-        p.0.as_ref()
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(".")
-    };
-    let with = |p: Option<&imap_codec::imap_types::fetch::Part>, s: &str| match p {
-        Some(p) => format!("{}.{s}", part(p)),
-        None => s.to_string(),
-    };
-    let names = |v: &imap_codec::imap_types::core::Vec1<AString<'_>>| -> String {
-        v.as_ref()
-            .iter()
-            .map(|a| {
-                let b: &[u8] = a.as_ref();
-                if !b.is_empty() && b.iter().all(|&c| is_atom_char(c)) {
-                    String::from_utf8_lossy(b).into_owned()
-                } else {
-                    let mut o = Vec::new();
-                    resp::string(&mut o, b);
-                    String::from_utf8_lossy(&o).into_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    match section {
-        None => String::new(),
-        Some(Section::Part(p)) => part(p),
-        Some(Section::Header(p)) => with(p.as_ref(), "HEADER"),
-        Some(Section::HeaderFields(p, n)) => {
-            with(p.as_ref(), &format!("HEADER.FIELDS ({})", names(n)))
-        }
-        Some(Section::HeaderFieldsNot(p, n)) => {
-            with(p.as_ref(), &format!("HEADER.FIELDS.NOT ({})", names(n)))
-        }
-        Some(Section::Text(p)) => with(p.as_ref(), "TEXT"),
-        Some(Section::Mime(p)) => format!("{}.MIME", part(p)),
-    }
-}
-
-fn needs_body(key: &SearchKey<'_>) -> bool {
-    match key {
-        SearchKey::And(keys) => keys.as_ref().iter().any(needs_body),
-        SearchKey::Not(k) => needs_body(k),
-        SearchKey::Or(a, b) => needs_body(a) || needs_body(b),
-        SearchKey::Bcc(_)
-        | SearchKey::Body(_)
-        | SearchKey::Cc(_)
-        | SearchKey::From(_)
-        | SearchKey::Header(..)
-        | SearchKey::SentBefore(_)
-        | SearchKey::SentOn(_)
-        | SearchKey::SentSince(_)
-        | SearchKey::Subject(_)
-        | SearchKey::Text(_)
-        | SearchKey::To(_) => true,
-        _ => false,
-    }
-}
-
-fn contains_ci(hay: &str, needle: &AString<'_>) -> bool {
-    let needle = astring_text(needle).to_lowercase();
-    hay.to_lowercase().contains(&needle)
-}
-
-struct SearchCtx<'a> {
-    seq: u32,
-    max_seq: u32,
-    max_uid: u32,
-    msg: &'a ViewMsg,
-    parsed: Option<&'a Parsed<'a>>,
-}
-
-fn eval(key: &SearchKey<'_>, c: &SearchCtx<'_>) -> bool {
-    let has = |f: &str| c.msg.flags.iter().any(|x| x.eq_ignore_ascii_case(f));
-    let hdr = |name: &str| c.parsed.map(|p| p.header_text(name)).unwrap_or_default();
-    let internal = chrono::DateTime::from_timestamp(c.msg.meta.received_unix, 0)
-        .unwrap_or_default()
-        .date_naive();
-    let sent = c
-        .parsed
-        .and_then(|p| p.sent_unix())
-        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-        .map(|d| d.date_naive());
-    match key {
-        SearchKey::And(keys) => keys.as_ref().iter().all(|k| eval(k, c)),
-        SearchKey::SequenceSet(set) => set_contains(set, c.seq, c.max_seq),
-        SearchKey::Uid(set) => set_contains(set, c.msg.uid, c.max_uid),
-        SearchKey::All => true,
-        SearchKey::Answered => has("\\Answered"),
-        SearchKey::Unanswered => !has("\\Answered"),
-        SearchKey::Deleted => has("\\Deleted"),
-        SearchKey::Undeleted => !has("\\Deleted"),
-        SearchKey::Draft => has("\\Draft"),
-        SearchKey::Undraft => !has("\\Draft"),
-        SearchKey::Flagged => has("\\Flagged"),
-        SearchKey::Unflagged => !has("\\Flagged"),
-        SearchKey::Seen => has("\\Seen"),
-        SearchKey::Unseen => !has("\\Seen"),
-        SearchKey::Keyword(k) => has(k.as_ref()),
-        SearchKey::Unkeyword(k) => !has(k.as_ref()),
-        // This server keeps no \Recent: nothing is recent, so nothing is new.
-        SearchKey::New | SearchKey::Recent => false,
-        SearchKey::Old => true,
-        SearchKey::Before(d) => internal < *d.as_ref(),
-        SearchKey::On(d) => internal == *d.as_ref(),
-        SearchKey::Since(d) => internal >= *d.as_ref(),
-        SearchKey::SentBefore(d) => sent.is_some_and(|s| s < *d.as_ref()),
-        SearchKey::SentOn(d) => sent.is_some_and(|s| s == *d.as_ref()),
-        SearchKey::SentSince(d) => sent.is_some_and(|s| s >= *d.as_ref()),
-        SearchKey::Larger(n) => c.msg.meta.size > u64::from(*n),
-        SearchKey::Smaller(n) => c.msg.meta.size < u64::from(*n),
-        SearchKey::Not(k) => !eval(k, c),
-        SearchKey::Or(a, b) => eval(a, c) || eval(b, c),
-        SearchKey::From(s) => contains_ci(&hdr("From"), s),
-        SearchKey::To(s) => contains_ci(&hdr("To"), s),
-        SearchKey::Cc(s) => contains_ci(&hdr("Cc"), s),
-        SearchKey::Bcc(s) => contains_ci(&hdr("Bcc"), s),
-        SearchKey::Subject(s) => contains_ci(&hdr("Subject"), s),
-        SearchKey::Header(name, value) => {
-            let h = hdr(&astring_text(name));
-            let raw = c.parsed.map(|p| p.header()).unwrap_or_default();
-            let present = !message::header_fields(raw, &[name.as_ref()], false)
-                .trim_ascii()
-                .is_empty();
-            present && contains_ci(&h, value)
-        }
-        SearchKey::Body(s) => c.parsed.is_some_and(|p| contains_ci(&p.body_text(), s)),
-        SearchKey::Text(s) => c.parsed.is_some_and(|p| {
-            contains_ci(&String::from_utf8_lossy(p.header()), s) || contains_ci(&p.body_text(), s)
-        }),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
 }
 
 impl ImapCore {
@@ -314,36 +148,19 @@ impl ImapCore {
         }
     }
 
-    pub fn account(&self) -> Option<&Account> {
-        self.account.as_ref()
-    }
-
-    fn capabilities(&self) -> String {
-        let mut c = String::from("IMAP4rev1 SASL-IR IDLE UIDPLUS MOVE UNSELECT");
-        if self.account.is_none() {
-            if self.tls {
-                c.push_str(" AUTH=PLAIN");
-            } else {
-                c.push_str(" STARTTLS LOGINDISABLED");
-            }
-        }
-        c
-    }
-
-    pub fn greeting(&self) -> Vec<u8> {
-        format!(
-            "* OK [CAPABILITY {}] {} IMAP quarantine ready\r\n",
-            self.capabilities(),
-            self.hostname
-        )
-        .into_bytes()
+    /// Whether the next call may touch the store (the shell then runs it on
+    /// the blocking pool): only once logged in.
+    pub fn uses_store(&self) -> bool {
+        self.account.is_some()
     }
 
     pub fn tls_started(&mut self) {
         self.tls = true;
     }
 
-    fn bad(&mut self, tag: Option<&str>, text: &str) -> Step {
+    /// Count a bad command; past the limit the session is closed, so a
+    /// client cannot keep a slot busy with garbage.
+    pub(super) fn bad(&mut self, tag: Option<&str>, text: &str) -> Step {
         self.bad += 1;
         let line = tagged(tag.unwrap_or("*"), "BAD", text);
         if self.bad > MAX_BAD_COMMANDS {
@@ -375,73 +192,111 @@ impl ImapCore {
         }
     }
 
-    pub fn login_result(&mut self, tag: &str, account: Option<Account>) -> Step {
-        match account {
-            Some(a) => {
-                self.account = Some(a);
-                Step::Reply(tagged(
-                    tag,
-                    "OK",
-                    &format!("[CAPABILITY {}] Logged in", self.capabilities()),
-                ))
+    /// Commands valid in any state; then the rest if logged in.
+    fn command(&mut self, cmd: Command<'_>) -> Step {
+        let tag = cmd.tag.as_ref().to_string();
+        match cmd.body {
+            body @ (CommandBody::Capability
+            | CommandBody::Noop
+            | CommandBody::Check
+            | CommandBody::Logout
+            | CommandBody::StartTLS
+            | CommandBody::Login { .. }
+            | CommandBody::Authenticate { .. }) => self.any_state(&tag, body),
+            _ if self.account.is_none() => Step::Reply(tagged(&tag, "NO", "Log in first")),
+            body => self.authenticated(&tag, body),
+        }
+    }
+
+    /// The authenticated state: folder-level commands; then the rest if a folder is selected.
+    fn authenticated(&mut self, tag: &str, body: CommandBody<'_>) -> Step {
+        match body {
+            CommandBody::Select { mailbox, .. } => self.select(tag, &mailbox, false),
+            CommandBody::Examine { mailbox, .. } => self.select(tag, &mailbox, true),
+            CommandBody::Create { .. }
+            | CommandBody::Delete { .. }
+            | CommandBody::Rename { .. }
+            | CommandBody::Append { .. } => Step::Reply(tagged(
+                tag,
+                "NO",
+                "[CANNOT] The quarantine has the fixed folders INBOX and Release",
+            )),
+            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => {
+                Step::Reply(tagged(tag, "OK", "Done"))
             }
-            None => {
-                self.auth_failures += 1;
-                let mut out = tagged(tag, "NO", "[AUTHENTICATIONFAILED] Invalid credentials");
-                if self.auth_failures >= MAX_AUTH_FAILURES {
-                    out.extend_from_slice(b"* BYE Too many failed logins\r\n");
-                    Step::Close(out)
-                } else {
-                    Step::Reply(out)
-                }
-            }
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => self.list(tag, &reference, &mailbox_wildcard, false),
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => self.list(tag, &reference, &mailbox_wildcard, true),
+            CommandBody::Status {
+                mailbox,
+                item_names,
+            } => self.status(tag, &mailbox, &item_names),
+            CommandBody::Idle => self.idle(tag),
+            _ if self.sel.is_none() => Step::Reply(tagged(tag, "NO", "Select a mailbox first")),
+            body => self.selected(tag, body),
         }
     }
 
-    /// The client's reply to `+ ` during AUTHENTICATE PLAIN.
-    pub fn sasl_response(&mut self, tag: &str, line: &[u8]) -> Step {
-        if line == b"*" {
-            return Step::Reply(tagged(tag, "BAD", "Authentication cancelled"));
-        }
-        match crate::mailbox::pop3::decode_plain(line) {
-            Some((login, password)) => Step::Login {
-                tag: tag.to_string(),
-                login,
-                password,
-            },
-            None => self.bad(Some(tag), "Malformed SASL PLAIN response"),
-        }
-    }
-
-    /// Untagged updates while idling (call when the store or some user's flags changed).
-    pub fn idle_update(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.sync(&mut out, true);
-        out
-    }
-
-    /// The line that ended IDLE.
-    pub fn idle_done(&mut self, line: &[u8]) -> Vec<u8> {
-        let tag = self.idle_tag.take().unwrap_or_else(|| "*".to_string());
-        if line.trim_ascii().eq_ignore_ascii_case(b"DONE") {
-            let mut out = self.idle_update();
-            out.extend_from_slice(&tagged(&tag, "OK", "IDLE terminated"));
-            out
-        } else {
-            tagged(&tag, "BAD", "Expected DONE")
+    /// The selected state: message-level commands.
+    fn selected(&mut self, tag: &str, body: CommandBody<'_>) -> Step {
+        match body {
+            CommandBody::Close => self.close(tag, true),
+            CommandBody::Unselect => self.close(tag, false),
+            CommandBody::Expunge => self.expunge_cmd(tag, None),
+            CommandBody::ExpungeUid { sequence_set } => self.expunge_cmd(tag, Some(&sequence_set)),
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => self.search_cmd(
+                tag,
+                charset.as_ref().map(AsRef::<str>::as_ref),
+                criteria,
+                uid,
+            ),
+            CommandBody::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+                ..
+            } => self.fetch(tag, &sequence_set, macro_or_item_names, uid),
+            CommandBody::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+                ..
+            } => self.store(tag, &sequence_set, kind, response, &flags, uid),
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy_move(tag, &sequence_set, &mailbox, uid, false),
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy_move(tag, &sequence_set, &mailbox, uid, true),
+            _ => self.bad(Some(tag), "Command not supported"),
         }
     }
 
     /// Bring the selected INBOX up to date, reporting differences as untagged responses.
     /// `expunge`: whether EXPUNGE responses may be sent now (not during FETCH/STORE/SEARCH).
-    fn sync(&mut self, out: &mut Vec<u8>, expunge: bool) {
+    pub(super) fn sync(&mut self, out: &mut Vec<u8>, expunge: bool) -> Result<(), QuarantineError> {
         let (Some(account), Some(sel)) = (&self.account, &mut self.sel) else {
-            return;
+            return Ok(());
         };
         if sel.folder != Folder::Inbox {
-            return;
+            return Ok(());
         }
-        let view = self.shared.view(account);
+        let view = self.shared.view(account)?;
         let by_id: HashMap<u64, &ViewMsg> = view.msgs.iter().map(|m| (m.meta.id, m)).collect();
         if expunge {
             for i in (0..sel.msgs.len()).rev() {
@@ -474,10 +329,20 @@ impl ImapCore {
         if sel.msgs.len() != before {
             out.extend_from_slice(format!("* {} EXISTS\r\n", sel.msgs.len()).as_bytes());
         }
+        Ok(())
+    }
+
+    /// The sync that ends a command whose own work is done: a store failure
+    /// here only delays the updates to the next command, so it is logged,
+    /// not answered.
+    pub(super) fn sync_after(&mut self, out: &mut Vec<u8>, expunge: bool) {
+        if let Err(e) = self.sync(out, expunge) {
+            tracing::warn!(error = %e, "IMAP: mailbox updates postponed, the store failed");
+        }
     }
 
     /// Indices (ascending) of the selected messages a set names.
-    fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<usize> {
+    pub(super) fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<usize> {
         let Some(sel) = &self.sel else {
             return Vec::new();
         };
@@ -493,692 +358,12 @@ impl ImapCore {
             })
             .collect()
     }
-
-    fn command(&mut self, cmd: Command<'_>) -> Step {
-        let tag = cmd.tag.as_ref().to_string();
-        let tag = tag.as_str();
-        let authed = self.account.is_some();
-        let is_lsub = matches!(cmd.body, CommandBody::Lsub { .. });
-        let is_close = matches!(cmd.body, CommandBody::Close);
-        let is_check = matches!(cmd.body, CommandBody::Check);
-        match cmd.body {
-            CommandBody::Capability => {
-                let mut out = format!("* CAPABILITY {}\r\n", self.capabilities()).into_bytes();
-                out.extend_from_slice(&tagged(tag, "OK", "CAPABILITY completed"));
-                Step::Reply(out)
-            }
-            CommandBody::Noop | CommandBody::Check => {
-                let mut out = Vec::new();
-                self.sync(&mut out, true);
-                let verb = if is_check { "CHECK" } else { "NOOP" };
-                out.extend_from_slice(&tagged(tag, "OK", &format!("{verb} completed")));
-                Step::Reply(out)
-            }
-            CommandBody::Logout => {
-                let mut out = format!("* BYE {} logging out\r\n", self.hostname).into_bytes();
-                out.extend_from_slice(&tagged(tag, "OK", "LOGOUT completed"));
-                Step::Close(out)
-            }
-            CommandBody::StartTLS => {
-                if self.tls {
-                    self.bad(Some(tag), "TLS already active")
-                } else if authed {
-                    self.bad(Some(tag), "STARTTLS only before login")
-                } else {
-                    Step::StartTls(tagged(tag, "OK", "Begin TLS negotiation now"))
-                }
-            }
-            CommandBody::Login { username, password } => {
-                if authed {
-                    return self.bad(Some(tag), "Already logged in");
-                }
-                if !self.tls {
-                    return Step::Reply(tagged(
-                        tag,
-                        "NO",
-                        "[PRIVACYREQUIRED] LOGIN is disabled until STARTTLS",
-                    ));
-                }
-                let (Ok(login), Ok(password)) = (
-                    String::from_utf8(username.as_ref().to_vec()),
-                    String::from_utf8(password.declassify().as_ref().to_vec()),
-                ) else {
-                    return self.login_result(tag, None);
-                };
-                Step::Login {
-                    tag: tag.to_string(),
-                    login,
-                    password,
-                }
-            }
-            CommandBody::Authenticate {
-                mechanism,
-                initial_response,
-            } => {
-                if authed {
-                    return self.bad(Some(tag), "Already logged in");
-                }
-                if !self.tls {
-                    return Step::Reply(tagged(
-                        tag,
-                        "NO",
-                        "[PRIVACYREQUIRED] Authentication is disabled until STARTTLS",
-                    ));
-                }
-                if mechanism != AuthMechanism::Plain {
-                    return Step::Reply(tagged(tag, "NO", "Unsupported mechanism; PLAIN only"));
-                }
-                match initial_response {
-                    Some(ir) => {
-                        // imap-codec has decoded the base64 already.
-                        let b64 = base64::Engine::encode(
-                            &base64::engine::general_purpose::STANDARD,
-                            ir.declassify().as_ref(),
-                        );
-                        self.sasl_response(tag, b64.as_bytes())
-                    }
-                    None => Step::SaslContinue {
-                        tag: tag.to_string(),
-                    },
-                }
-            }
-            _ if !authed => Step::Reply(tagged(tag, "NO", "Log in first")),
-            CommandBody::Select { mailbox, .. } => self.select(tag, &mailbox, false),
-            CommandBody::Examine { mailbox, .. } => self.select(tag, &mailbox, true),
-            CommandBody::Create { .. }
-            | CommandBody::Delete { .. }
-            | CommandBody::Rename { .. }
-            | CommandBody::Append { .. } => Step::Reply(tagged(
-                tag,
-                "NO",
-                "[CANNOT] The quarantine has the fixed folders INBOX and Release",
-            )),
-            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => {
-                Step::Reply(tagged(tag, "OK", "Done"))
-            }
-            CommandBody::List {
-                reference,
-                mailbox_wildcard,
-            }
-            | CommandBody::Lsub {
-                reference,
-                mailbox_wildcard,
-            } => self.list(tag, &reference, &mailbox_wildcard, is_lsub),
-            CommandBody::Status {
-                mailbox,
-                item_names,
-            } => self.status(tag, &mailbox, &item_names),
-            CommandBody::Idle => {
-                let mut out = Vec::new();
-                self.sync(&mut out, true);
-                out.extend_from_slice(b"+ idling\r\n");
-                self.idle_tag = Some(tag.to_string());
-                Step::Idle(out)
-            }
-            _ if self.sel.is_none() => Step::Reply(tagged(tag, "NO", "Select a mailbox first")),
-            CommandBody::Close | CommandBody::Unselect => {
-                let close = is_close;
-                if close {
-                    let mut ignored = Vec::new();
-                    self.expunge(None, &mut ignored);
-                }
-                self.sel = None;
-                Step::Reply(tagged(
-                    tag,
-                    "OK",
-                    if close {
-                        "CLOSE completed"
-                    } else {
-                        "UNSELECT completed"
-                    },
-                ))
-            }
-            CommandBody::Expunge => self.expunge_cmd(tag, None),
-            CommandBody::ExpungeUid { sequence_set } => self.expunge_cmd(tag, Some(&sequence_set)),
-            CommandBody::Search {
-                charset,
-                criteria,
-                uid,
-            } => {
-                if let Some(cs) = charset {
-                    let cs: &str = cs.as_ref();
-                    if !["US-ASCII", "UTF-8"]
-                        .iter()
-                        .any(|c| c.eq_ignore_ascii_case(cs))
-                    {
-                        return Step::Reply(tagged(
-                            tag,
-                            "NO",
-                            "[BADCHARSET (US-ASCII UTF-8)] Unsupported charset",
-                        ));
-                    }
-                }
-                let key = SearchKey::And(criteria);
-                self.search(tag, &key, uid)
-            }
-            CommandBody::Fetch {
-                sequence_set,
-                macro_or_item_names,
-                uid,
-                ..
-            } => self.fetch(tag, &sequence_set, macro_or_item_names, uid),
-            CommandBody::Store {
-                sequence_set,
-                kind,
-                response,
-                flags,
-                uid,
-                ..
-            } => self.store(tag, &sequence_set, kind, response, &flags, uid),
-            CommandBody::Copy {
-                sequence_set,
-                mailbox,
-                uid,
-            } => self.copy_move(tag, &sequence_set, &mailbox, uid, false),
-            CommandBody::Move {
-                sequence_set,
-                mailbox,
-                uid,
-            } => self.copy_move(tag, &sequence_set, &mailbox, uid, true),
-            _ => self.bad(Some(tag), "Command not supported"),
-        }
-    }
 }
-
-impl ImapCore {
-    /// The messages, UIDVALIDITY and UIDNEXT of a folder as this user sees
-    /// it (Release is a drop box and always empty); or the NO to answer.
-    fn folder_view(
-        &self,
-        tag: &str,
-        mailbox: &Mailbox<'_>,
-    ) -> Result<(Folder, Vec<ViewMsg>, u32, u32), Step> {
-        let Some(folder) = folder_of(mailbox) else {
-            return Err(Step::Reply(tagged(
-                tag,
-                "NO",
-                "[NONEXISTENT] No such mailbox",
-            )));
-        };
-        let Some(account) = &self.account else {
-            return Err(Step::Reply(tagged(tag, "NO", "Log in first")));
-        };
-        Ok(match folder {
-            Folder::Inbox => {
-                let v = self.shared.view(account);
-                (folder, v.msgs, v.uidvalidity, v.uidnext)
-            }
-            Folder::Release => (folder, Vec::new(), 1, 1),
-        })
-    }
-
-    fn select(&mut self, tag: &str, mailbox: &Mailbox<'_>, read_only: bool) -> Step {
-        self.sel = None;
-        let (folder, msgs, uidvalidity, uidnext) = match self.folder_view(tag, mailbox) {
-            Ok(v) => v,
-            Err(step) => return step,
-        };
-        let mut out = format!("* FLAGS {SYSTEM_FLAGS}\r\n").into_bytes();
-        let perm = if read_only {
-            "()".to_string()
-        } else {
-            "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)".to_string()
-        };
-        out.extend_from_slice(
-            format!("* OK [PERMANENTFLAGS {perm}] Flags permitted\r\n").as_bytes(),
-        );
-        out.extend_from_slice(format!("* {} EXISTS\r\n* 0 RECENT\r\n", msgs.len()).as_bytes());
-        if let Some(i) = msgs
-            .iter()
-            .position(|m| !m.flags.iter().any(|f| f == "\\Seen"))
-        {
-            out.extend_from_slice(format!("* OK [UNSEEN {}] First unseen\r\n", i + 1).as_bytes());
-        }
-        out.extend_from_slice(
-            format!("* OK [UIDVALIDITY {uidvalidity}] UIDs valid\r\n* OK [UIDNEXT {uidnext}] Predicted next UID\r\n")
-                .as_bytes(),
-        );
-        let (code, verb) = if read_only {
-            ("[READ-ONLY]", "EXAMINE")
-        } else {
-            ("[READ-WRITE]", "SELECT")
-        };
-        out.extend_from_slice(&tagged(tag, "OK", &format!("{code} {verb} completed")));
-        self.sel = Some(Selected {
-            folder,
-            read_only,
-            msgs,
-        });
-        Step::Reply(out)
-    }
-
-    fn list(
-        &mut self,
-        tag: &str,
-        reference: &Mailbox<'_>,
-        pattern: &ListMailbox<'_>,
-        lsub: bool,
-    ) -> Step {
-        let verb = if lsub { "LSUB" } else { "LIST" };
-        let reference: Vec<u8> = match reference {
-            Mailbox::Inbox => b"INBOX".to_vec(),
-            Mailbox::Other(o) => AsRef::<[u8]>::as_ref(o).to_vec(),
-        };
-        let pat: &[u8] = match pattern {
-            ListMailbox::Token(t) => t.as_ref(),
-            ListMailbox::String(s) => s.as_ref(),
-        };
-        let mut out = Vec::new();
-        if pat.is_empty() {
-            if !lsub {
-                out.extend_from_slice(b"* LIST (\\Noselect) \"/\" \"\"\r\n");
-            }
-        } else if pat.len() <= 256 && reference.len() <= 256 {
-            let mut full = reference.clone();
-            full.extend_from_slice(pat);
-            for name in ["INBOX", "Release"] {
-                if wildcard_match(&full, name.as_bytes()) {
-                    out.extend_from_slice(
-                        format!("* {verb} (\\HasNoChildren) \"/\" {name}\r\n").as_bytes(),
-                    );
-                }
-            }
-        }
-        out.extend_from_slice(&tagged(tag, "OK", &format!("{verb} completed")));
-        Step::Reply(out)
-    }
-
-    fn status(&mut self, tag: &str, mailbox: &Mailbox<'_>, items: &[StatusDataItemName]) -> Step {
-        let (folder, msgs, uidvalidity, uidnext) = match self.folder_view(tag, mailbox) {
-            Ok(v) => v,
-            Err(step) => return step,
-        };
-        let count = |f: &str| {
-            msgs.iter()
-                .filter(|m| m.flags.iter().any(|x| x == f))
-                .count()
-        };
-        let mut parts = Vec::new();
-        for item in items {
-            let s = match item {
-                StatusDataItemName::Messages => format!("MESSAGES {}", msgs.len()),
-                StatusDataItemName::Recent => "RECENT 0".to_string(),
-                StatusDataItemName::UidNext => format!("UIDNEXT {uidnext}"),
-                StatusDataItemName::UidValidity => format!("UIDVALIDITY {uidvalidity}"),
-                StatusDataItemName::Unseen => format!("UNSEEN {}", msgs.len() - count("\\Seen")),
-                StatusDataItemName::Deleted => format!("DELETED {}", count("\\Deleted")),
-                #[allow(unreachable_patterns)]
-                _ => continue,
-            };
-            parts.push(s);
-        }
-        let mut out = format!("* STATUS {} ({})\r\n", folder.name(), parts.join(" ")).into_bytes();
-        out.extend_from_slice(&tagged(tag, "OK", "STATUS completed"));
-        Step::Reply(out)
-    }
-
-    /// Delete the \Deleted messages (within `uids` when given) from the quarantine; report
-    /// each as EXPUNGE into `out`.
-    fn expunge(&mut self, uids: Option<&SequenceSet>, out: &mut Vec<u8>) {
-        let Some(sel) = &mut self.sel else { return };
-        if sel.read_only || sel.folder != Folder::Inbox {
-            return;
-        }
-        let max_uid = sel.msgs.last().map_or(0, |m| m.uid);
-        for i in (0..sel.msgs.len()).rev() {
-            let m = &sel.msgs[i];
-            let marked = m.flags.iter().any(|f| f == "\\Deleted");
-            let in_set = uids.is_none_or(|s| set_contains(s, m.uid, max_uid));
-            if marked && in_set {
-                self.shared.store.delete(m.meta.id);
-                out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                sel.msgs.remove(i);
-            }
-        }
-    }
-
-    fn expunge_cmd(&mut self, tag: &str, uids: Option<&SequenceSet>) -> Step {
-        if self.sel.as_ref().is_some_and(|s| s.read_only) {
-            return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
-        }
-        let mut out = Vec::new();
-        self.expunge(uids, &mut out);
-        self.sync(&mut out, true);
-        out.extend_from_slice(&tagged(tag, "OK", "EXPUNGE completed"));
-        Step::Reply(out)
-    }
-
-    fn search(&mut self, tag: &str, key: &SearchKey<'_>, uid: bool) -> Step {
-        let mut out = Vec::new();
-        let Some(sel) = &self.sel else {
-            return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
-        };
-        let body = needs_body(key);
-        let max_seq = sel.msgs.len() as u32;
-        let max_uid = sel.msgs.last().map_or(0, |m| m.uid);
-        let mut hits = Vec::new();
-        for (i, m) in sel.msgs.iter().enumerate() {
-            let raw = if body {
-                self.shared.store.body(m.meta.id)
-            } else {
-                None
-            };
-            let parsed = raw.as_deref().map(message::parse);
-            let c = SearchCtx {
-                seq: i as u32 + 1,
-                max_seq,
-                max_uid,
-                msg: m,
-                parsed: parsed.as_ref(),
-            };
-            if eval(key, &c) {
-                hits.push(if uid { m.uid } else { i as u32 + 1 });
-            }
-        }
-        out.extend_from_slice(b"* SEARCH");
-        for h in hits {
-            out.extend_from_slice(format!(" {h}").as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
-        self.sync(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "SEARCH completed"));
-        Step::Reply(out)
-    }
-
-    fn fetch(
-        &mut self,
-        tag: &str,
-        set: &SequenceSet,
-        what: MacroOrMessageDataItemNames<'_>,
-        uid: bool,
-    ) -> Step {
-        let mut items: Vec<MessageDataItemName<'_>> = match what {
-            MacroOrMessageDataItemNames::Macro(m) => {
-                let mut v = vec![
-                    MessageDataItemName::Flags,
-                    MessageDataItemName::InternalDate,
-                    MessageDataItemName::Rfc822Size,
-                ];
-                match m {
-                    Macro::Fast => {}
-                    Macro::All => v.push(MessageDataItemName::Envelope),
-                    Macro::Full => {
-                        v.push(MessageDataItemName::Envelope);
-                        v.push(MessageDataItemName::Body);
-                    }
-                    _ => {}
-                }
-                v
-            }
-            MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
-        };
-        if uid && !items.contains(&MessageDataItemName::Uid) {
-            items.insert(0, MessageDataItemName::Uid);
-        }
-        let needs_body = items.iter().any(|i| {
-            !matches!(
-                i,
-                MessageDataItemName::Uid
-                    | MessageDataItemName::Flags
-                    | MessageDataItemName::InternalDate
-            )
-        });
-        let marks_seen = items.iter().any(|i| {
-            matches!(
-                i,
-                MessageDataItemName::BodyExt { peek: false, .. }
-                    | MessageDataItemName::Rfc822
-                    | MessageDataItemName::Rfc822Text
-                    | MessageDataItemName::Binary { peek: false, .. }
-            )
-        });
-        let idxs = self.resolve(set, uid);
-        let Some(sel) = &mut self.sel else {
-            return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
-        };
-        let mut out = Vec::new();
-        let mut seen_updates = Vec::new();
-        for idx in idxs {
-            let m = &mut sel.msgs[idx];
-            let raw = if needs_body {
-                match self.shared.store.body(m.meta.id) {
-                    Some(b) => Some(b),
-                    // Released or deleted elsewhere; its EXPUNGE comes at the next sync.
-                    None => continue,
-                }
-            } else {
-                None
-            };
-            let parsed = raw.as_deref().map(message::parse);
-            let mut flags_changed = false;
-            if marks_seen && !sel.read_only && !m.flags.iter().any(|f| f == "\\Seen") {
-                m.flags.push("\\Seen".to_string());
-                normalize(&mut m.flags);
-                seen_updates.push(m.meta.id);
-                flags_changed = true;
-            }
-            let mut line = format!("* {} FETCH (", idx + 1).into_bytes();
-            let mut first = true;
-            let mut sep = |line: &mut Vec<u8>| {
-                if !first {
-                    line.push(b' ');
-                }
-                first = false;
-            };
-            let empty: &[u8] = &[];
-            for item in &items {
-                match item {
-                    MessageDataItemName::Uid => {
-                        sep(&mut line);
-                        line.extend_from_slice(format!("UID {}", m.uid).as_bytes());
-                    }
-                    MessageDataItemName::Flags => {
-                        sep(&mut line);
-                        line.extend_from_slice(format!("FLAGS {}", flag_list(&m.flags)).as_bytes());
-                    }
-                    MessageDataItemName::InternalDate => {
-                        sep(&mut line);
-                        line.extend_from_slice(
-                            format!("INTERNALDATE {}", internal_date(m.meta.received_unix))
-                                .as_bytes(),
-                        );
-                    }
-                    MessageDataItemName::Rfc822Size => {
-                        sep(&mut line);
-                        let n = raw.as_ref().map_or(m.meta.size, |r| r.len() as u64);
-                        line.extend_from_slice(format!("RFC822.SIZE {n}").as_bytes());
-                    }
-                    MessageDataItemName::Envelope => {
-                        sep(&mut line);
-                        line.extend_from_slice(b"ENVELOPE ");
-                        line.extend_from_slice(
-                            &parsed.as_ref().map(|p| p.envelope()).unwrap_or_default(),
-                        );
-                    }
-                    MessageDataItemName::BodyStructure | MessageDataItemName::Body => {
-                        let ext = matches!(item, MessageDataItemName::BodyStructure);
-                        sep(&mut line);
-                        line.extend_from_slice(if ext { b"BODYSTRUCTURE " } else { b"BODY " });
-                        line.extend_from_slice(
-                            &parsed
-                                .as_ref()
-                                .map(|p| p.structure(ext))
-                                .unwrap_or_default(),
-                        );
-                    }
-                    MessageDataItemName::Rfc822 => {
-                        sep(&mut line);
-                        line.extend_from_slice(b"RFC822 ");
-                        resp::literal(&mut line, parsed.as_ref().map_or(empty, |p| p.raw()));
-                    }
-                    MessageDataItemName::Rfc822Header => {
-                        sep(&mut line);
-                        line.extend_from_slice(b"RFC822.HEADER ");
-                        resp::literal(&mut line, parsed.as_ref().map_or(empty, |p| p.header()));
-                    }
-                    MessageDataItemName::Rfc822Text => {
-                        sep(&mut line);
-                        line.extend_from_slice(b"RFC822.TEXT ");
-                        resp::literal(&mut line, parsed.as_ref().map_or(empty, |p| p.text()));
-                    }
-                    MessageDataItemName::BodyExt {
-                        section, partial, ..
-                    } => {
-                        sep(&mut line);
-                        let data = parsed
-                            .as_ref()
-                            .map(|p| p.section(section.as_ref()))
-                            .unwrap_or_default();
-                        line.extend_from_slice(
-                            format!("BODY[{}]", section_label(section.as_ref())).as_bytes(),
-                        );
-                        let slice: &[u8] = match partial {
-                            Some((start, len)) => {
-                                line.extend_from_slice(format!("<{start}>").as_bytes());
-                                let s = (*start as usize).min(data.len());
-                                let e = s.saturating_add(len.get() as usize).min(data.len());
-                                &data[s..e]
-                            }
-                            None => &data,
-                        };
-                        line.push(b' ');
-                        resp::literal(&mut line, slice);
-                    }
-                    // BINARY is not advertised; ignore its items.
-                    _ => {}
-                }
-            }
-            if flags_changed && !items.contains(&MessageDataItemName::Flags) {
-                sep(&mut line);
-                line.extend_from_slice(format!("FLAGS {}", flag_list(&m.flags)).as_bytes());
-            }
-            line.extend_from_slice(b")\r\n");
-            out.extend_from_slice(&line);
-        }
-        if let Some(account) = &self.account {
-            // Only \Seen is added: other flags another session set stay.
-            self.shared
-                .apply_flags(account, &seen_updates, FlagOp::Add(&["\\Seen".to_string()]));
-        }
-        self.sync(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "FETCH completed"));
-        Step::Reply(out)
-    }
-
-    fn store(
-        &mut self,
-        tag: &str,
-        set: &SequenceSet,
-        kind: StoreType,
-        response: StoreResponse,
-        flags: &[Flag<'_>],
-        uid: bool,
-    ) -> Step {
-        if self.sel.as_ref().is_some_and(|s| s.read_only) {
-            return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
-        }
-        let given: Vec<String> = flags.iter().filter_map(flag_string).collect();
-        let idxs = self.resolve(set, uid);
-        let Some(sel) = &mut self.sel else {
-            return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
-        };
-        let op = match kind {
-            StoreType::Replace => FlagOp::Replace(&given),
-            StoreType::Add => FlagOp::Add(&given),
-            StoreType::Remove => FlagOp::Remove(&given),
-        };
-        // The change is applied to the stored flags, not to this session's
-        // copy, so flags another session set meanwhile are kept.
-        let ids: Vec<u64> = idxs.iter().map(|&i| sel.msgs[i].meta.id).collect();
-        let result = match &self.account {
-            Some(account) => self.shared.apply_flags(account, &ids, op),
-            None => HashMap::new(),
-        };
-        let mut out = Vec::new();
-        for idx in idxs {
-            let m = &mut sel.msgs[idx];
-            if let Some(flags) = result.get(&m.meta.id) {
-                m.flags = flags.clone();
-            }
-            if response == StoreResponse::Answer {
-                let uid_part = if uid {
-                    format!(" UID {}", m.uid)
-                } else {
-                    String::new()
-                };
-                out.extend_from_slice(
-                    format!(
-                        "* {} FETCH (FLAGS {}{uid_part})\r\n",
-                        idx + 1,
-                        flag_list(&m.flags)
-                    )
-                    .as_bytes(),
-                );
-            }
-        }
-        self.sync(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));
-        Step::Reply(out)
-    }
-
-    fn copy_move(
-        &mut self,
-        tag: &str,
-        set: &SequenceSet,
-        dest: &Mailbox<'_>,
-        uid: bool,
-        is_move: bool,
-    ) -> Step {
-        let verb = if is_move { "MOVE" } else { "COPY" };
-        match folder_of(dest) {
-            Some(Folder::Release) => {}
-            Some(Folder::Inbox) => {
-                return Step::Reply(tagged(
-                    tag,
-                    "NO",
-                    "[CANNOT] Nothing can be added to the quarantine",
-                ));
-            }
-            None => return Step::Reply(tagged(tag, "NO", "[TRYCREATE] No such mailbox")),
-        }
-        if is_move && self.sel.as_ref().is_some_and(|s| s.read_only) {
-            return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
-        }
-        let idxs = self.resolve(set, uid);
-        let Some(sel) = &mut self.sel else {
-            return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
-        };
-        let mut released = 0;
-        for &i in &idxs {
-            if self.shared.store.release(sel.msgs[i].meta.id) {
-                released += 1;
-                tracing::info!(
-                    id = sel.msgs[i].meta.id,
-                    "quarantine entry released over IMAP"
-                );
-            }
-        }
-        let mut out = Vec::new();
-        if is_move {
-            for &i in idxs.iter().rev() {
-                out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                sel.msgs.remove(i);
-            }
-        }
-        self.sync(&mut out, true);
-        out.extend_from_slice(&tagged(
-            tag,
-            "OK",
-            &format!("{verb} completed; {released} message(s) released for delivery"),
-        ));
-        Step::Reply(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mailbox::accounts::Role;
+    use crate::mailbox::imap::select::wildcard_match;
     use crate::mailbox::store::MemStore;
 
     const MSG: &[u8] = b"From: Eve <eve@evil.test>\r\nTo: alice@example.test\r\nSubject: Win big\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\nBody line\r\n";
@@ -1385,5 +570,60 @@ mod tests {
         assert!(wildcard_match(b"*", b"a/b"));
         assert!(!wildcard_match(b"%", b"a/b"));
         assert!(wildcard_match(b"inbox", b"INBOX"));
+    }
+
+    /// A failing store answers NO [UNAVAILABLE] and changes nothing.
+    #[test]
+    fn store_failures_are_unavailable() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut c, _) = session(&mem);
+        mem.set_failing(true);
+        let r = text(c.handle(b"s SELECT INBOX\r\n"));
+        assert!(r.starts_with("s NO [UNAVAILABLE]"), "{r}");
+        mem.set_failing(false);
+        assert!(text(c.handle(b"s SELECT INBOX\r\n")).contains("s OK"));
+        mem.set_failing(true);
+        for (cmd, tag) in [
+            (&b"f FETCH 1 BODY[]\r\n"[..], "f"),
+            (b"q SEARCH BODY x\r\n", "q"),
+            (b"t STORE 1 +FLAGS (\\Deleted)\r\n", "t"),
+            (b"m MOVE 1 Release\r\n", "m"),
+            (b"c COPY 1 Release\r\n", "c"),
+        ] {
+            let r = text(c.handle(cmd));
+            assert!(r.starts_with(&format!("{tag} NO [UNAVAILABLE]")), "{r}");
+        }
+        // Nothing cached can answer once the quarantine changed.
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.starts_with("n NO [UNAVAILABLE]"), "{r}");
+        assert!(mem.released().is_empty() && mem.deleted().is_empty());
+        mem.set_failing(false);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.contains("* 2 EXISTS") && r.contains("n OK"), "{r}");
+        let r = text(c.handle(b"m MOVE 1 Release\r\n"));
+        assert!(r.contains("* 1 EXPUNGE\r\nm OK"), "{r}");
+        assert_eq!(mem.released().len(), 1);
+    }
+
+    /// NOOP and IDLE ticks with nothing changed do not list the store again.
+    #[test]
+    fn unchanged_mailbox_is_answered_from_the_cache() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut c, _) = session(&mem);
+        text(c.handle(b"s SELECT INBOX\r\n"));
+        let lists = mem.list_calls();
+        for _ in 0..5 {
+            assert_eq!(text(c.handle(b"n NOOP\r\n")), "n OK NOOP completed\r\n");
+            assert!(c.idle_update().is_empty());
+        }
+        text(c.handle(b"t STORE 1 +FLAGS.SILENT (\\Flagged)\r\n"));
+        assert_eq!(mem.list_calls(), lists);
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let r = text(c.handle(b"n NOOP\r\n"));
+        assert!(r.contains("* 2 EXISTS"), "{r}");
+        assert_eq!(mem.list_calls(), lists + 1);
     }
 }

@@ -178,6 +178,61 @@ fn part_header<'m>(m: &'m Message<'_>, idx: usize) -> &'m [u8] {
     }
 }
 
+/// A multipart's BODYSTRUCTURE: its children, the subtype, and (`ext`) the extension data.
+fn multipart_structure(
+    out: &mut Vec<u8>,
+    m: &Message<'_>,
+    part: &mail_parser::MessagePart<'_>,
+    children: &[u32],
+    ext: bool,
+    depth: usize,
+) {
+    let ct = part.content_type();
+    out.push(b'(');
+    for &c in children {
+        structure_of(out, m, c as usize, ext, depth + 1);
+    }
+    out.push(b' ');
+    let sub = ct
+        .and_then(|c| c.c_subtype.as_deref())
+        .unwrap_or("mixed")
+        .to_ascii_uppercase();
+    string(out, sub.as_bytes());
+    if ext {
+        out.push(b' ');
+        params(out, ct.and_then(|c| c.attributes.as_ref()));
+        out.push(b' ');
+        disposition(out, part);
+        out.extend_from_slice(b" NIL NIL");
+    }
+    out.push(b')');
+}
+
+/// message/rfc822 must carry envelope, body and lines; describe an unparsable or
+/// too deeply nested one as empty rather than break the syntax.
+fn rfc822_tail(
+    out: &mut Vec<u8>,
+    part: &mail_parser::MessagePart<'_>,
+    body: &[u8],
+    ext: bool,
+    depth: usize,
+) {
+    out.push(b' ');
+    match &part.body {
+        PartType::Message(inner) if depth < MAX_DEPTH => {
+            envelope_of(out, inner);
+            out.push(b' ');
+            structure_of(out, inner, 0, ext, depth + 1);
+        }
+        _ => out.extend_from_slice(
+            b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) (\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 0 0)",
+        ),
+    }
+    out.extend_from_slice(format!(" {}", count_lines(body)).as_bytes());
+}
+
+/// One part's BODYSTRUCTURE (RFC 3501 7.4.2); `ext` adds the extension data (BODYSTRUCTURE
+/// rather than BODY). Nesting beyond `MAX_DEPTH` is described as a leaf.
 fn structure_of(out: &mut Vec<u8>, m: &Message<'_>, idx: usize, ext: bool, depth: usize) {
     let Some(part) = m.parts.get(idx) else {
         out.extend_from_slice(b"(\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 0 0)");
@@ -188,27 +243,8 @@ fn structure_of(out: &mut Vec<u8>, m: &Message<'_>, idx: usize, ext: bool, depth
         && depth < MAX_DEPTH
         && !children.is_empty()
     {
-        {
-            out.push(b'(');
-            for &c in children {
-                structure_of(out, m, c as usize, ext, depth + 1);
-            }
-            out.push(b' ');
-            let sub = ct
-                .and_then(|c| c.c_subtype.as_deref())
-                .unwrap_or("mixed")
-                .to_ascii_uppercase();
-            string(out, sub.as_bytes());
-            if ext {
-                out.push(b' ');
-                params(out, ct.and_then(|c| c.attributes.as_ref()));
-                out.push(b' ');
-                disposition(out, part);
-                out.extend_from_slice(b" NIL NIL");
-            }
-            out.push(b')');
-            return;
-        }
+        multipart_structure(out, m, part, children, ext, depth);
+        return;
     }
     let (ty, sub) = match ct {
         Some(c) => (
@@ -249,20 +285,7 @@ fn structure_of(out: &mut Vec<u8>, m: &Message<'_>, idx: usize, ext: bool, depth
     if ty == "TEXT" {
         out.extend_from_slice(format!(" {}", count_lines(body)).as_bytes());
     } else if ty == "MESSAGE" && sub == "RFC822" {
-        // message/rfc822 must carry envelope, body and lines; describe an unparsable or
-        // too deeply nested one as empty rather than break the syntax.
-        out.push(b' ');
-        match &part.body {
-            PartType::Message(inner) if depth < MAX_DEPTH => {
-                envelope_of(out, inner);
-                out.push(b' ');
-                structure_of(out, inner, 0, ext, depth + 1);
-            }
-            _ => out.extend_from_slice(
-                b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) (\"TEXT\" \"PLAIN\" NIL NIL NIL \"7BIT\" 0 0)",
-            ),
-        }
-        out.extend_from_slice(format!(" {}", count_lines(body)).as_bytes());
+        rfc822_tail(out, part, body, ext, depth);
     }
     if ext {
         out.extend_from_slice(b" NIL ");

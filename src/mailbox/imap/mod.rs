@@ -5,10 +5,23 @@
 //! or MOVE into it re-queues each entry for delivery (`QuarantineStore::release`), after
 //! which the entry leaves INBOX (EXPUNGE); `Release` itself always stays empty, so no
 //! COPYUID is returned. `\Deleted` + EXPUNGE/CLOSE deletes from the quarantine.
+//!
+//! Layout: `core` (session state, dispatch, sync) and one file per command group (`auth`,
+//! `select`, `fetch`, `search`, `flags` for STORE, `copy`, `expunge`, `idle`); `state`
+//! (per-user UIDs and flags, cached views), `message` (MIME for FETCH), `resp` (encoding),
+//! `shell` (framing and I/O).
 
+mod auth;
+mod copy;
 pub mod core;
+mod expunge;
+mod fetch;
+mod flags;
+mod idle;
 pub mod message;
 pub mod resp;
+mod search;
+mod select;
 pub mod shell;
 pub mod state;
 

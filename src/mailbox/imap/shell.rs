@@ -1,5 +1,6 @@
 //! The IMAP I/O shell: frames commands (lines and literals, bounded), drives [`ImapCore`],
-//! runs STARTTLS, password checks, AUTHENTICATE continuations and IDLE.
+//! runs STARTTLS, password checks, AUTHENTICATE continuations and IDLE. Once logged in,
+//! every core call runs on the blocking pool ([`offload`]): the core reads the store.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use crate::mailbox::MailboxCtx;
 use crate::mailbox::imap::core::{ImapCore, Step};
 use crate::mailbox::imap::resp::tag_of;
 use crate::mailbox::io::{Conn, Line, wait_shutdown};
+use crate::mailbox::store::offload;
 
 /// One command line (a command may have several, joined by literals).
 const MAX_LINE: usize = 8192;
@@ -135,6 +137,11 @@ pub async fn run_session(
                     .await?;
                 return Ok(());
             }
+            Framed::Command(bytes) if core.uses_store() => {
+                let (c, step) = offload(core, move |c| c.handle(&bytes)).await?;
+                core = c;
+                step
+            }
             Framed::Command(bytes) => core.handle(&bytes),
             Framed::TooLong(tag) => core.too_long(tag.as_deref()),
             Framed::LiteralRefused(tag) => core.too_long(tag.as_deref()),
@@ -199,11 +206,13 @@ pub async fn run_session(
                                         return Ok(());
                                     }
                                     Ok(Ok(Line::TooLong)) => {
-                                        let out = core.idle_done(b"");
+                                        let (c, out) = offload(core, |c| c.idle_done(b"")).await?;
+                                        core = c;
                                         conn.write(&out).await?;
                                     }
                                     Ok(Ok(Line::Data(l))) => {
-                                        let out = core.idle_done(&l);
+                                        let (c, out) = offload(core, move |c| c.idle_done(&l)).await?;
+                                        core = c;
                                         conn.write(&out).await?;
                                     }
                                     Ok(Err(e)) => return Err(e),
@@ -211,13 +220,15 @@ pub async fn run_session(
                                 break;
                             }
                             _ = fired(&mut store_rx) => {
-                                let out = core.idle_update();
+                                let (c, out) = offload(core, |c| c.idle_update()).await?;
+                                core = c;
                                 if !out.is_empty() {
                                     conn.write(&out).await?;
                                 }
                             }
                             _ = fired(&mut changes_rx) => {
-                                let out = core.idle_update();
+                                let (c, out) = offload(core, |c| c.idle_update()).await?;
+                                core = c;
                                 if !out.is_empty() {
                                     conn.write(&out).await?;
                                 }

@@ -1,5 +1,6 @@
 //! Per-user IMAP state kept in the store's state space: UIDVALIDITY, the next UID, and for each
-//! visible quarantine entry its UID and flags. One JSON value per user under `imap/v1/<login>`.
+//! visible quarantine entry its UID and flags. One JSON value per user under `imap/v1/<login>`,
+//! decoded once and cached with the user's view until the quarantine changes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::mailbox::accounts::Account;
-use crate::mailbox::store::{HeldMeta, QuarantineStore};
+use crate::mailbox::store::{HeldMeta, QResult, QuarantineStore};
 
 /// Keywords and flags per message are bounded so that the state stays small.
 pub const MAX_FLAGS: usize = 32;
@@ -46,12 +47,53 @@ pub struct View {
     pub msgs: Vec<ViewMsg>,
 }
 
-/// Shared by all IMAP sessions of the process: the store, a lock serialising state updates,
-/// and a channel that tells sessions that some user's flags changed.
+/// Shared by all IMAP sessions of the process: the store, the per-user views
+/// (cached), a lock serialising state updates, and a channel that tells
+/// sessions that some user's flags changed.
 pub struct Shared {
     pub store: Arc<dyn QuarantineStore>,
-    lock: Mutex<()>,
+    inner: Mutex<Inner>,
     changes: broadcast::Sender<()>,
+}
+
+/// Under [`Shared`]'s lock.
+struct Inner {
+    /// The store's change broadcast, subscribed at creation so no change is
+    /// missed: anything on it (or a lag) drops every cached view.
+    store_rx: broadcast::Receiver<()>,
+    /// Per lower-cased login. A NOOP or an IDLE tick with nothing changed
+    /// answers from here instead of decoding every held entry and the
+    /// user's JSON state again.
+    cache: HashMap<String, Cached>,
+}
+
+struct Cached {
+    /// The account the view was computed for: a reloaded users file may
+    /// give the same login other addresses.
+    account: Account,
+    state: UserState,
+    /// Shared with the sessions syncing against it: a NOOP copies nothing.
+    view: Arc<View>,
+}
+
+impl Inner {
+    /// Drop every cached view if the quarantine changed since the last look.
+    fn refresh(&mut self) {
+        let mut changed = false;
+        while let Ok(()) | Err(broadcast::error::TryRecvError::Lagged(_)) = self.store_rx.try_recv()
+        {
+            changed = true;
+        }
+        if changed {
+            self.cache.clear();
+        }
+    }
+
+    fn cached(&self, account: &Account) -> Option<&Cached> {
+        self.cache
+            .get(&account.login.to_ascii_lowercase())
+            .filter(|c| c.account == *account)
+    }
 }
 
 fn key(account: &Account) -> Vec<u8> {
@@ -71,11 +113,33 @@ pub fn normalize(flags: &mut Vec<String>) {
     flags.truncate(MAX_FLAGS);
 }
 
+/// Apply one flag change to a message's flags.
+fn changed_flags(old: &[String], op: FlagOp<'_>) -> Vec<String> {
+    let mut new = match op {
+        FlagOp::Replace(given) => given.to_vec(),
+        FlagOp::Add(given) => {
+            let mut f = old.to_vec();
+            f.extend(given.iter().cloned());
+            f
+        }
+        FlagOp::Remove(given) => old
+            .iter()
+            .filter(|f| !given.iter().any(|g| g.eq_ignore_ascii_case(f)))
+            .cloned()
+            .collect(),
+    };
+    normalize(&mut new);
+    new
+}
+
 impl Shared {
     pub fn new(store: Arc<dyn QuarantineStore>) -> Shared {
         Shared {
+            inner: Mutex::new(Inner {
+                store_rx: store.subscribe(),
+                cache: HashMap::new(),
+            }),
             store,
-            lock: Mutex::new(()),
             changes: broadcast::channel(64).0,
         }
     }
@@ -84,34 +148,52 @@ impl Shared {
         self.changes.subscribe()
     }
 
-    fn load(&self, account: &Account) -> UserState {
-        self.store
-            .get_state(&key(account))
-            .and_then(|v| serde_json::from_slice::<UserState>(&v).ok())
-            .filter(|s| s.uidvalidity != 0 && s.uidnext != 0)
-            .unwrap_or_else(|| UserState {
-                uidvalidity: (chrono::Utc::now().timestamp() as u32).max(1),
-                uidnext: 1,
-                msgs: BTreeMap::new(),
-            })
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self, account: &Account, st: &UserState) {
-        if let Ok(v) = serde_json::to_vec(st) {
-            self.store.put_state(&key(account), &v);
+    /// The stored state, and whether it is new (nothing stored yet). A store
+    /// failure is an error, never a fresh state: that would change
+    /// UIDVALIDITY and make every client re-download.
+    fn load(&self, account: &Account) -> QResult<(UserState, bool)> {
+        let stored = self
+            .store
+            .get_state(&key(account))?
+            .and_then(|v| serde_json::from_slice::<UserState>(&v).ok())
+            .filter(|s| s.uidvalidity != 0 && s.uidnext != 0);
+        Ok(match stored {
+            Some(st) => (st, false),
+            None => (
+                UserState {
+                    uidvalidity: (chrono::Utc::now().timestamp() as u32).max(1),
+                    uidnext: 1,
+                    msgs: BTreeMap::new(),
+                },
+                true,
+            ),
+        })
+    }
+
+    fn save(&self, account: &Account, st: &UserState) -> QResult<()> {
+        match serde_json::to_vec(st) {
+            Ok(v) => self.store.put_state(&key(account), &v),
+            Err(_) => Ok(()),
         }
     }
 
     /// The user's INBOX now: entries they may see, in ascending UID order; new entries get
-    /// UIDs, entries gone from the quarantine are forgotten.
-    pub fn view(&self, account: &Account) -> View {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let raw = self.store.get_state(&key(account));
-        let mut st = self.load(account);
-        let mut changed = raw.is_none();
+    /// UIDs, entries gone from the quarantine are forgotten. Answered from the cache while
+    /// the quarantine has not changed.
+    pub fn view(&self, account: &Account) -> QResult<Arc<View>> {
+        let mut g = self.lock();
+        g.refresh();
+        if let Some(c) = g.cached(account) {
+            return Ok(c.view.clone());
+        }
+        let (mut st, mut changed) = self.load(account)?;
         let visible: Vec<HeldMeta> = self
             .store
-            .list()
+            .list()?
             .into_iter()
             .filter(|m| account.can_see(m))
             .collect();
@@ -121,92 +203,88 @@ impl Shared {
         changed |= st.msgs.len() != before;
         let mut msgs = Vec::with_capacity(visible.len());
         for meta in visible {
-            let ms = match st.msgs.get(&meta.id) {
-                Some(ms) => ms.clone(),
-                None => {
-                    let ms = MsgState {
-                        uid: st.uidnext,
-                        flags: Vec::new(),
-                    };
-                    st.uidnext = st.uidnext.saturating_add(1);
-                    st.msgs.insert(meta.id, ms.clone());
-                    changed = true;
-                    ms
+            let ms = st.msgs.entry(meta.id).or_insert_with(|| {
+                changed = true;
+                let uid = st.uidnext;
+                st.uidnext = st.uidnext.saturating_add(1);
+                MsgState {
+                    uid,
+                    flags: Vec::new(),
                 }
-            };
+            });
             msgs.push(ViewMsg {
                 meta,
                 uid: ms.uid,
-                flags: ms.flags,
+                flags: ms.flags.clone(),
             });
         }
         msgs.sort_by_key(|m| m.uid);
         if changed {
-            self.save(account, &st);
+            self.save(account, &st)?;
         }
-        View {
+        let view = Arc::new(View {
             uidvalidity: st.uidvalidity,
             uidnext: st.uidnext,
             msgs,
-        }
+        });
+        g.cache.insert(
+            account.login.to_ascii_lowercase(),
+            Cached {
+                account: account.clone(),
+                state: st,
+                view: view.clone(),
+            },
+        );
+        Ok(view)
     }
 
-    /// Set the flags of entries (by id); tells the other sessions.
     /// Apply one flag change to messages `ids`, on the stored state under
     /// the lock, and return each message's resulting flags. Changes, not
     /// whole sets, are applied so that two sessions of one user (a phone and
-    /// a desktop) never overwrite each other's flags.
+    /// a desktop) never overwrite each other's flags. Tells the other sessions.
     pub fn apply_flags(
         &self,
         account: &Account,
         ids: &[u64],
         op: FlagOp<'_>,
-    ) -> HashMap<u64, Vec<String>> {
+    ) -> QResult<HashMap<u64, Vec<String>>> {
         let mut out = HashMap::new();
-        let mut changed = false;
         {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            let mut st = self.load(account);
+            let mut g = self.lock();
+            g.refresh();
+            // Work on a copy: if saving fails, the cache keeps what is stored.
+            let mut st = match g.cached(account) {
+                Some(c) => c.state.clone(),
+                None => self.load(account)?.0,
+            };
+            let mut changed = false;
             for id in ids {
                 let Some(ms) = st.msgs.get_mut(id) else {
                     continue;
                 };
-                let mut new = match op {
-                    FlagOp::Replace(given) => given.to_vec(),
-                    FlagOp::Add(given) => {
-                        let mut f = ms.flags.clone();
-                        f.extend(given.iter().cloned());
-                        f
-                    }
-                    FlagOp::Remove(given) => ms
-                        .flags
-                        .iter()
-                        .filter(|f| !given.iter().any(|g| g.eq_ignore_ascii_case(f)))
-                        .cloned()
-                        .collect(),
-                };
-                normalize(&mut new);
+                let new = changed_flags(&ms.flags, op);
                 if new != ms.flags {
                     ms.flags = new;
                     changed = true;
                 }
                 out.insert(*id, ms.flags.clone());
             }
-            if changed {
-                self.save(account, &st);
+            if !changed {
+                return Ok(out);
+            }
+            self.save(account, &st)?;
+            let login = account.login.to_ascii_lowercase();
+            if let Some(c) = g.cache.get_mut(&login).filter(|c| c.account == *account) {
+                for m in &mut Arc::make_mut(&mut c.view).msgs {
+                    if let Some(f) = out.get(&m.meta.id) {
+                        m.flags = f.clone();
+                    }
+                }
+                c.state = st;
             }
         }
-        if changed {
-            let _ = self.changes.send(());
-        }
-        out
-    }
-
-    /// Replace the flags of some messages (tests and migrations).
-    pub fn set_flags(&self, account: &Account, updates: &[(u64, Vec<String>)]) {
-        for (id, flags) in updates {
-            self.apply_flags(account, &[*id], FlagOp::Replace(flags));
-        }
+        let _ = self.changes.send(());
+        Ok(out)
     }
 }
 
@@ -234,13 +312,18 @@ mod tests {
         };
         mem.add("s@y", &["alice@x.test", "bob@x.test"], "r", b"x");
         let sh = Shared::new(mem.clone());
-        let v1 = sh.view(&a);
+        let v1 = sh.view(&a).unwrap();
         assert_eq!(v1.msgs.len(), 1);
         assert_eq!(v1.msgs[0].uid, 1);
-        sh.set_flags(&a, &[(v1.msgs[0].meta.id, vec!["\\Seen".into()])]);
+        sh.apply_flags(
+            &a,
+            &[v1.msgs[0].meta.id],
+            FlagOp::Replace(&["\\Seen".into()]),
+        )
+        .unwrap();
         mem.add("s@y", &["alice@x.test"], "r", b"y");
         let sh2 = Shared::new(mem.clone());
-        let v2 = sh2.view(&a);
+        let v2 = sh2.view(&a).unwrap();
         assert_eq!(v2.uidvalidity, v1.uidvalidity);
         assert_eq!(
             v2.msgs.iter().map(|m| m.uid).collect::<Vec<_>>(),

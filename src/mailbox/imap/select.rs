@@ -1,0 +1,229 @@
+//! Folder commands: SELECT/EXAMINE, LIST/LSUB, STATUS, CLOSE/UNSELECT. The folders are fixed:
+//! `INBOX` (the held entries the user may see) and `Release` (a drop box, always empty).
+
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::status::StatusDataItemName;
+
+use super::core::{Folder, ImapCore, Selected, Step, folder_of, tagged, unavailable};
+use crate::mailbox::imap::state::ViewMsg;
+
+const SYSTEM_FLAGS: &str = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)";
+
+/// A folder as a user sees it now.
+struct FolderView {
+    folder: Folder,
+    msgs: Vec<ViewMsg>,
+    uidvalidity: u32,
+    uidnext: u32,
+}
+
+/// `*` and `%` wildcard match (RFC 3501 LIST), iterative, no backtracking blow-up.
+pub(super) fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
+    // dp[j]: pattern[..i] matches name[..j]
+    let mut dp = vec![false; name.len() + 1];
+    dp[0] = true;
+    for &p in pattern {
+        let mut next = vec![false; name.len() + 1];
+        match p {
+            b'*' | b'%' => {
+                let mut any = false;
+                for j in 0..=name.len() {
+                    if p == b'%' && j > 0 && name[j - 1] == b'/' {
+                        any = false;
+                    }
+                    any = any || dp[j];
+                    next[j] = any;
+                }
+            }
+            _ => {
+                for j in 0..name.len() {
+                    next[j + 1] = dp[j] && name[j].eq_ignore_ascii_case(&p);
+                }
+            }
+        }
+        dp = next;
+    }
+    dp[name.len()]
+}
+
+/// The untagged responses that open a folder (RFC 3501 6.3.1).
+fn select_responses(v: &FolderView, read_only: bool) -> Vec<u8> {
+    let mut out = format!("* FLAGS {SYSTEM_FLAGS}\r\n").into_bytes();
+    let perm = if read_only {
+        "()"
+    } else {
+        "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
+    };
+    out.extend_from_slice(format!("* OK [PERMANENTFLAGS {perm}] Flags permitted\r\n").as_bytes());
+    out.extend_from_slice(format!("* {} EXISTS\r\n* 0 RECENT\r\n", v.msgs.len()).as_bytes());
+    if let Some(i) = v
+        .msgs
+        .iter()
+        .position(|m| !m.flags.iter().any(|f| f == "\\Seen"))
+    {
+        out.extend_from_slice(format!("* OK [UNSEEN {}] First unseen\r\n", i + 1).as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT {}] Predicted next UID\r\n",
+            v.uidvalidity, v.uidnext
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+impl ImapCore {
+    /// The messages, UIDVALIDITY and UIDNEXT of a folder as this user sees
+    /// it (Release is a drop box and always empty); or the NO to answer.
+    fn folder_view(
+        &self,
+        tag: &str,
+        verb: &str,
+        mailbox: &Mailbox<'_>,
+    ) -> Result<FolderView, Step> {
+        let Some(folder) = folder_of(mailbox) else {
+            return Err(Step::Reply(tagged(
+                tag,
+                "NO",
+                "[NONEXISTENT] No such mailbox",
+            )));
+        };
+        let Some(account) = &self.account else {
+            return Err(Step::Reply(tagged(tag, "NO", "Log in first")));
+        };
+        Ok(match folder {
+            Folder::Inbox => {
+                let v = self
+                    .shared
+                    .view(account)
+                    .map_err(|e| Step::Reply(unavailable(tag, verb, &e)))?;
+                FolderView {
+                    folder,
+                    msgs: v.msgs.clone(),
+                    uidvalidity: v.uidvalidity,
+                    uidnext: v.uidnext,
+                }
+            }
+            Folder::Release => FolderView {
+                folder,
+                msgs: Vec::new(),
+                uidvalidity: 1,
+                uidnext: 1,
+            },
+        })
+    }
+
+    /// SELECT (`read_only` false) or EXAMINE. A failed SELECT leaves no folder selected.
+    pub(super) fn select(&mut self, tag: &str, mailbox: &Mailbox<'_>, read_only: bool) -> Step {
+        self.sel = None;
+        let (code, verb) = if read_only {
+            ("[READ-ONLY]", "EXAMINE")
+        } else {
+            ("[READ-WRITE]", "SELECT")
+        };
+        let v = match self.folder_view(tag, verb, mailbox) {
+            Ok(v) => v,
+            Err(step) => return step,
+        };
+        let mut out = select_responses(&v, read_only);
+        out.extend_from_slice(&tagged(tag, "OK", &format!("{code} {verb} completed")));
+        self.sel = Some(Selected {
+            folder: v.folder,
+            read_only,
+            msgs: v.msgs,
+        });
+        Step::Reply(out)
+    }
+
+    pub(super) fn list(
+        &mut self,
+        tag: &str,
+        reference: &Mailbox<'_>,
+        pattern: &ListMailbox<'_>,
+        lsub: bool,
+    ) -> Step {
+        let verb = if lsub { "LSUB" } else { "LIST" };
+        let reference: Vec<u8> = match reference {
+            Mailbox::Inbox => b"INBOX".to_vec(),
+            Mailbox::Other(o) => AsRef::<[u8]>::as_ref(o).to_vec(),
+        };
+        let pat: &[u8] = match pattern {
+            ListMailbox::Token(t) => t.as_ref(),
+            ListMailbox::String(s) => s.as_ref(),
+        };
+        let mut out = Vec::new();
+        if pat.is_empty() {
+            // RFC 3501 6.3.8: an empty pattern asks for the hierarchy delimiter.
+            if !lsub {
+                out.extend_from_slice(b"* LIST (\\Noselect) \"/\" \"\"\r\n");
+            }
+        } else if pat.len() <= 256 && reference.len() <= 256 {
+            let mut full = reference.clone();
+            full.extend_from_slice(pat);
+            for name in ["INBOX", "Release"] {
+                if wildcard_match(&full, name.as_bytes()) {
+                    out.extend_from_slice(
+                        format!("* {verb} (\\HasNoChildren) \"/\" {name}\r\n").as_bytes(),
+                    );
+                }
+            }
+        }
+        out.extend_from_slice(&tagged(tag, "OK", &format!("{verb} completed")));
+        Step::Reply(out)
+    }
+
+    pub(super) fn status(
+        &mut self,
+        tag: &str,
+        mailbox: &Mailbox<'_>,
+        items: &[StatusDataItemName],
+    ) -> Step {
+        let v = match self.folder_view(tag, "STATUS", mailbox) {
+            Ok(v) => v,
+            Err(step) => return step,
+        };
+        let count = |f: &str| {
+            v.msgs
+                .iter()
+                .filter(|m| m.flags.iter().any(|x| x == f))
+                .count()
+        };
+        let mut parts = Vec::new();
+        for item in items {
+            let s = match item {
+                StatusDataItemName::Messages => format!("MESSAGES {}", v.msgs.len()),
+                StatusDataItemName::Recent => "RECENT 0".to_string(),
+                StatusDataItemName::UidNext => format!("UIDNEXT {}", v.uidnext),
+                StatusDataItemName::UidValidity => format!("UIDVALIDITY {}", v.uidvalidity),
+                StatusDataItemName::Unseen => format!("UNSEEN {}", v.msgs.len() - count("\\Seen")),
+                StatusDataItemName::Deleted => format!("DELETED {}", count("\\Deleted")),
+                #[allow(unreachable_patterns)]
+                _ => continue,
+            };
+            parts.push(s);
+        }
+        let mut out =
+            format!("* STATUS {} ({})\r\n", v.folder.name(), parts.join(" ")).into_bytes();
+        out.extend_from_slice(&tagged(tag, "OK", "STATUS completed"));
+        Step::Reply(out)
+    }
+
+    /// CLOSE (`expunge`: silently delete the \Deleted messages first) or UNSELECT.
+    /// The folder is closed either way (a partial expunge without EXPUNGE
+    /// responses would leave this session's sequence numbers wrong); if the
+    /// store failed, NO says that some \Deleted messages are still held.
+    pub(super) fn close(&mut self, tag: &str, expunge: bool) -> Step {
+        let mut res = Ok(());
+        if expunge {
+            let mut ignored = Vec::new();
+            res = self.expunge(None, &mut ignored);
+        }
+        self.sel = None;
+        if let Err(e) = res {
+            return Step::Reply(unavailable(tag, "CLOSE", &e));
+        }
+        let verb = if expunge { "CLOSE" } else { "UNSELECT" };
+        Step::Reply(tagged(tag, "OK", &format!("{verb} completed")))
+    }
+}
