@@ -13,7 +13,7 @@ use crate::mail::{Enhanced, Envelope, Peer, Reply};
 use crate::metrics::Metrics;
 use crate::policy::{RuleSet, TxInfo, Verdict, final_verdict, strip_forged_auth_results};
 use crate::store::wake::Scheduler;
-use crate::store::{self, HeldEntry, QueueEntry, QueueState, RcptStatus, Recipient, Store};
+use crate::store::{self, HeldEntry, QueueEntry, Store};
 
 /// A complete message as the SMTP session hands it over.
 pub struct Arrival {
@@ -138,28 +138,14 @@ impl Intake {
     }
 
     async fn enqueue(&self, peer: &Peer, tx: Envelope, id: u64, body: Vec<u8>) -> Vec<u8> {
-        let entry = QueueEntry {
+        let entry = QueueEntry::new(
             id,
-            sender: tx.from,
-            recipients: tx
-                .rcpts
-                .into_iter()
-                .map(|r| Recipient {
-                    address: r.address,
-                    status: RcptStatus::Pending,
-                    last_reply: None,
-                    remote: None,
-                })
-                .collect(),
-            state: QueueState::Queued,
-            created: store::now_unix(),
-            next_attempt_ms: store::now_ms(),
-            attempts: 0,
-            size: body.len() as u64,
-            client_ip: peer.ip.to_string(),
-            helo: peer.helo.clone(),
-            last_error: None,
-        };
+            tx.from,
+            tx.rcpts.into_iter().map(|r| r.address),
+            body.len() as u64,
+            peer.ip.to_string(),
+            peer.helo.clone(),
+        );
         let stored = match self.store.enqueue(&entry, &body) {
             Ok(()) => self.store.durable().await,
             Err(e) => Err(e),

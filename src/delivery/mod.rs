@@ -27,9 +27,7 @@ use crate::mail::{Enhanced, Reply};
 use crate::metrics::Metrics;
 use crate::policy::relay;
 use crate::store::wake::{Scheduler, Wakeups};
-use crate::store::{
-    self, QueueEntry, QueueState, RcptStatus, Recipient, Store, fmt_id, now_ms, now_unix,
-};
+use crate::store::{self, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_ms, now_unix};
 use client::Pool;
 
 /// What every delivery task shares.
@@ -303,24 +301,15 @@ impl Delivery {
             body,
         );
         let id = self.store.next_id()?;
-        let dsn_entry = QueueEntry {
+        // A bounce is from the null sender, so it is never bounced itself.
+        let dsn_entry = QueueEntry::new(
             id,
-            sender: String::new(),
-            recipients: vec![Recipient {
-                address: entry.sender.clone(),
-                status: RcptStatus::Pending,
-                last_reply: None,
-                remote: None,
-            }],
-            state: QueueState::Queued,
-            created: now_unix(),
-            next_attempt_ms: now_ms(),
-            attempts: 0,
-            size: report.len() as u64,
-            client_ip: String::new(),
-            helo: String::new(),
-            last_error: None,
-        };
+            String::new(),
+            [entry.sender.clone()],
+            report.len() as u64,
+            String::new(),
+            String::new(),
+        );
         self.store.enqueue(&dsn_entry, &report)?;
         // The bounce must be on disk before the original is forgotten.
         self.store.durable().await?;

@@ -103,6 +103,11 @@ pub fn header_fields_only(msg: &[u8]) -> &[u8] {
     &msg[..scan(msg).header_end]
 }
 
+/// Where the body starts: just past the empty line (or the end of `msg`).
+pub fn body_start(msg: &[u8]) -> usize {
+    scan(msg).body_start
+}
+
 /// The body: everything after the empty line.
 pub fn body(msg: &[u8]) -> &[u8] {
     &msg[scan(msg).body_start..]

@@ -39,9 +39,6 @@
 //! `\r\r\n.\r\n` does end the data: the CR is bare, but the bytes after it
 //! are a raw `CRLF . CRLF`, which every receiver takes as the end.
 
-// Until the SMTP shell, the delivery client and POP3 call it (issue 7).
-#![cfg_attr(not(test), allow(dead_code))]
-
 use crate::config::BareNewline;
 
 /// What [`DataDecoder::feed`] found in the bytes it was given.

@@ -112,6 +112,39 @@ pub struct QueueEntry {
 }
 
 impl QueueEntry {
+    /// A new message, due now, every recipient pending. `client_ip` and
+    /// `helo` say where it came from (empty for mail we make ourselves).
+    pub fn new(
+        id: u64,
+        sender: String,
+        recipients: impl IntoIterator<Item = String>,
+        size: u64,
+        client_ip: String,
+        helo: String,
+    ) -> QueueEntry {
+        QueueEntry {
+            id,
+            sender,
+            recipients: recipients
+                .into_iter()
+                .map(|address| Recipient {
+                    address,
+                    status: RcptStatus::Pending,
+                    last_reply: None,
+                    remote: None,
+                })
+                .collect(),
+            state: QueueState::Queued,
+            created: now_unix(),
+            next_attempt_ms: now_ms(),
+            attempts: 0,
+            size,
+            client_ip,
+            helo,
+            last_error: None,
+        }
+    }
+
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
         self.recipients
             .iter()
@@ -423,24 +456,14 @@ impl Store {
             return Ok(None);
         };
         let qid = self.next_id()?;
-        let entry = QueueEntry {
-            id: qid,
-            sender: e.sender.clone(),
-            recipients: vec![Recipient {
-                address: e.recipient.clone(),
-                status: RcptStatus::Pending,
-                last_reply: None,
-                remote: None,
-            }],
-            state: QueueState::Queued,
-            created: now_unix(),
-            next_attempt_ms: now_ms(),
-            attempts: 0,
-            size: body.len() as u64,
-            client_ip: e.client_ip.clone(),
-            helo: e.helo.clone(),
-            last_error: None,
-        };
+        let entry = QueueEntry::new(
+            qid,
+            e.sender.clone(),
+            [e.recipient.clone()],
+            body.len() as u64,
+            e.client_ip.clone(),
+            e.helo.clone(),
+        );
         self.enqueue(&entry, &body)?;
         Ok(Some(qid))
     }

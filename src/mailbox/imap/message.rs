@@ -5,8 +5,8 @@ use base64::Engine;
 use imap_codec::imap_types::fetch::Section;
 use mail_parser::{Address, Message, MessageParser, MimeHeaders, PartType};
 
+use crate::mail::headers::body_start as header_end;
 use crate::mailbox::imap::resp::{nstring, string};
-use crate::mailbox::pop3::header_end;
 
 /// Nesting deeper than this is not described (bounded recursion on hostile input).
 const MAX_DEPTH: usize = 16;

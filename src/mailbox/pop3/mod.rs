@@ -83,29 +83,9 @@ fn sys_temp(text: &str) -> Vec<u8> {
     err(&format!("[SYS/TEMP] {text}; try again later"))
 }
 
-/// Dot-stuff `data` and normalise line ends to CRLF; ends with a CRLF.
-fn stuff_into(out: &mut Vec<u8>, data: &[u8]) {
-    let mut at_line_start = true;
-    let mut prev = 0u8;
-    for &b in data {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-        prev = b;
-    }
-    if !at_line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
 /// The header block and the first `lines` body lines of a message.
 fn top_of(data: &[u8], lines: usize) -> &[u8] {
-    let hdr_end = header_end(data);
+    let hdr_end = crate::mail::headers::body_start(data);
     let mut end = hdr_end;
     let mut n = 0;
     while n < lines && end < data.len() {
@@ -116,23 +96,6 @@ fn top_of(data: &[u8], lines: usize) -> &[u8] {
         n += 1;
     }
     &data[..end]
-}
-
-/// Offset just past the blank line ending the header (or the end of data).
-pub(crate) fn header_end(data: &[u8]) -> usize {
-    let mut i = 0;
-    while i < data.len() {
-        let line_end = match data[i..].iter().position(|&b| b == b'\n') {
-            Some(p) => i + p + 1,
-            None => return data.len(),
-        };
-        let line = &data[i..line_end];
-        if line == b"\n" || line == b"\r\n" {
-            return line_end;
-        }
-        i = line_end;
-    }
-    data.len()
 }
 
 /// Decode a SASL PLAIN response: authzid NUL authcid NUL password.
@@ -425,8 +388,8 @@ impl Pop3Core {
         };
         let mut out = Vec::with_capacity(data.len() + data.len() / 40 + 32);
         out.extend_from_slice(format!("+OK {} octets\r\n", msgs[i].size).as_bytes());
-        stuff_into(&mut out, data);
-        out.extend_from_slice(b".\r\n");
+        // RFC 1939 3: byte-stuffed, CRLF lines, ending with the dot line.
+        crate::smtp::data::dot_stuff(data, &mut out);
         Step::Reply(out)
     }
 
