@@ -365,7 +365,7 @@ const MAX_CONTROL_LINE: usize = 64 * 1024;
 
 /// Answer control requests on a Unix socket (mode 0600) until shutdown,
 /// through the shared `net` layer: bounded lines, deadlines, one span each.
-pub async fn serve_control(
+pub(crate) async fn serve_control(
     path: PathBuf,
     store: Store,
     scheduler: Scheduler,

@@ -23,7 +23,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        file: impl Into<PathBuf>,
+        line: Option<usize>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             file: file.into(),
             line,
@@ -49,7 +53,7 @@ impl std::error::Error for Problem {}
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigError {
-    pub problems: Vec<Problem>,
+    pub(crate) problems: Vec<Problem>,
 }
 
 impl From<Problem> for ConfigError {
@@ -66,39 +70,39 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub(crate) tls: Option<TlsConfig>,
     #[serde(default)]
-    pub smtp: SmtpConfig,
+    pub(crate) smtp: SmtpConfig,
     #[serde(default)]
-    pub relay: RelayConfig,
+    pub(crate) relay: RelayConfig,
     #[serde(default)]
-    pub delivery: DeliveryConfig,
+    pub(crate) delivery: DeliveryConfig,
     #[serde(default)]
-    pub dns: DnsConfig,
+    pub(crate) dns: DnsConfig,
     #[serde(default)]
-    pub checks: ChecksConfig,
+    pub(crate) checks: ChecksConfig,
     #[serde(default)]
-    pub dkim_sign: Option<DkimSignConfig>,
+    pub(crate) dkim_sign: Option<DkimSignConfig>,
     #[serde(default)]
-    pub rules: RulesConfig,
+    pub(crate) rules: RulesConfig,
     #[serde(default)]
-    pub policies: PoliciesConfig,
+    pub(crate) policies: PoliciesConfig,
     #[serde(default)]
-    pub quarantine: QuarantineConfig,
+    pub(crate) quarantine: QuarantineConfig,
     #[serde(default)]
-    pub metrics: MetricsConfig,
+    pub(crate) metrics: MetricsConfig,
     /// Where the file was read from (not a TOML key).
     #[serde(skip)]
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    pub hostname: String,
+    pub(crate) hostname: String,
     pub data_dir: PathBuf,
     /// How long `serve` waits for sessions in flight after SIGTERM.
-    pub shutdown_grace: DurationStr,
+    pub(crate) shutdown_grace: DurationStr,
 }
 
 impl Default for ServerConfig {
@@ -113,42 +117,42 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct TlsConfig {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SmtpConfig {
-    pub relay: Vec<SocketAddr>,
-    pub submission: Vec<SocketAddr>,
-    pub submissions: Vec<SocketAddr>,
-    pub max_message_size: Size,
-    pub max_recipients: usize,
-    pub max_connections: usize,
+pub(crate) struct SmtpConfig {
+    pub(crate) relay: Vec<SocketAddr>,
+    pub(crate) submission: Vec<SocketAddr>,
+    pub(crate) submissions: Vec<SocketAddr>,
+    pub(crate) max_message_size: Size,
+    pub(crate) max_recipients: usize,
+    pub(crate) max_connections: usize,
     /// Open connections per client IP across the SMTP listeners; `421 4.7.0` beyond.
-    pub max_connections_per_ip: usize,
+    pub(crate) max_connections_per_ip: usize,
     /// New connections per client IP per period; `421 4.7.0` beyond.
-    pub connection_rate_per_ip: Rate,
+    pub(crate) connection_rate_per_ip: Rate,
     /// Per command: renewed by each complete line, never by a byte.
-    pub idle_timeout: DurationStr,
+    pub(crate) idle_timeout: DurationStr,
     /// A TLS handshake (implicit or after STARTTLS) must finish within this.
-    pub handshake_timeout: DurationStr,
+    pub(crate) handshake_timeout: DurationStr,
     /// The whole DATA phase of one message.
-    pub data_timeout: DurationStr,
+    pub(crate) data_timeout: DurationStr,
     /// A whole SMTP session.
-    pub session_timeout: DurationStr,
+    pub(crate) session_timeout: DurationStr,
     /// What a bare LF or bare CR in DATA does.
-    pub bare_newline: BareNewline,
+    pub(crate) bare_newline: BareNewline,
     /// Longest command line accepted, CRLF included (RFC 5321 says at least 512).
-    pub max_line_length: usize,
+    pub(crate) max_line_length: usize,
 }
 
 /// What a bare LF or CR in message data does (SMTP smuggling defence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BareNewline {
+pub(crate) enum BareNewline {
     /// `521 5.5.2` at once, and the connection closes.
     Reject,
     /// Such lines are taken as CRLF lines; only CRLF.CRLF after a
@@ -182,19 +186,19 @@ impl Default for SmtpConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RelayConfig {
-    pub domains: Vec<String>,
-    pub networks: Vec<IpNet>,
+pub(crate) struct RelayConfig {
+    pub(crate) domains: Vec<String>,
+    pub(crate) networks: Vec<IpNet>,
 }
 
 impl RelayConfig {
     /// Is `domain` one we accept mail for from anyone? Exact, case-insensitive.
-    pub fn is_local_domain(&self, domain: &str) -> bool {
+    pub(crate) fn is_local_domain(&self, domain: &str) -> bool {
         self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
     }
 
     /// May this client relay to any domain?
-    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
@@ -205,7 +209,7 @@ impl RelayConfig {
 
 /// Where mail goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Route {
+pub(crate) enum Route {
     Smtp(String),
     Lmtp(String),
     Maildir(PathBuf),
@@ -225,7 +229,7 @@ impl fmt::Display for Route {
 }
 
 impl Route {
-    pub fn parse(s: &str) -> Result<Route, String> {
+    pub(crate) fn parse(s: &str) -> Result<Route, String> {
         if let Some(rest) = s.strip_prefix("smtp://") {
             check_host_port(rest)?;
             Ok(Route::Smtp(rest.trim_end_matches('/').to_string()))
@@ -264,16 +268,16 @@ impl<'de> Deserialize<'de> for Route {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DeliveryConfig {
-    pub route: Route,
-    pub outbound: Route,
-    pub concurrency: usize,
-    pub retry: Vec<DurationStr>,
-    pub max_age: DurationStr,
+pub(crate) struct DeliveryConfig {
+    pub(crate) route: Route,
+    pub(crate) outbound: Route,
+    pub(crate) concurrency: usize,
+    pub(crate) retry: Vec<DurationStr>,
+    pub(crate) max_age: DurationStr,
     /// Per-attempt network timeout towards the next hop.
-    pub timeout: DurationStr,
+    pub(crate) timeout: DurationStr,
     /// Port of the MX hosts (25; tests point it at a loopback sink).
-    pub mx_port: u16,
+    pub(crate) mx_port: u16,
 }
 
 impl Default for DeliveryConfig {
@@ -324,10 +328,10 @@ impl Default for ChecksConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DkimSignConfig {
-    pub domain: String,
-    pub selector: String,
-    pub key: PathBuf,
+pub(crate) struct DkimSignConfig {
+    pub(crate) domain: String,
+    pub(crate) selector: String,
+    pub(crate) key: PathBuf,
 }
 
 /// What to do when a script fails at run time or runs away.
@@ -368,8 +372,8 @@ impl Default for RulesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PoliciesConfig {
-    pub dir: PathBuf,
+pub(crate) struct PoliciesConfig {
+    pub(crate) dir: PathBuf,
 }
 
 impl Default for PoliciesConfig {
@@ -382,15 +386,15 @@ impl Default for PoliciesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct QuarantineConfig {
-    pub pop3: Vec<SocketAddr>,
-    pub pop3s: Vec<SocketAddr>,
-    pub imap: Vec<SocketAddr>,
-    pub imaps: Vec<SocketAddr>,
-    pub retention: DurationStr,
+pub(crate) struct QuarantineConfig {
+    pub(crate) pop3: Vec<SocketAddr>,
+    pub(crate) pop3s: Vec<SocketAddr>,
+    pub(crate) imap: Vec<SocketAddr>,
+    pub(crate) imaps: Vec<SocketAddr>,
+    pub(crate) retention: DurationStr,
     /// Sessions across the POP3/IMAP listeners; `-ERR [SYS/TEMP]` / `* BYE` beyond.
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: usize,
 }
 
 impl Default for QuarantineConfig {
@@ -409,8 +413,8 @@ impl Default for QuarantineConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    pub listen: Option<SocketAddr>,
+pub(crate) struct MetricsConfig {
+    pub(crate) listen: Option<SocketAddr>,
 }
 
 /// A duration written as `"30s"`, `"5m"`, `"4h"`, `"5d"`.
@@ -432,13 +436,13 @@ impl<'de> Deserialize<'de> for DurationStr {
 
 /// A rate written as `"120/1m"`: `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
+pub(crate) struct Rate {
+    pub(crate) count: u32,
+    pub(crate) per: Duration,
 }
 
 impl Rate {
-    pub fn parse(rate: &str) -> Result<Rate, String> {
+    pub(crate) fn parse(rate: &str) -> Result<Rate, String> {
         let (count, per) = rate
             .split_once('/')
             .ok_or_else(|| format!("rate {rate:?} is not N/duration, e.g. \"100/1h\""))?;
@@ -474,10 +478,10 @@ impl<'de> Deserialize<'de> for Rate {
 
 /// A size written as `"25MB"`, `"512KB"`, `"1GiB"` or a plain byte count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub u64);
+pub(crate) struct Size(pub(crate) u64);
 
 impl Size {
-    pub fn parse(s: &str) -> Result<Size, String> {
+    pub(crate) fn parse(s: &str) -> Result<Size, String> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -523,7 +527,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// A TOML error as a [`Problem`] with its line.
-pub fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
+pub(crate) fn toml_problem(path: &Path, text: &str, e: &toml::de::Error) -> Problem {
     let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
     Problem::new(path, Some(line), e.message().trim_end())
 }
@@ -549,7 +553,8 @@ fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
 
 impl Config {
     /// The embedded default, as shipped in the repository's `postern.toml`.
-    pub const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
+    #[cfg(test)]
+    pub(crate) const DEFAULT_TOML: &'static str = include_str!("../postern.toml");
 
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -560,7 +565,7 @@ impl Config {
 
     /// Parse `text` as if read from `path`; resolve relative paths against
     /// its directory; check what the types alone cannot (every problem).
-    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| toml_problem(path, text, &e))?;
         cfg.source = path.to_path_buf();
         let base = path
@@ -649,6 +654,27 @@ impl Config {
                 || d.contains(char::is_whitespace)
             {
                 err("relay", "domains", format!("\"{d}\" is not a domain"));
+            }
+        }
+        if let Some(d) = &self.dkim_sign {
+            if d.domain.is_empty() || d.domain.contains(['@', ' ']) || d.domain.ends_with('.') {
+                err(
+                    "dkim_sign",
+                    "domain",
+                    format!("\"{}\" is not a domain", d.domain),
+                );
+            }
+            if d.selector.is_empty()
+                || !d
+                    .selector
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                err(
+                    "dkim_sign",
+                    "selector",
+                    format!("\"{}\" is not a DNS label", d.selector),
+                );
             }
         }
         problems

@@ -22,7 +22,7 @@ const ATTEMPTS: usize = 2;
 
 /// Why a resolver could not be built or a lookup failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DnsError {
+pub(crate) enum DnsError {
     #[error("reading /etc/resolv.conf: {0}")]
     SystemConf(#[source] NetError),
     #[error("building the DNS resolver: {0}")]
@@ -39,7 +39,7 @@ pub enum DnsError {
 /// (`/etc/resolv.conf`) when none are set. With name servers set, neither
 /// the system resolver nor the hosts file is consulted. Build it inside the
 /// Tokio runtime.
-pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DnsError> {
+pub(crate) fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DnsError> {
     let mut opts = ResolverOpts::default();
     opts.timeout = QUERY_TIMEOUT;
     opts.attempts = ATTEMPTS;

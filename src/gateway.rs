@@ -23,6 +23,16 @@ use crate::store::Store;
 use crate::store::wake::Scheduler;
 use crate::{admin, tls};
 
+/// What the listeners and workers are built from.
+struct Core {
+    cfg: Arc<Config>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    policy: Arc<Policy>,
+    scheduler: Scheduler,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
 /// Run until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -31,6 +41,92 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (core, wakeups) = open(cfg)?;
+    let cfg = core.cfg.clone();
+    // Rules and policies reload when their files change, watched from the
+    // moment they were loaded.
+    let watcher = crate::policy::watch(core.policy.clone(), core.policy.dirs());
+    let delivery = Delivery::new(
+        cfg.clone(),
+        core.store.clone(),
+        core.metrics.clone(),
+        core.scheduler.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let resumed = delivery.resume()?;
+    if resumed > 0 {
+        tracing::info!(messages = resumed, "resuming the queue");
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = net::Server {
+        shutdown: shutdown_rx.clone(),
+        tracker: TaskTracker::new(),
+    };
+    let workers = TaskTracker::new();
+    start_smtp(&core, &server).await?;
+    start_metrics(&core, shutdown_rx.clone()).await?;
+    let mailbox = start_mailbox(&core, &server).await?;
+    let retention = cfg.quarantine.retention.0;
+    let purge = tokio::spawn(crate::quarantine::purge_loop(
+        core.store.clone(),
+        retention,
+        (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(600)),
+    ));
+    let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
+    let accounts_watch = crate::watch::spawn(
+        vec![Accounts::file(&cfg)],
+        Duration::from_secs(1),
+        move || reload_accounts(&watch_cfg, &watch_mailbox),
+    );
+    tokio::spawn(admin::serve_control(
+        admin::socket_path(&cfg.server.data_dir),
+        core.store.clone(),
+        core.scheduler.clone(),
+        server.clone(),
+    ));
+    let dispatcher = tokio::spawn(delivery::run(
+        delivery.clone(),
+        wakeups,
+        shutdown_rx.clone(),
+        workers.clone(),
+    ));
+    // Rules and policies also reload on SIGHUP (below).
+    let housekeeping =
+        crate::policy::spawn_housekeeping(core.policy.clone(), Duration::from_secs(60));
+    let (hup_policy, hup_cfg, hup_mailbox) = (core.policy.clone(), cfg.clone(), mailbox.clone());
+    let hup = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading rules, policies and accounts");
+            // Errors are logged and counted by reload itself.
+            let _ = hup_policy.reload();
+            reload_accounts(&hup_cfg, &hup_mailbox);
+        }
+    });
+    tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
+    println!(
+        "postern: serving (hostname {}, data in {})",
+        cfg.server.hostname,
+        cfg.server.data_dir.display()
+    );
+
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    for task in [watcher, purge, accounts_watch, housekeeping, hup] {
+        task.abort();
+    }
+    tracing::info!("shutting down: no new connections; finishing sessions in flight");
+    let _ = shutdown_tx.send(true);
+    drain(&cfg, server.tracker, dispatcher, workers).await;
+    core.store.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Open the store, load the policy, make the TLS acceptor and the wake-up channel.
+fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     let cfg = Arc::new(cfg);
     let data_dir = &cfg.server.data_dir;
     std::fs::create_dir_all(data_dir)
@@ -48,28 +144,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
         )
     })?);
     metrics.register_policy(policy.metrics())?;
-    // Rules and policies reload when their files change, watched from the
-    // moment they were loaded.
-    let watcher = crate::policy::watch(policy.clone(), policy.dirs());
-    let acceptor = tls::acceptor(&cfg)?;
-    let tls_acceptor = acceptor.clone();
-    let (scheduler, sched_rx) = Scheduler::channel();
-    let delivery = Delivery::new(
-        cfg.clone(),
-        store.clone(),
-        metrics.clone(),
-        scheduler.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
-    let resumed = delivery.resume()?;
-    if resumed > 0 {
-        tracing::info!(messages = resumed, "resuming the queue");
-    }
+    let tls = tls::acceptor(&cfg)?;
+    let (scheduler, wakeups) = Scheduler::channel();
+    let core = Core {
+        cfg,
+        store,
+        metrics,
+        policy,
+        scheduler,
+        tls,
+    };
+    Ok((core, wakeups))
+}
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let sessions = TaskTracker::new();
-    let workers = TaskTracker::new();
-
+/// Bind every SMTP listener (a port conflict fails the start) and serve them
+/// over the shared connection layer, with one set of caps for all of them,
+/// so spreading over ports gains nothing.
+async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
+    let cfg = &core.cfg;
     let smtp = Arc::new(SmtpContext {
         cfg: Arc::new(SessionConfig {
             hostname: cfg.server.hostname.clone(),
@@ -78,25 +170,20 @@ pub async fn serve(cfg: Config) -> Result<()> {
             max_recipients: cfg.smtp.max_recipients,
             tls_available: true,
         }),
-        tls: Some(acceptor.clone()),
+        tls: Some(core.tls.clone()),
         intake: Arc::new(Intake {
-            store: store.clone(),
-            scheduler: scheduler.clone(),
-            metrics: metrics.clone(),
+            store: core.store.clone(),
+            scheduler: core.scheduler.clone(),
+            metrics: core.metrics.clone(),
             hostname: cfg.server.hostname.clone(),
         }),
-        policy: policy.clone(),
-        metrics: metrics.clone(),
+        policy: core.policy.clone(),
+        metrics: core.metrics.clone(),
         max_line_length: cfg.smtp.max_line_length,
         data_timeout: cfg.smtp.data_timeout.0,
         bare_newline: cfg.smtp.bare_newline,
     });
-    let server = net::Server {
-        shutdown: shutdown_rx.clone(),
-        tracker: sessions.clone(),
-    };
-    // One set of caps for all SMTP listeners, so spreading over ports gains nothing.
-    let smtp_admission = Admission::new(AdmissionConfig {
+    let admission = Admission::new(AdmissionConfig {
         max_connections: cfg.smtp.max_connections,
         max_per_ip: cfg.smtp.max_connections_per_ip,
         rate_per_ip: Some((
@@ -105,20 +192,25 @@ pub async fn serve(cfg: Config) -> Result<()> {
         )),
         exempt: cfg.relay.networks.clone(),
     });
-    let smtp_deadlines = Deadlines {
+    let deadlines = Deadlines {
         idle: cfg.smtp.idle_timeout.0,
         handshake: cfg.smtp.handshake_timeout.0,
         session: Some(cfg.smtp.session_timeout.0),
     };
-
-    // Bind everything first so a port conflict fails the start, not later.
-    let listeners = [
+    let overload = reply(
+        421,
+        crate::mail::Enhanced::new(4, 7, 0),
+        &format!(
+            "{} Too many connections, try again later",
+            cfg.server.hostname
+        ),
+    );
+    let mut bound = Vec::new();
+    for (kind, addrs) in [
         (ListenerKind::Relay, &cfg.smtp.relay),
         (ListenerKind::Submission, &cfg.smtp.submission),
         (ListenerKind::Submissions, &cfg.smtp.submissions),
-    ];
-    let mut bound = Vec::new();
-    for (kind, addrs) in listeners {
+    ] {
         for l in bind_all(addrs).await? {
             tracing::info!(listener = kind.label(), addr = %l.local_addr()?, "SMTP listening");
             bound.push((kind, l));
@@ -127,49 +219,56 @@ pub async fn serve(cfg: Config) -> Result<()> {
     for (kind, l) in bound {
         let spec = Arc::new(ListenerSpec {
             label: kind.label(),
-            tls: (kind == ListenerKind::Submissions).then(|| acceptor.clone()),
-            admission: smtp_admission.clone(),
-            overload: reply(
-                421,
-                crate::mail::Enhanced::new(4, 7, 0),
-                &format!(
-                    "{} Too many connections, try again later",
-                    cfg.server.hostname
-                ),
+            tls: (kind == ListenerKind::Submissions).then(|| core.tls.clone()),
+            admission: admission.clone(),
+            overload: overload.clone(),
+            deadlines,
+            on_accept: Some(
+                core.metrics
+                    .smtp_connections
+                    .with_label_values(&[kind.label()]),
             ),
-            deadlines: smtp_deadlines,
-            on_accept: Some(metrics.smtp_connections.with_label_values(&[kind.label()])),
         });
         let ctx = smtp.clone();
         tokio::spawn(net::serve(l, spec, server.clone(), move |conn, peer| {
             crate::smtp::server::handle(conn, peer, kind, ctx.clone())
         }));
     }
-    if let Some(addr) = cfg.metrics.listen {
-        let m = metrics.clone();
-        let s = store.clone();
-        let rx = shutdown_rx.clone();
-        let listener_check = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-        drop(listener_check);
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, s, rx).await {
-                tracing::error!(error = %e, "metrics endpoint failed");
-            }
-        });
-    }
-    // The quarantine mailboxes: POP3 and IMAP over the held messages.
-    let accounts = Accounts::from_config(&cfg)?;
+    Ok(())
+}
+
+/// `GET /metrics`, when `[metrics] listen` is set (the port is checked now).
+async fn start_metrics(core: &Core, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let Some(addr) = core.cfg.metrics.listen else {
+        return Ok(());
+    };
+    let listener_check = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    drop(listener_check);
+    let (m, s) = (core.metrics.clone(), core.store.clone());
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(addr, m, s, shutdown).await {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    Ok(())
+}
+
+/// The quarantine mailboxes: POP3 and IMAP over the held messages, sharing
+/// one set of connection caps.
+async fn start_mailbox(core: &Core, server: &net::Server) -> Result<Arc<MailboxCtx>> {
+    let cfg = &core.cfg;
+    let accounts = Accounts::from_config(cfg)?;
     let mut mailbox = MailboxCtx::new(
         Arc::new(SledQuarantine {
-            store: store.clone(),
-            scheduler: scheduler.clone(),
+            store: core.store.clone(),
+            scheduler: core.scheduler.clone(),
         }),
         Arc::new(accounts),
-        tls_acceptor.clone(),
+        core.tls.clone(),
         &cfg.server.hostname,
-        metrics.mailbox_logins.clone(),
+        core.metrics.mailbox_logins.clone(),
     );
     mailbox.admission = Admission::new(AdmissionConfig {
         max_connections: cfg.quarantine.max_connections,
@@ -197,62 +296,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
             }
         }
     }
-    let retention = cfg.quarantine.retention.0;
-    let purge = tokio::spawn(crate::quarantine::purge_loop(
-        store.clone(),
-        retention,
-        (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(600)),
-    ));
-    let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
-    let accounts_watch = crate::watch::spawn(
-        vec![Accounts::file(&cfg)],
-        Duration::from_secs(1),
-        move || reload_accounts(&watch_cfg, &watch_mailbox),
-    );
+    Ok(mailbox)
+}
 
-    let control = admin::socket_path(data_dir);
-    tokio::spawn(admin::serve_control(
-        control,
-        store.clone(),
-        scheduler.clone(),
-        server.clone(),
-    ));
-    let dispatcher = tokio::spawn(delivery::run(
-        delivery.clone(),
-        sched_rx,
-        shutdown_rx.clone(),
-        workers.clone(),
-    ));
-    // Rules and policies also reload on SIGHUP (below).
-    let housekeeping = crate::policy::spawn_housekeeping(policy.clone(), Duration::from_secs(60));
-    let hup_policy = policy.clone();
-    let (hup_cfg, hup_mailbox) = (cfg.clone(), mailbox.clone());
-    let hup = tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading rules, policies and accounts");
-            // Errors are logged and counted by reload itself.
-            let _ = hup_policy.reload();
-            reload_accounts(&hup_cfg, &hup_mailbox);
-        }
-    });
-    tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
-    println!(
-        "postern: serving (hostname {}, data in {})",
-        cfg.server.hostname,
-        data_dir.display()
-    );
-
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    watcher.abort();
-    purge.abort();
-    accounts_watch.abort();
-    housekeeping.abort();
-    hup.abort();
-    tracing::info!("shutting down: no new connections; finishing sessions in flight");
-    let _ = shutdown_tx.send(true);
+/// After the shutdown signal: sessions get `[server] shutdown_grace`, then
+/// the dispatcher stops and delivery attempts in flight finish.
+async fn drain(
+    cfg: &Config,
+    sessions: TaskTracker,
+    dispatcher: tokio::task::JoinHandle<()>,
+    workers: TaskTracker,
+) {
     sessions.close();
     let grace = cfg.server.shutdown_grace.0;
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
@@ -270,9 +324,6 @@ pub async fn serve(cfg: Config) -> Result<()> {
     {
         tracing::warn!("delivery attempts still running; their messages stay queued");
     }
-    store.flush()?;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Reload `users.toml`; a broken file keeps the accounts in use.

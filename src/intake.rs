@@ -16,39 +16,44 @@ use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, Store};
 
 /// A complete message as the SMTP session hands it over.
-pub struct Arrival {
+pub(crate) struct Arrival {
     /// The queue id, allocated when DATA began.
-    pub id: u64,
-    pub peer: Peer,
+    pub(crate) id: u64,
+    pub(crate) peer: Peer,
     /// What the rules see of the session (sender and recipients are filled
     /// in from `envelope`).
-    pub info: TxInfo,
-    pub envelope: Envelope,
+    pub(crate) info: TxInfo,
+    pub(crate) envelope: Envelope,
     /// A quarantine or discard decided before DATA, with its script.
-    pub sticky: Option<(Verdict, Option<String>)>,
+    pub(crate) sticky: Option<(Verdict, Option<String>)>,
     /// The `Received:` header to prepend.
-    pub received: String,
+    pub(crate) received: String,
 }
 
 fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
     Reply::new(code, enhanced, text).to_bytes()
 }
 
-pub struct Intake {
-    pub store: Store,
-    pub scheduler: Scheduler,
-    pub metrics: Arc<Metrics>,
-    pub hostname: String,
+pub(crate) struct Intake {
+    pub(crate) store: Store,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) hostname: String,
 }
 
 impl Intake {
     /// Allocate the queue id of a message about to arrive.
-    pub fn next_id(&self) -> store::Result<u64> {
+    pub(crate) fn next_id(&self) -> store::Result<u64> {
         self.store.next_id()
     }
 
     /// Decide on and store a complete message; return the reply to send.
-    pub async fn accept(&self, arrival: Arrival, rules: &Arc<RuleSet>, body: Vec<u8>) -> Vec<u8> {
+    pub(crate) async fn accept(
+        &self,
+        arrival: Arrival,
+        rules: &Arc<RuleSet>,
+        body: Vec<u8>,
+    ) -> Vec<u8> {
         let Arrival {
             id,
             peer,

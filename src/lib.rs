@@ -8,20 +8,20 @@
 
 pub mod admin;
 pub mod config;
-pub mod delivery;
-pub mod dns;
+pub(crate) mod delivery;
+pub(crate) mod dns;
 pub mod gateway;
-pub mod intake;
+pub(crate) mod intake;
 pub mod mail;
 pub mod mailbox;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod net;
 pub mod policy;
-pub mod quarantine;
+pub(crate) mod quarantine;
 pub mod rules_test;
-pub mod smtp;
+pub(crate) mod smtp;
 pub mod store;
-pub mod tls;
+pub(crate) mod tls;
 pub(crate) mod watch;
 
 pub(crate) use net::stopped;

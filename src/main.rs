@@ -22,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Read a password on stdin, print its argon2id hash for policies/users.toml.
+    Passwd,
+    /// The commands that read the configuration.
+    #[command(flatten)]
+    WithConfig(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
     /// Run all listeners and workers until SIGTERM/SIGINT.
     Serve,
     /// Validate the configuration; print each problem with file and line.
@@ -36,8 +45,6 @@ enum Command {
         #[command(subcommand)]
         cmd: QuarantineCmd,
     },
-    /// Read a password on stdin, print its argon2id hash for policies/users.toml.
-    Passwd,
     /// Rule tools.
     Rules {
         #[command(subcommand)]
@@ -124,9 +131,11 @@ enum QuarantineCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Passwd = cli.command {
-        return passwd();
-    }
+    // `passwd` needs neither a configuration nor a runtime.
+    let command = match cli.command {
+        Command::Passwd => return passwd(),
+        Command::WithConfig(c) => c,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
@@ -149,17 +158,16 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        match cli.command {
-            Command::Serve => match postern::gateway::serve(cfg).await {
+        match command {
+            ConfigCommand::Serve => match postern::gateway::serve(cfg).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("postern: {e:#}");
                     ExitCode::FAILURE
                 }
             },
-            Command::Passwd => ExitCode::SUCCESS,
-            Command::Check => check(&cli.config, &cfg),
-            Command::Rules {
+            ConfigCommand::Check => check(&cli.config, &cfg),
+            ConfigCommand::Rules {
                 cmd:
                     RulesCmd::Test {
                         message,
@@ -169,7 +177,7 @@ fn main() -> ExitCode {
                         helo,
                     },
             } => postern::rules_test::run(&cfg, &message, &from, &rcpt, ip, &helo).await,
-            Command::Queue { cmd } => {
+            ConfigCommand::Queue { cmd } => {
                 admin_cmd(
                     &cfg,
                     match cmd {
@@ -183,7 +191,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Quarantine { cmd } => {
+            ConfigCommand::Quarantine { cmd } => {
                 admin_cmd(
                     &cfg,
                     match cmd {

@@ -15,18 +15,18 @@ use prometheus::{
 
 use crate::store::{QueueState, Store};
 
-pub struct Metrics {
-    pub registry: Registry,
-    pub smtp_connections: IntCounterVec,
-    pub smtp_sessions_active: IntGaugeVec,
-    pub messages_received: IntCounterVec,
-    pub verdicts: IntCounterVec,
-    pub queue_messages: IntGaugeVec,
-    pub quarantine_messages: IntGauge,
-    pub delivery_attempts: IntCounterVec,
-    pub delivery_seconds: Histogram,
-    pub bounces: IntCounter,
-    pub mailbox_logins: IntCounterVec,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) smtp_connections: IntCounterVec,
+    pub(crate) smtp_sessions_active: IntGaugeVec,
+    pub(crate) messages_received: IntCounterVec,
+    pub(crate) verdicts: IntCounterVec,
+    pub(crate) queue_messages: IntGaugeVec,
+    pub(crate) quarantine_messages: IntGauge,
+    pub(crate) delivery_attempts: IntCounterVec,
+    pub(crate) delivery_seconds: Histogram,
+    pub(crate) bounces: IntCounter,
+    pub(crate) mailbox_logins: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -55,7 +55,7 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
 
 impl Metrics {
     /// Build the registry. Names are constants, so registration cannot fail at run time.
-    pub fn new() -> Arc<Metrics> {
+    pub(crate) fn new() -> Arc<Metrics> {
         let r = Registry::new();
         let quarantine_messages = IntGauge::new(
             "postern_quarantine_messages",
@@ -140,7 +140,10 @@ impl Metrics {
     }
 
     /// Add the policy engine's metrics to this registry.
-    pub fn register_policy(&self, pm: &crate::policy::PolicyMetrics) -> prometheus::Result<()> {
+    pub(crate) fn register_policy(
+        &self,
+        pm: &crate::policy::PolicyMetrics,
+    ) -> prometheus::Result<()> {
         for res in ["ok", "error"] {
             pm.config_reloads.with_label_values(&[res]);
         }
@@ -148,7 +151,7 @@ impl Metrics {
     }
 
     /// Refresh the gauges that mirror the store, then encode everything.
-    pub fn render(&self, store: Option<&Store>) -> String {
+    pub(crate) fn render(&self, store: Option<&Store>) -> String {
         if let Some(store) = store {
             let counts = store.counts();
             for s in QueueState::ALL {
@@ -168,7 +171,7 @@ impl Metrics {
 }
 
 /// Serve `GET /metrics` until `shutdown` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     store: Store,

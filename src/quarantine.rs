@@ -11,9 +11,9 @@ use crate::mailbox::store::{HeldMeta, QResult, QuarantineError, QuarantineStore}
 use crate::store::wake::Scheduler;
 use crate::store::{Store, StoreError};
 
-pub struct SledQuarantine {
-    pub store: Store,
-    pub scheduler: Scheduler,
+pub(crate) struct SledQuarantine {
+    pub(crate) store: Store,
+    pub(crate) scheduler: Scheduler,
 }
 
 /// Log a store failure once, here, and hand the mailbox a typed error.
@@ -103,7 +103,7 @@ impl QuarantineStore for SledQuarantine {
 }
 
 /// Purge entries older than `retention`, now and then every `every`.
-pub async fn purge_loop(store: Store, retention: Duration, every: Duration) {
+pub(crate) async fn purge_loop(store: Store, retention: Duration, every: Duration) {
     loop {
         let cutoff = crate::store::now_unix() - retention.as_secs() as i64;
         match store.purge_held(cutoff) {

@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("{path}: {why}")]
     File { path: String, why: String },
     #[error("TLS: {0}")]
@@ -29,7 +29,7 @@ fn file_err(path: &Path, why: impl ToString) -> TlsError {
 }
 
 /// Build the acceptor every TLS listener and STARTTLS shares.
-pub fn acceptor(cfg: &Config) -> Result<TlsAcceptor, TlsError> {
+pub(crate) fn acceptor(cfg: &Config) -> Result<TlsAcceptor, TlsError> {
     let (cert, key) = match &cfg.tls {
         Some(t) => (t.cert.clone(), t.key.clone()),
         None => {
@@ -46,7 +46,7 @@ pub fn acceptor(cfg: &Config) -> Result<TlsAcceptor, TlsError> {
 }
 
 /// Load a PEM chain and key into a rustls server config.
-pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     let pem = std::fs::read(cert).map_err(|e| file_err(cert, e))?;
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
@@ -67,7 +67,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> 
 }
 
 /// Write a self-signed certificate for `hostname` (and localhost) to disk.
-pub fn generate(hostname: &str, cert: &Path, key: &Path) -> Result<(), TlsError> {
+pub(crate) fn generate(hostname: &str, cert: &Path, key: &Path) -> Result<(), TlsError> {
     if let Some(dir) = cert.parent() {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     }

@@ -37,7 +37,7 @@ fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
 /// Polls `paths` (files, or directories for the files directly in them)
 /// every `every`, and runs `on_change` on the blocking pool when a file is
 /// added, removed or changed. Runs until aborted.
-pub fn spawn<F>(paths: Vec<PathBuf>, every: Duration, on_change: F) -> JoinHandle<()>
+pub(crate) fn spawn<F>(paths: Vec<PathBuf>, every: Duration, on_change: F) -> JoinHandle<()>
 where
     F: Fn() + Send + Sync + 'static,
 {

@@ -33,7 +33,7 @@ fn is_ok(r: &Reply) -> bool {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("timed out")]
@@ -46,7 +46,7 @@ pub enum ClientError {
 }
 
 /// A live connection to a next hop.
-pub struct Conn {
+pub(crate) struct Conn {
     stream: BufWriter<TcpStream>,
     rbuf: Vec<u8>,
     rpos: usize,
@@ -55,12 +55,12 @@ pub struct Conn {
     pipelining: bool,
     timeout: Duration,
     /// Messages sent on this connection (for logging and limits).
-    pub sent: u32,
+    pub(crate) sent: u32,
 }
 
 impl Conn {
     /// Connect, read the greeting, say EHLO (or LHLO).
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: std::net::SocketAddr,
         lmtp: bool,
         helo_name: &str,
@@ -168,7 +168,7 @@ impl Conn {
 
     /// Send one message. Returns one reply per recipient, in order.
     /// An `Err` means the connection failed and must not be reused.
-    pub async fn transaction(
+    pub(crate) async fn transaction(
         &mut self,
         from: &str,
         rcpts: &[String],
@@ -300,7 +300,7 @@ impl Conn {
         self.flush().await
     }
 
-    pub async fn quit(mut self) {
+    pub(crate) async fn quit(mut self) {
         let _ = self.send(b"QUIT\r\n").await;
         let _ = self.flush().await;
     }
@@ -312,7 +312,7 @@ fn is_8bit(body: &[u8]) -> bool {
 
 /// Idle connections per destination, reused by the next message to the same place.
 #[derive(Default)]
-pub struct Pool {
+pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
 }
 
@@ -322,7 +322,7 @@ const IDLE_KEEP: Duration = Duration::from_secs(20);
 const MAX_PER_CONN: u32 = 1000;
 
 impl Pool {
-    pub fn take(&self, key: &str) -> Option<Conn> {
+    pub(crate) fn take(&self, key: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(key)?;
         while let Some((c, at)) = list.pop() {
@@ -333,7 +333,7 @@ impl Pool {
         None
     }
 
-    pub fn put(&self, key: &str, conn: Conn) {
+    pub(crate) fn put(&self, key: &str, conn: Conn) {
         if conn.sent >= MAX_PER_CONN {
             tokio::spawn(conn.quit());
             return;
@@ -346,7 +346,7 @@ impl Pool {
     }
 
     /// Close everything idle (shutdown).
-    pub fn drain(&self) -> Vec<Conn> {
+    pub(crate) fn drain(&self) -> Vec<Conn> {
         match self.idle.lock() {
             Ok(mut idle) => idle
                 .drain()
@@ -361,7 +361,7 @@ impl Pool {
 /// reusing a pooled connection when there is one. An `Err` means nothing
 /// was delivered (connection-level failure).
 #[allow(clippy::too_many_arguments)]
-pub async fn deliver(
+pub(crate) async fn deliver(
     pool: &Pool,
     key: &str,
     addrs: &[std::net::SocketAddr],

@@ -5,18 +5,18 @@ use crate::mail::{Enhanced, headers};
 use crate::store::Recipient;
 
 /// One failed recipient for the report.
-pub struct Failure<'a> {
-    pub recipient: &'a Recipient,
+pub(crate) struct Failure<'a> {
+    pub(crate) recipient: &'a Recipient,
     /// `Status:` (RFC 3463), e.g. `5.1.1`, or `5.4.7` for expiry.
-    pub status: Enhanced,
+    pub(crate) status: Enhanced,
     /// The reply that failed it, as `Diagnostic-Code: smtp; ...` shows it.
-    pub diagnostic: String,
+    pub(crate) diagnostic: String,
 }
 
 /// Build the multipart/report. `original` is the failed message; only its
 /// header is returned (text/rfc822-headers), which is what senders need and
 /// keeps bounces small.
-pub fn build(
+pub(crate) fn build(
     hostname: &str,
     sender: &str,
     queue_id: &str,

@@ -12,7 +12,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The mailbox folder of one recipient. Characters that could escape the
 /// root or confuse a shell are percent-encoded.
-pub fn mailbox_dir(root: &Path, recipient: &str) -> PathBuf {
+pub(crate) fn mailbox_dir(root: &Path, recipient: &str) -> PathBuf {
     let mut name = String::new();
     for (i, c) in recipient.to_lowercase().chars().enumerate() {
         let safe = c.is_ascii_alphanumeric() || "@-_+=".contains(c) || (c == '.' && i > 0);
@@ -29,7 +29,7 @@ pub fn mailbox_dir(root: &Path, recipient: &str) -> PathBuf {
 }
 
 /// Write `body` into the recipient's Maildir. Blocking: call from `spawn_blocking`.
-pub fn deliver(
+pub(crate) fn deliver(
     root: &Path,
     recipient: &str,
     hostname: &str,

@@ -7,10 +7,10 @@
 //! at a time. Each attempt groups the pending recipients by next hop and
 //! sends one transaction per hop over a pooled connection.
 
-pub mod client;
-pub mod dsn;
-pub mod maildir;
-pub mod mx;
+pub(crate) mod client;
+pub(crate) mod dsn;
+pub(crate) mod maildir;
+pub(crate) mod mx;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -31,13 +31,13 @@ use crate::store::{self, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_
 use client::Pool;
 
 /// What every delivery task shares.
-pub struct Delivery {
-    pub cfg: Arc<Config>,
-    pub store: Store,
-    pub metrics: Arc<Metrics>,
-    pub scheduler: Scheduler,
-    pub resolver: TokioResolver,
-    pub pool: Pool,
+pub(crate) struct Delivery {
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) store: Store,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) resolver: TokioResolver,
+    pub(crate) pool: Pool,
     in_flight: Mutex<HashSet<u64>>,
 }
 
@@ -96,7 +96,7 @@ struct RcptOutcome {
 }
 
 impl Delivery {
-    pub fn new(
+    pub(crate) fn new(
         cfg: Arc<Config>,
         store: Store,
         metrics: Arc<Metrics>,
@@ -115,7 +115,7 @@ impl Delivery {
     }
 
     /// Put every message of the store on the schedule (at start).
-    pub fn resume(&self) -> store::Result<usize> {
+    pub(crate) fn resume(&self) -> store::Result<usize> {
         let mut n = 0;
         for e in self.store.queue_entries()? {
             if e.state != QueueState::Held {
@@ -139,7 +139,7 @@ impl Delivery {
     }
 
     /// One delivery attempt of message `id`.
-    pub async fn attempt(self: &Arc<Self>, id: u64) {
+    pub(crate) async fn attempt(self: &Arc<Self>, id: u64) {
         {
             let Ok(mut f) = self.in_flight.lock() else {
                 return;
@@ -509,7 +509,7 @@ impl Delivery {
 
 /// Run the dispatcher until shutdown; in-flight attempts finish (bounded by
 /// the delivery timeout) and are tracked by `tracker`.
-pub async fn run(
+pub(crate) async fn run(
     delivery: Arc<Delivery>,
     mut rx: Wakeups,
     mut shutdown: watch::Receiver<bool>,

@@ -12,7 +12,7 @@ use crate::dns::DnsError;
 
 /// Where mail for a domain goes.
 #[derive(Debug)]
-pub enum MxAnswer {
+pub(crate) enum MxAnswer {
     /// Exchange host names, most preferred first.
     Hosts(Vec<String>),
     /// The domain publishes a null MX: it accepts no mail (permanent).
@@ -23,7 +23,7 @@ pub enum MxAnswer {
     TempFail(NetError),
 }
 
-pub async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
+pub(crate) async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     match resolver.mx_lookup(fqdn.as_str()).await {
         Ok(l) => {
@@ -56,7 +56,7 @@ pub async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> MxAnswer {
 }
 
 /// Addresses for `host` (an IP literal or a name) at `port`.
-pub async fn resolve_host(
+pub(crate) async fn resolve_host(
     resolver: &TokioResolver,
     host: &str,
     port: u16,
@@ -76,7 +76,7 @@ pub async fn resolve_host(
 }
 
 /// Split `host:port` (as in `smtp://host:port`).
-pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+pub(crate) fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (h, p) = s.rsplit_once(':')?;
     Some((h, p.parse().ok()?))
 }

@@ -6,23 +6,23 @@ use std::net::IpAddr;
 /// One accepted recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rcpt {
-    pub address: String,
+    pub(crate) address: String,
     /// In one of `[relay] domains` (else: outbound).
-    pub local: bool,
+    pub(crate) local: bool,
 }
 
 /// MAIL FROM and the accepted RCPT TOs of one transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
     /// `""` for the null sender `<>`.
-    pub from: String,
-    pub rcpts: Vec<Rcpt>,
+    pub(crate) from: String,
+    pub(crate) rcpts: Vec<Rcpt>,
     /// The `SIZE=` the client declared (0 when none).
-    pub declared_size: u64,
+    pub(crate) declared_size: u64,
 }
 
 impl Envelope {
-    pub fn rcpt_addresses(&self) -> Vec<String> {
+    pub(crate) fn rcpt_addresses(&self) -> Vec<String> {
         self.rcpts.iter().map(|r| r.address.clone()).collect()
     }
 }
@@ -30,14 +30,14 @@ impl Envelope {
 /// The client as the session knows it when a message arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    pub ip: IpAddr,
-    pub port: u16,
+    pub(crate) ip: IpAddr,
+    pub(crate) port: u16,
     /// The EHLO/HELO name, already made safe ([`super::token`]).
-    pub helo: String,
-    pub tls: bool,
-    pub auth_user: Option<String>,
+    pub(crate) helo: String,
+    pub(crate) tls: bool,
+    pub(crate) auth_user: Option<String>,
     /// The listener's label: `relay`, `submission`, `submissions`.
-    pub listener: &'static str,
+    pub(crate) listener: &'static str,
 }
 
 /// Split `local@domain` at the last `@` (either part may be empty: the

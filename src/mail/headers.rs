@@ -7,16 +7,16 @@
 /// One header field: `start..end` spans its first line and every
 /// continuation line, line ends included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Field {
-    pub start: usize,
-    pub end: usize,
+pub(crate) struct Field {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
     /// Offset of the `:` (or `end` when the line has none).
-    pub colon: usize,
+    pub(crate) colon: usize,
 }
 
 impl Field {
     /// The field name, trimmed (empty for a line without a colon).
-    pub fn name<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
+    pub(crate) fn name<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
         if self.colon >= self.end {
             return b"";
         }
@@ -24,7 +24,7 @@ impl Field {
     }
 
     /// The raw value after the colon, folding and line end included.
-    pub fn value<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
+    pub(crate) fn value<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
         if self.colon >= self.end {
             return b"";
         }
@@ -32,11 +32,11 @@ impl Field {
     }
 
     /// The whole field as it stands in the message.
-    pub fn raw<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
+    pub(crate) fn raw<'m>(&self, msg: &'m [u8]) -> &'m [u8] {
         &msg[self.start..self.end]
     }
 
-    pub fn is(&self, msg: &[u8], name: &str) -> bool {
+    pub(crate) fn is(&self, msg: &[u8], name: &str) -> bool {
         self.name(msg).eq_ignore_ascii_case(name.as_bytes())
     }
 }
@@ -44,16 +44,16 @@ impl Field {
 /// The fields of the header section and the offset where the body starts
 /// (just after the empty line; `msg.len()` when there is no body).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers {
-    pub fields: Vec<Field>,
+pub(crate) struct Headers {
+    pub(crate) fields: Vec<Field>,
     /// End of the header section: the offset of the empty line, or
     /// `msg.len()` when the message is all headers.
-    pub header_end: usize,
-    pub body_start: usize,
+    pub(crate) header_end: usize,
+    pub(crate) body_start: usize,
 }
 
 /// Split `msg` into header fields and body.
-pub fn scan(msg: &[u8]) -> Headers {
+pub(crate) fn scan(msg: &[u8]) -> Headers {
     let mut fields: Vec<Field> = Vec::new();
     let mut pos = 0;
     while pos < msg.len() {
@@ -92,44 +92,14 @@ pub fn scan(msg: &[u8]) -> Headers {
     }
 }
 
-/// The header section, the empty line that ends it included when present
-/// (what POP3 TOP and IMAP `BODY[HEADER]` return).
-pub fn header_block(msg: &[u8]) -> &[u8] {
-    &msg[..scan(msg).body_start]
-}
-
 /// The header section without the empty line (what a DSN quotes).
-pub fn header_fields_only(msg: &[u8]) -> &[u8] {
+pub(crate) fn header_fields_only(msg: &[u8]) -> &[u8] {
     &msg[..scan(msg).header_end]
 }
 
 /// Where the body starts: just past the empty line (or the end of `msg`).
-pub fn body_start(msg: &[u8]) -> usize {
+pub(crate) fn body_start(msg: &[u8]) -> usize {
     scan(msg).body_start
-}
-
-/// The body: everything after the empty line.
-pub fn body(msg: &[u8]) -> &[u8] {
-    &msg[scan(msg).body_start..]
-}
-
-/// The first value of field `name`, unfolded and trimmed, as lossy UTF-8.
-pub fn first_value(msg: &[u8], name: &str) -> Option<String> {
-    let h = scan(msg);
-    h.fields
-        .iter()
-        .find(|f| f.is(msg, name))
-        .map(|f| unfold(f.value(msg)))
-}
-
-/// Unfold a raw field value (RFC 5322 2.2.3): line ends removed, trimmed.
-pub fn unfold(value: &[u8]) -> String {
-    let s: Vec<u8> = value
-        .iter()
-        .copied()
-        .filter(|&b| b != b'\r' && b != b'\n')
-        .collect();
-    String::from_utf8_lossy(&s).trim().to_string()
 }
 
 #[cfg(test)]
@@ -145,20 +115,18 @@ mod tests {
         assert_eq!(h.fields[0].name(m), b"Subject");
         assert_eq!(h.fields[2].name(m), b"");
         assert_eq!(&m[h.body_start..], b"body\r\n");
-        assert_eq!(header_block(m).len(), h.body_start);
         assert!(header_fields_only(m).ends_with(b"bogus line\r\n"));
-        assert_eq!(first_value(m, "subject").as_deref(), Some("a b"));
     }
 
     #[test]
     fn bare_lf_and_no_body() {
         let m = b"A: 1\nB: 2\n\nx";
-        assert_eq!(body(m), b"x");
+        assert_eq!(&m[body_start(m)..], b"x");
         let m = b"A: 1\r\nB: 2";
         let h = scan(m);
         assert_eq!(h.fields.len(), 2);
         assert_eq!(h.body_start, m.len());
-        assert_eq!(body(m), b"");
+        assert_eq!(body_start(m), m.len());
         assert_eq!(scan(b"").fields.len(), 0);
     }
 }

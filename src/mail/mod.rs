@@ -2,8 +2,8 @@
 //! and the mailboxes all speak, so none of them has to import another's
 //! internals. No sockets and no sled here.
 
-pub mod envelope;
-pub mod headers;
+pub(crate) mod envelope;
+pub(crate) mod headers;
 pub mod reply;
 
 pub use envelope::{Envelope, Peer, Rcpt, split_address};
@@ -17,7 +17,7 @@ const MAX_TOKEN: usize = 255;
 /// Peer- or script-supplied text made safe for one line of a reply, a
 /// header or a log: control characters (CR, LF, NUL, TAB...) become
 /// spaces, and the length is capped.
-pub fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.chars()
         .take(MAX_TEXT)
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -26,7 +26,7 @@ pub fn one_line(s: &str) -> String {
 
 /// A peer-supplied token (HELO name, ESMTP parameter) made safe to echo:
 /// anything but printable ASCII becomes `?`, and the length is capped.
-pub fn token(s: &str) -> String {
+pub(crate) fn token(s: &str) -> String {
     s.chars()
         .take(MAX_TOKEN)
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })

@@ -10,8 +10,8 @@ use std::fmt;
 pub struct Enhanced {
     /// 2 (success), 4 (persistent transient) or 5 (permanent).
     pub class: u8,
-    pub subject: u16,
-    pub detail: u16,
+    pub(crate) subject: u16,
+    pub(crate) detail: u16,
 }
 
 impl Enhanced {
@@ -24,7 +24,7 @@ impl Enhanced {
     }
 
     /// Parse `"5.7.1"`; `None` unless it has the RFC 3463 shape.
-    pub fn parse(s: &str) -> Option<Enhanced> {
+    pub(crate) fn parse(s: &str) -> Option<Enhanced> {
         let mut it = s.split('.');
         let class: u8 = it.next()?.parse().ok()?;
         let subject: u16 = it.next()?.parse().ok()?;
@@ -37,7 +37,7 @@ impl Enhanced {
 
     /// The same condition, made permanent (`4.4.1` → `5.4.1`), as a DSN
     /// says when a temporary failure has lasted past `max_age`.
-    pub fn permanent(self) -> Enhanced {
+    pub(crate) fn permanent(self) -> Enhanced {
         Enhanced { class: 5, ..self }
     }
 }
@@ -68,7 +68,7 @@ impl Reply {
     }
 
     /// A reply without an enhanced code (greeting, 354, HELO).
-    pub fn plain(code: u16, text: impl AsRef<str>) -> Reply {
+    pub(crate) fn plain(code: u16, text: impl AsRef<str>) -> Reply {
         Reply {
             code,
             enhanced: None,
@@ -79,7 +79,7 @@ impl Reply {
     /// Split text such as `"5.7.1 go away"` (what scripts and remote
     /// servers write) into enhanced code and text. Without a code, one
     /// that fits the reply code is supplied (`x.0.0`).
-    pub fn parse_text(code: u16, text: &str) -> Reply {
+    pub(crate) fn parse_text(code: u16, text: &str) -> Reply {
         let text = super::one_line(text);
         let (first, rest) = match text.split_once(' ') {
             Some((a, b)) => (a, b.trim_start()),
@@ -102,20 +102,12 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    pub fn is_permanent(&self) -> bool {
+    pub(crate) fn is_permanent(&self) -> bool {
         (500..600).contains(&self.code)
     }
 
     /// The reply as one wire line, CRLF included.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.text.len() + 16);
         self.write_line(&mut out, true);
         out
@@ -123,7 +115,7 @@ impl Reply {
 
     /// Append this reply as one line; `last = false` writes `250-...` for
     /// a multi-line reply.
-    pub fn write_line(&self, out: &mut Vec<u8>, last: bool) {
+    pub(crate) fn write_line(&self, out: &mut Vec<u8>, last: bool) {
         use std::io::Write;
         let sep = if last { ' ' } else { '-' };
         let _ = match self.enhanced {

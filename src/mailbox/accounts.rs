@@ -10,7 +10,7 @@ use crate::mailbox::store::HeldMeta;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+pub(crate) enum Role {
     User,
     Admin,
 }
@@ -39,16 +39,16 @@ struct UsersFile {
 
 /// One account, as the servers see it after a successful login.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Account {
-    pub login: String,
+pub(crate) struct Account {
+    pub(crate) login: String,
     /// Lower-cased.
-    pub addresses: Vec<String>,
-    pub role: Role,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) role: Role,
 }
 
 impl Account {
     /// Whether this account may see (read, delete, release) the entry.
-    pub fn can_see(&self, meta: &HeldMeta) -> bool {
+    pub(crate) fn can_see(&self, meta: &HeldMeta) -> bool {
         self.role == Role::Admin
             || self
                 .addresses
@@ -135,7 +135,7 @@ impl Accounts {
 
     /// `policies/users.toml` of `cfg`: the quarantine (and, later,
     /// submission) accounts.
-    pub fn file(cfg: &crate::config::Config) -> std::path::PathBuf {
+    pub(crate) fn file(cfg: &crate::config::Config) -> std::path::PathBuf {
         cfg.policies.dir.join("users.toml")
     }
 
@@ -149,7 +149,7 @@ impl Accounts {
     }
 
     /// Read and parse a users file.
-    pub fn load(path: &Path) -> Result<Accounts, AccountsError> {
+    pub(crate) fn load(path: &Path) -> Result<Accounts, AccountsError> {
         let text = std::fs::read_to_string(path).map_err(|source| AccountsError::Io {
             path: path.display().to_string(),
             source,
@@ -159,7 +159,7 @@ impl Accounts {
 
     /// The account for `login` if `password` matches its hash. CPU-heavy (argon2): call it
     /// from a blocking thread in async code.
-    pub fn verify(&self, login: &str, password: &str) -> Option<Account> {
+    pub(crate) fn verify(&self, login: &str, password: &str) -> Option<Account> {
         let entry = self
             .users
             .iter()
@@ -173,12 +173,8 @@ impl Accounts {
     }
 
     /// Number of accounts.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.users.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
     }
 }
 

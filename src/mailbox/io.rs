@@ -5,13 +5,13 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use crate::net::{Conn, Line, Stream};
+pub(crate) use crate::net::{Conn, Line};
 
 /// Slows down password guessing: every failed login from an IP raises the delay that IP's
 /// next login attempts wait before they are checked (0.25 s doubling up to 16 s); it decays
 /// after 15 minutes without failures and is cleared by a success.
 #[derive(Default)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     map: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
@@ -20,7 +20,7 @@ const THROTTLE_MAX_KEYS: usize = 100_000;
 
 impl Throttle {
     /// How long an attempt from `ip` must wait before its password is checked.
-    pub fn delay(&self, ip: IpAddr) -> Duration {
+    pub(crate) fn delay(&self, ip: IpAddr) -> Duration {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&ip) {
             Some(&(n, at)) if n > 0 && at.elapsed() < THROTTLE_FORGET => {
@@ -31,7 +31,7 @@ impl Throttle {
         }
     }
 
-    pub fn failed(&self, ip: IpAddr) {
+    pub(crate) fn failed(&self, ip: IpAddr) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= THROTTLE_MAX_KEYS {
             map.retain(|_, (_, at)| at.elapsed() < THROTTLE_FORGET);
@@ -44,13 +44,13 @@ impl Throttle {
         e.1 = Instant::now();
     }
 
-    pub fn succeeded(&self, ip: IpAddr) {
+    pub(crate) fn succeeded(&self, ip: IpAddr) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.remove(&ip);
     }
 }
 
-pub use crate::net::stopped as wait_shutdown;
+pub(crate) use crate::net::stopped as wait_shutdown;
 
 #[cfg(test)]
 mod tests {

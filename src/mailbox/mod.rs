@@ -24,7 +24,7 @@
 
 pub mod accounts;
 pub(crate) mod imap;
-pub mod io;
+pub(crate) mod io;
 pub(crate) mod pop3;
 pub mod store;
 
@@ -44,15 +44,15 @@ use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec};
 
 /// Bounds on sessions; the defaults follow the RFCs' minimum autologout timers.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// POP3 inactivity autologout (RFC 1939: at least 10 minutes).
-    pub pop3_idle: Duration,
+    pub(crate) pop3_idle: Duration,
     /// IMAP inactivity autologout, also bounds one IDLE (RFC 3501: at least 30 minutes).
-    pub imap_idle: Duration,
+    pub(crate) imap_idle: Duration,
     /// Largest IMAP literal accepted (we take no APPEND, so literals are only strings).
-    pub max_literal: usize,
+    pub(crate) max_literal: usize,
     /// A TLS handshake (POP3S/IMAPS, or after STLS/STARTTLS).
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
 }
 
 impl Default for Limits {
@@ -69,17 +69,17 @@ impl Default for Limits {
 /// Everything the mailbox listeners share.
 pub struct MailboxCtx {
     /// Blocking: call it from the blocking pool (see the module doc).
-    pub store: Arc<dyn QuarantineStore>,
+    pub(crate) store: Arc<dyn QuarantineStore>,
     /// Swapped on reload; a login uses the set current at that moment.
-    pub accounts: RwLock<Arc<Accounts>>,
-    pub tls: tokio_rustls::TlsAcceptor,
-    pub hostname: String,
+    pub(crate) accounts: RwLock<Arc<Accounts>>,
+    pub(crate) tls: tokio_rustls::TlsAcceptor,
+    pub(crate) hostname: String,
     /// `postern_mailbox_logins_total{protocol, result}`.
     pub logins: IntCounterVec,
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// The caps shared by every POP3 and IMAP listener (`[quarantine]
     /// max_connections`, `max_connections_per_ip`).
-    pub admission: Arc<Admission>,
+    pub(crate) admission: Arc<Admission>,
     pub(crate) throttle: Throttle,
     pub(crate) pop3_locks: Mutex<HashSet<String>>,
     /// Per-user IMAP state (UIDs, flags, cached views) shared by all IMAP sessions.
@@ -125,7 +125,7 @@ impl MailboxCtx {
         .expect("static metric definition is valid")
     }
 
-    pub fn accounts(&self) -> Arc<Accounts> {
+    pub(crate) fn accounts(&self) -> Arc<Accounts> {
         self.accounts
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -133,7 +133,7 @@ impl MailboxCtx {
     }
 
     /// Install a reloaded users file.
-    pub fn set_accounts(&self, accounts: Arc<Accounts>) {
+    pub(crate) fn set_accounts(&self, accounts: Arc<Accounts>) {
         *self.accounts.write().unwrap_or_else(|e| e.into_inner()) = accounts;
     }
 }

@@ -29,7 +29,7 @@ pub enum QuarantineError {
     Unavailable(String),
 }
 
-pub type QResult<T> = Result<T, QuarantineError>;
+pub(crate) type QResult<T> = Result<T, QuarantineError>;
 
 pub trait QuarantineStore: Send + Sync + 'static {
     /// All held entries, ascending id.
@@ -119,7 +119,8 @@ impl MemStore {
     }
 
     /// How many times [`QuarantineStore::list`] has run (each decodes every entry in sled).
-    pub fn list_calls(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn list_calls(&self) -> usize {
         self.lists.load(Ordering::SeqCst)
     }
 

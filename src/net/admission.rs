@@ -19,19 +19,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The limits of one group of listeners.
 #[derive(Debug, Clone)]
-pub struct AdmissionConfig {
-    pub max_connections: usize,
+pub(crate) struct AdmissionConfig {
+    pub(crate) max_connections: usize,
     /// 0 = no per-IP cap.
-    pub max_per_ip: usize,
+    pub(crate) max_per_ip: usize,
     /// New connections per IP: `(count, per)`; `None` = no rate.
-    pub rate_per_ip: Option<(u32, std::time::Duration)>,
+    pub(crate) rate_per_ip: Option<(u32, std::time::Duration)>,
     /// Not held to the per-IP cap and rate.
-    pub exempt: Vec<IpNet>,
+    pub(crate) exempt: Vec<IpNet>,
 }
 
 /// Why a connection was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Every slot of the group is taken.
     Full,
     /// This IP has its share of open connections.
@@ -41,7 +41,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Refusal::Full => "full",
             Refusal::PerIp => "per_ip",
@@ -50,7 +50,7 @@ impl Refusal {
     }
 }
 
-pub struct Admission {
+pub(crate) struct Admission {
     cfg: AdmissionConfig,
     slots: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -59,7 +59,7 @@ pub struct Admission {
 }
 
 /// Held for as long as the session lives; gives its slots back on drop.
-pub struct Ticket {
+pub(crate) struct Ticket {
     _slot: OwnedSemaphorePermit,
     ip: Option<IpAddr>,
     admission: Arc<Admission>,
@@ -88,7 +88,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl Admission {
-    pub fn new(cfg: AdmissionConfig) -> Arc<Admission> {
+    pub(crate) fn new(cfg: AdmissionConfig) -> Arc<Admission> {
         let rate = cfg.rate_per_ip.and_then(|(count, per)| {
             let count = NonZeroU32::new(count)?;
             let quota = Quota::with_period(per / count.get())?.allow_burst(count);
@@ -108,7 +108,7 @@ impl Admission {
     }
 
     /// Admit a connection from `ip` (`None`: a local socket, only the total applies).
-    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Ticket, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Ticket, Refusal> {
         let ip = ip.map(canonical);
         let limited = ip.filter(|ip| !self.cfg.exempt.iter().any(|n| n.contains(ip)));
         if let (Some(ip), Some(rate)) = (limited, &self.rate) {
@@ -145,9 +145,12 @@ impl Admission {
             admission: self.clone(),
         })
     }
+}
 
-    /// Open connections of `ip` counted against its cap (for tests and logs).
-    pub fn open_from(&self, ip: IpAddr) -> usize {
+#[cfg(test)]
+impl Admission {
+    /// Open connections of `ip` counted against its cap.
+    fn open_from(&self, ip: IpAddr) -> usize {
         self.lock().get(&canonical(ip)).copied().unwrap_or(0)
     }
 }

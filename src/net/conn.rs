@@ -15,19 +15,19 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Any byte stream a session can run on.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// The waits a peer may impose on one connection.
 #[derive(Debug, Clone, Copy)]
-pub struct Deadlines {
+pub(crate) struct Deadlines {
     /// Per command line (and per write): fixed when the read starts.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// A TLS handshake, implicit or after STARTTLS/STLS.
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
     /// The whole session; `None` for protocols whose sessions may
     /// legitimately last (IMAP IDLE is bounded by `idle` instead).
-    pub session: Option<Duration>,
+    pub(crate) session: Option<Duration>,
 }
 
 impl Default for Deadlines {
@@ -42,7 +42,7 @@ impl Default for Deadlines {
 
 /// What a line read produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Line {
+pub(crate) enum Line {
     /// One line ([`Conn::read_line`]: without its line end; [`Conn::read_line_raw`]: with it).
     Data(Vec<u8>),
     /// The line exceeded the bound; it was read and thrown away up to its end.
@@ -57,7 +57,7 @@ pub enum Line {
 
 /// What [`Conn::fill`] produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Fill {
+pub(crate) enum Fill {
     /// This many new bytes are in [`Conn::buffered`].
     Data(usize),
     Eof,
@@ -69,11 +69,11 @@ pub enum Fill {
 const READ_CHUNK: usize = 8192;
 
 /// A connection with its read buffer and deadlines.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Box<dyn Stream>,
     buf: BytesMut,
     /// The stream is TLS (implicit, or upgraded).
-    pub tls: bool,
+    pub(crate) tls: bool,
     deadlines: Deadlines,
     session_end: Option<Instant>,
     shutdown: Option<watch::Receiver<bool>>,
@@ -85,11 +85,12 @@ fn timed_out(what: &str) -> std::io::Error {
 
 impl Conn {
     /// A connection with default deadlines (tests, in-memory streams).
-    pub fn new(io: Box<dyn Stream>, tls: bool) -> Conn {
+    #[cfg(test)]
+    pub(crate) fn new(io: Box<dyn Stream>, tls: bool) -> Conn {
         Conn::with_deadlines(io, tls, Deadlines::default())
     }
 
-    pub fn with_deadlines(io: Box<dyn Stream>, tls: bool, deadlines: Deadlines) -> Conn {
+    pub(crate) fn with_deadlines(io: Box<dyn Stream>, tls: bool, deadlines: Deadlines) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
@@ -101,26 +102,26 @@ impl Conn {
     }
 
     /// Let [`Conn::read_line_raw`] with `stoppable` end at shutdown.
-    pub fn watch_shutdown(&mut self, rx: watch::Receiver<bool>) {
+    pub(crate) fn watch_shutdown(&mut self, rx: watch::Receiver<bool>) {
         self.shutdown = Some(rx);
     }
 
     /// Shutdown has begun (false when no shutdown signal is watched).
-    pub fn shutting_down(&self) -> bool {
+    pub(crate) fn shutting_down(&self) -> bool {
         self.shutdown.as_ref().is_some_and(|rx| *rx.borrow())
     }
 
-    pub fn deadlines(&self) -> Deadlines {
+    pub(crate) fn deadlines(&self) -> Deadlines {
         self.deadlines
     }
 
     /// Has the whole-session deadline passed?
-    pub fn session_expired(&self) -> bool {
+    pub(crate) fn session_expired(&self) -> bool {
         self.session_end.is_some_and(|e| Instant::now() >= e)
     }
 
     /// `now + d`, but never past the session's end.
-    pub fn deadline_in(&self, d: Duration) -> Instant {
+    pub(crate) fn deadline_in(&self, d: Duration) -> Instant {
         let at = Instant::now() + d;
         match self.session_end {
             Some(end) if end < at => end,
@@ -129,22 +130,22 @@ impl Conn {
     }
 
     /// Bytes received and not yet consumed.
-    pub fn buffered(&self) -> &[u8] {
+    pub(crate) fn buffered(&self) -> &[u8] {
         &self.buf
     }
 
-    pub fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.buf.advance(n.min(self.buf.len()));
     }
 
     /// Read more bytes into the buffer, waiting at most until `deadline`.
-    pub async fn fill(&mut self, deadline: Instant) -> std::io::Result<Fill> {
+    pub(crate) async fn fill(&mut self, deadline: Instant) -> std::io::Result<Fill> {
         Self::fill_inner(&mut self.io, &mut self.buf, deadline).await
     }
 
     /// Read one line of at most `max` bytes (line end excluded), returned
     /// without its CRLF (or bare LF).
-    pub async fn read_line(&mut self, max: usize) -> std::io::Result<Line> {
+    pub(crate) async fn read_line(&mut self, max: usize) -> std::io::Result<Line> {
         Ok(match self.read_line_raw(max + 2, false).await? {
             Line::Data(mut l) => {
                 l.pop();
@@ -165,7 +166,11 @@ impl Conn {
     /// smtp-proto parses). The line must be complete within `idle` of the
     /// call, whatever trickles in meanwhile. With `stoppable`, shutdown
     /// ends the wait as long as no byte of the line has arrived.
-    pub async fn read_line_raw(&mut self, max: usize, stoppable: bool) -> std::io::Result<Line> {
+    pub(crate) async fn read_line_raw(
+        &mut self,
+        max: usize,
+        stoppable: bool,
+    ) -> std::io::Result<Line> {
         let deadline = self.deadline_in(self.deadlines.idle);
         let mut scanned = 0;
         let mut too_long = false;
@@ -221,7 +226,7 @@ impl Conn {
     }
 
     /// Read exactly `n` bytes (an IMAP literal) within `idle`. `None` on EOF.
-    pub async fn read_exact(&mut self, n: usize) -> std::io::Result<Option<Vec<u8>>> {
+    pub(crate) async fn read_exact(&mut self, n: usize) -> std::io::Result<Option<Vec<u8>>> {
         let deadline = self.deadline_in(self.deadlines.idle);
         while self.buf.len() < n {
             match self.fill(deadline).await? {
@@ -234,7 +239,7 @@ impl Conn {
     }
 
     /// Write and flush; a peer that does not read gets `idle`, no more.
-    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         let deadline = self.deadline_in(self.deadlines.idle);
         let io = &mut self.io;
         tokio::time::timeout_at(deadline, async {
@@ -248,7 +253,10 @@ impl Conn {
     /// Upgrade to TLS within the handshake deadline. Bytes the client
     /// pipelined after STARTTLS are discarded: they came in clear text and
     /// must not be taken as coming through TLS (CVE-2011-0411).
-    pub async fn starttls(self, acceptor: &tokio_rustls::TlsAcceptor) -> std::io::Result<Conn> {
+    pub(crate) async fn starttls(
+        self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+    ) -> std::io::Result<Conn> {
         let deadline = self.deadline_in(self.deadlines.handshake);
         let tls = tokio::time::timeout_at(deadline, acceptor.accept(self.io))
             .await
@@ -264,14 +272,14 @@ impl Conn {
     }
 
     /// Close our side; bounded, like every write.
-    pub async fn shutdown(&mut self) {
+    pub(crate) async fn shutdown(&mut self) {
         let _ = tokio::time::timeout(self.deadlines.handshake, self.io.shutdown()).await;
     }
 
     /// Close our side, then read and discard what the peer still sends for
     /// a moment, so our last reply is not lost to a reset when we hang up on
     /// a client that is still writing (a lingering close).
-    pub async fn close_lingering(&mut self, linger: Duration) {
+    pub(crate) async fn close_lingering(&mut self, linger: Duration) {
         self.shutdown().await;
         let deadline = Instant::now() + linger;
         let mut discarded = 0usize;

@@ -9,8 +9,8 @@
 //! Shutdown is one watch channel and one [`TaskTracker`] for every session,
 //! so `[server] shutdown_grace` is the one grace period.
 
-pub mod admission;
-pub mod conn;
+pub(crate) mod admission;
+pub(crate) mod conn;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,12 +24,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use admission::{Admission, AdmissionConfig, Refusal, Ticket};
-pub use conn::{Conn, Deadlines, Fill, Line, Stream};
+pub(crate) use admission::{Admission, AdmissionConfig};
+pub(crate) use conn::{Conn, Deadlines, Fill, Line, Stream};
 
 /// Resolve once the shutdown flag is set (or its sender is gone, which also
 /// means stop). The watch guard is dropped inside, so callers stay `Send`.
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
@@ -42,28 +42,28 @@ pub struct Server {
 }
 
 /// How one listener treats its connections.
-pub struct ListenerSpec {
+pub(crate) struct ListenerSpec {
     /// The metric and log label: "relay", "submission", "pop3s", "control"...
-    pub label: &'static str,
+    pub(crate) label: &'static str,
     /// Implicit TLS (465, 995, 993): the handshake runs before the shell.
-    pub tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// The group's caps (shared by the listeners of one protocol family).
-    pub admission: Arc<Admission>,
+    pub(crate) admission: Arc<Admission>,
     /// What a refused client is told (`421 4.7.0 ...`, `-ERR [SYS/TEMP] ...`,
     /// `* BYE [UNAVAILABLE] ...`), before we close.
-    pub overload: Vec<u8>,
-    pub deadlines: Deadlines,
+    pub(crate) overload: Vec<u8>,
+    pub(crate) deadlines: Deadlines,
     /// Counted on every accepted connection, admitted or not.
-    pub on_accept: Option<prometheus::IntCounter>,
+    pub(crate) on_accept: Option<prometheus::IntCounter>,
 }
 
 /// The peer as the shell sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     /// `None` on a Unix socket.
-    pub addr: Option<SocketAddr>,
+    pub(crate) addr: Option<SocketAddr>,
     /// Unique per process: the `session` field of every log line.
-    pub session: u64,
+    pub(crate) session: u64,
 }
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -78,7 +78,7 @@ fn refusals() -> &'static Arc<Semaphore> {
 }
 
 /// Something connections come from.
-pub trait Acceptor: Send + Sync + 'static {
+pub(crate) trait Acceptor: Send + Sync + 'static {
     fn accept_one(
         &self,
     ) -> impl Future<Output = std::io::Result<(Box<dyn Stream>, Option<SocketAddr>)>> + Send;
@@ -101,7 +101,7 @@ impl Acceptor for UnixListener {
 
 /// Accept on `listener` until shutdown; run `shell` for every admitted
 /// connection, in its own task and span, tracked by `server.tracker`.
-pub async fn serve<A, F, Fut>(listener: A, spec: Arc<ListenerSpec>, server: Server, shell: F)
+pub(crate) async fn serve<A, F, Fut>(listener: A, spec: Arc<ListenerSpec>, server: Server, shell: F)
 where
     A: Acceptor,
     F: Fn(Conn, Peer) -> Fut + Send + Sync + 'static,
@@ -212,7 +212,7 @@ fn refuse(io: Box<dyn Stream>, spec: Arc<ListenerSpec>, tracker: &TaskTracker) {
 const BACKLOG: u32 = 1024;
 
 /// Bind every address of a listener, failing loudly on the first that cannot be bound.
-pub async fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+pub(crate) async fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     for a in addrs {
         let bind = || {

@@ -19,14 +19,14 @@ use crate::config::ChecksConfig;
 /// The outcome of the checks on one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthOutcome {
-    pub spf: &'static str,
-    pub dkim: &'static str,
-    pub dmarc: &'static str,
+    pub(crate) spf: &'static str,
+    pub(crate) dkim: &'static str,
+    pub(crate) dmarc: &'static str,
     /// The DMARC policy of the From domain: `reject`, `quarantine`, `none`
     /// (also when there is no record).
-    pub dmarc_policy: &'static str,
+    pub(crate) dmarc_policy: &'static str,
     /// The value of the `Authentication-Results` header (after the name).
-    pub header: String,
+    pub(crate) header: String,
 }
 
 fn spf_word(r: SpfResult) -> &'static str {
@@ -99,7 +99,7 @@ fn helo_is_domain(helo: &str) -> bool {
 /// Runs the enabled checks. Never takes longer than `checks.deadline`
 /// (plus scheduling): what is unfinished then is `temperror`.
 #[allow(clippy::too_many_arguments)]
-pub async fn check_message(
+pub(crate) async fn check_message(
     resolver: &MessageAuthenticator,
     checks: &ChecksConfig,
     hostname: &str,

@@ -73,26 +73,26 @@ impl Scope {
 /// One `[[limit]]`, validated. Two equal specs share one limiter across reloads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LimitSpec {
-    pub name: String,
-    pub key: LimitKey,
+    pub(crate) name: String,
+    pub(crate) key: LimitKey,
     /// `count` per `per`.
-    pub count: u32,
-    pub per: Duration,
-    pub burst: u32,
-    pub scope: Scope,
+    pub(crate) count: u32,
+    pub(crate) per: Duration,
+    pub(crate) burst: u32,
+    pub(crate) scope: Scope,
 }
 
 type Limiter = DefaultKeyedRateLimiter<String>;
 
 /// A limit with its (shared) limiter.
-pub struct Limit {
-    pub spec: LimitSpec,
+pub(crate) struct Limit {
+    pub(crate) spec: LimitSpec,
     limiter: Arc<Limiter>,
 }
 
 /// The limits of one rule set.
 #[derive(Default)]
-pub struct Limits {
+pub(crate) struct Limits {
     limits: Vec<Limit>,
 }
 
@@ -129,7 +129,7 @@ fn parse_rate(rate: &str) -> Result<(u32, Duration), String> {
 }
 
 /// Reads and validates `ratelimits.toml`. A missing file means no limits.
-pub fn parse_file(path: &Path) -> Result<Vec<LimitSpec>, Vec<Problem>> {
+pub(crate) fn parse_file(path: &Path) -> Result<Vec<LimitSpec>, Vec<Problem>> {
     let source = match std::fs::read_to_string(path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -139,7 +139,7 @@ pub fn parse_file(path: &Path) -> Result<Vec<LimitSpec>, Vec<Problem>> {
 }
 
 /// Validates the text of a `ratelimits.toml`; `path` names it in problems.
-pub fn parse_str(path: &Path, source: &str) -> Result<Vec<LimitSpec>, Vec<Problem>> {
+pub(crate) fn parse_str(path: &Path, source: &str) -> Result<Vec<LimitSpec>, Vec<Problem>> {
     let file: LimitsFile = toml::from_str(source).map_err(|e| {
         let line = e.span().map(|s| line_of(source, s.start));
         vec![Problem::new(path, line, e.message().to_string())]
@@ -246,14 +246,14 @@ pub fn parse_str(path: &Path, source: &str) -> Result<Vec<LimitSpec>, Vec<Proble
 
 /// Limiters by their definition, shared by the rule sets of one [`Policy`](crate::policy::Policy).
 #[derive(Default)]
-pub struct LimiterRegistry {
+pub(crate) struct LimiterRegistry {
     limiters: Mutex<HashMap<LimitSpec, Arc<Limiter>>>,
 }
 
 impl LimiterRegistry {
     /// Builds the limits for `specs`, reusing the limiter of every unchanged
     /// spec. Limiters of specs no longer used are forgotten.
-    pub fn build(&self, specs: Vec<LimitSpec>) -> Limits {
+    pub(crate) fn build(&self, specs: Vec<LimitSpec>) -> Limits {
         let mut map = self
             .limiters
             .lock()
@@ -274,7 +274,7 @@ impl LimiterRegistry {
 
     /// Forgets keys whose bucket is full again and returns memory; call it
     /// every minute or so. Returns the number of keys still tracked.
-    pub fn housekeeping(&self) -> usize {
+    pub(crate) fn housekeeping(&self) -> usize {
         let limiters: Vec<Arc<Limiter>> = self
             .limiters
             .lock()
@@ -322,13 +322,13 @@ fn domain_of(addr: &str) -> Option<&str> {
 }
 
 impl Limits {
-    pub fn specs(&self) -> impl Iterator<Item = &LimitSpec> {
+    pub(crate) fn specs(&self) -> impl Iterator<Item = &LimitSpec> {
         self.limits.iter().map(|l| &l.spec)
     }
 
     /// Checks the MAIL FROM limits (every key but `recipient`). On the first
     /// exceeded limit returns its name and the 450 answer.
-    pub fn check_mail_from(&self, tx: &TxInfo) -> Option<(String, Verdict)> {
+    pub(crate) fn check_mail_from(&self, tx: &TxInfo) -> Option<(String, Verdict)> {
         let sender = normalize_address(&tx.from);
         let ip_key = format!("ip:{}", tx.conn.ip);
         for limit in &self.limits {
@@ -358,7 +358,7 @@ impl Limits {
     }
 
     /// Checks the `recipient` limits for one RCPT TO.
-    pub fn check_rcpt(&self, tx: &TxInfo, rcpt: &str) -> Option<(String, Verdict)> {
+    pub(crate) fn check_rcpt(&self, tx: &TxInfo, rcpt: &str) -> Option<(String, Verdict)> {
         let key = normalize_address(rcpt);
         for limit in &self.limits {
             if limit.spec.key != LimitKey::Recipient || !limit.spec.scope.applies(tx.submission) {

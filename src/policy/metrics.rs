@@ -13,14 +13,14 @@ pub struct PolicyMetrics {
     /// `postern_auth_results_total{method,result}`: SPF/DKIM/DMARC outcomes.
     pub auth_results: IntCounterVec,
     /// `postern_rule_seconds`: time spent running the rule scripts of one stage.
-    pub rule_seconds: Histogram,
+    pub(crate) rule_seconds: Histogram,
     /// `postern_config_reloads_total{result}`: `ok` or `error`.
     pub config_reloads: IntCounterVec,
 }
 
 impl PolicyMetrics {
     /// Creates unregistered metrics.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // The names and label sets are constants, so these cannot fail.
         let counter = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
@@ -63,7 +63,7 @@ impl PolicyMetrics {
     }
 
     /// Registers every metric in `registry`.
-    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+    pub(crate) fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.rule_errors.clone()))?;
         registry.register(Box::new(self.ratelimited.clone()))?;
         registry.register(Box::new(self.auth_results.clone()))?;

@@ -14,7 +14,7 @@ mod types;
 mod watch;
 
 /// The open-relay guard every RCPT goes through.
-pub mod relay;
+pub(crate) mod relay;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +40,7 @@ use rules::Rules;
 use script_api::{Conn, Msg};
 
 /// The name of the rate-limit file inside the policies directory.
-pub const RATELIMITS_FILE: &str = "ratelimits.toml";
+pub(crate) const RATELIMITS_FILE: &str = "ratelimits.toml";
 
 /// The DNS side, shared by all rule sets of a [`Policy`].
 struct Dns {

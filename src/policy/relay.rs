@@ -13,7 +13,7 @@ use crate::mail::{Enhanced, Reply};
 
 /// What to do with one `RCPT TO` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptDecision {
+pub(crate) enum RcptDecision {
     /// A recipient in one of our domains.
     Local,
     /// Any other domain; only trusted or authenticated clients get this.
@@ -22,11 +22,11 @@ pub enum RcptDecision {
     Refuse(Reply),
 }
 
-pub use crate::mail::split_address as split;
+pub(crate) use crate::mail::split_address as split;
 
 /// Decide for one recipient. `may_relay` is true for trusted networks and
 /// authenticated users.
-pub fn decide(relay: &RelayConfig, address: &str, may_relay: bool) -> RcptDecision {
+pub(crate) fn decide(relay: &RelayConfig, address: &str, may_relay: bool) -> RcptDecision {
     let refuse = |why: &str| {
         RcptDecision::Refuse(Reply::new(
             550,

@@ -24,16 +24,16 @@ thread_local! {
 }
 
 /// One compiled script.
-pub struct Script {
+pub(crate) struct Script {
     /// The file name, e.g. `10-auth.rhai`.
-    pub name: String,
+    pub(crate) name: String,
     ast: AST,
     /// Which of [`STAGES`] it defines.
     stages: [bool; 4],
 }
 
 impl Script {
-    pub fn defines(&self, function: &str) -> bool {
+    pub(crate) fn defines(&self, function: &str) -> bool {
         STAGES
             .iter()
             .position(|s| *s == function)
@@ -42,24 +42,24 @@ impl Script {
 }
 
 /// The compiled scripts of one rule set with the engine that runs them.
-pub struct Rules {
+pub(crate) struct Rules {
     engine: Engine,
-    pub scripts: Vec<Script>,
-    pub config: RulesConfig,
+    pub(crate) scripts: Vec<Script>,
+    pub(crate) config: RulesConfig,
     metrics: PolicyMetrics,
 }
 
 /// How one stage ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StageResult {
-    pub verdict: Option<Verdict>,
-    pub script: Option<String>,
+pub(crate) struct StageResult {
+    pub(crate) verdict: Option<Verdict>,
+    pub(crate) script: Option<String>,
     /// The error, when the verdict comes from `on_error`.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// The sandboxed engine: no modules, no eval, output to tracing, bounded.
-pub fn new_engine(config: &RulesConfig) -> Engine {
+pub(crate) fn new_engine(config: &RulesConfig) -> Engine {
     let mut engine = Engine::new();
     engine.set_module_resolver(DummyModuleResolver::new());
     engine.disable_symbol("eval");
@@ -108,7 +108,7 @@ fn position_line(pos: Position) -> Option<usize> {
 
 impl Rules {
     /// Compiles every `*.rhai` in `config.dir`; all problems at once.
-    pub fn load(config: RulesConfig, metrics: PolicyMetrics) -> Result<Self, Vec<Problem>> {
+    pub(crate) fn load(config: RulesConfig, metrics: PolicyMetrics) -> Result<Self, Vec<Problem>> {
         let engine = new_engine(&config);
         let files = rule_files(&config.dir).map_err(|p| vec![p])?;
         let mut problems = Vec::new();
@@ -169,7 +169,7 @@ impl Rules {
         }
     }
 
-    pub fn defines(&self, function: &str) -> bool {
+    pub(crate) fn defines(&self, function: &str) -> bool {
         self.scripts.iter().any(|s| s.defines(function))
     }
 
@@ -201,7 +201,7 @@ impl Rules {
 
     /// Runs `function` of every script that defines it, in file-name order,
     /// until one returns a verdict. Errors take the `on_error` path.
-    pub fn run_stage(&self, function: &str, arg: &Dynamic) -> StageResult {
+    pub(crate) fn run_stage(&self, function: &str, arg: &Dynamic) -> StageResult {
         let started = Instant::now();
         let mut out = StageResult::default();
         for script in self.scripts.iter().filter(|s| s.defines(function)) {

@@ -11,31 +11,31 @@ use crate::policy::auth::AuthOutcome;
 use crate::policy::types::{ConnInfo, TxInfo, Verdict};
 
 /// Longest body text handed to scripts (bytes); the rest is cut off.
-pub const MAX_BODY_TEXT: usize = 1 << 20;
+pub(crate) const MAX_BODY_TEXT: usize = 1 << 20;
 /// Most headers the scripts of one message may add.
-pub const MAX_ADDED_HEADERS: usize = 32;
+pub(crate) const MAX_ADDED_HEADERS: usize = 32;
 
 type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// A verdict as a script value.
 #[derive(Debug, Clone)]
-pub struct ScriptVerdict(pub Verdict);
+pub(crate) struct ScriptVerdict(pub(crate) Verdict);
 
 /// `c` in `connect(c)`, `mail_from(c)`, `rcpt(c)`.
 #[derive(Debug, Clone, Default)]
-pub struct Conn {
-    pub ip: ImmutableString,
-    pub port: INT,
-    pub tls: bool,
-    pub helo: ImmutableString,
-    pub from: ImmutableString,
-    pub auth_user: ImmutableString,
-    pub rcpt: ImmutableString,
-    pub submission: bool,
+pub(crate) struct Conn {
+    pub(crate) ip: ImmutableString,
+    pub(crate) port: INT,
+    pub(crate) tls: bool,
+    pub(crate) helo: ImmutableString,
+    pub(crate) from: ImmutableString,
+    pub(crate) auth_user: ImmutableString,
+    pub(crate) rcpt: ImmutableString,
+    pub(crate) submission: bool,
 }
 
 impl Conn {
-    pub fn from_conn(c: &ConnInfo) -> Self {
+    pub(crate) fn from_conn(c: &ConnInfo) -> Self {
         Self {
             ip: c.ip.to_string().into(),
             port: INT::from(c.port),
@@ -44,7 +44,7 @@ impl Conn {
         }
     }
 
-    pub fn from_tx(tx: &TxInfo, rcpt: Option<&str>) -> Self {
+    pub(crate) fn from_tx(tx: &TxInfo, rcpt: Option<&str>) -> Self {
         Self {
             helo: tx.helo.as_str().into(),
             from: tx.from.as_str().into(),
@@ -58,40 +58,40 @@ impl Conn {
 
 /// What scripts did to a message besides returning a verdict.
 #[derive(Debug, Default, Clone)]
-pub struct Effects {
-    pub headers: Vec<(String, String)>,
-    pub score: f64,
-    pub reasons: Vec<String>,
+pub(crate) struct Effects {
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) score: f64,
+    pub(crate) reasons: Vec<String>,
 }
 
 /// The read-only part of `m`.
 #[derive(Debug, Default)]
-pub struct MsgData {
-    pub from: ImmutableString,
-    pub from_domain: ImmutableString,
-    pub rcpt: Array,
-    pub helo: ImmutableString,
-    pub ip: ImmutableString,
-    pub auth_user: ImmutableString,
-    pub tls: bool,
-    pub size: INT,
-    pub subject: ImmutableString,
+pub(crate) struct MsgData {
+    pub(crate) from: ImmutableString,
+    pub(crate) from_domain: ImmutableString,
+    pub(crate) rcpt: Array,
+    pub(crate) helo: ImmutableString,
+    pub(crate) ip: ImmutableString,
+    pub(crate) auth_user: ImmutableString,
+    pub(crate) tls: bool,
+    pub(crate) size: INT,
+    pub(crate) subject: ImmutableString,
     /// (lowercased name, unfolded value), in message order.
-    pub headers: Vec<(String, ImmutableString)>,
-    pub body: ImmutableString,
-    pub attachments: Array,
-    pub spf: ImmutableString,
-    pub dkim: ImmutableString,
-    pub dmarc: ImmutableString,
-    pub dmarc_policy: ImmutableString,
+    pub(crate) headers: Vec<(String, ImmutableString)>,
+    pub(crate) body: ImmutableString,
+    pub(crate) attachments: Array,
+    pub(crate) spf: ImmutableString,
+    pub(crate) dkim: ImmutableString,
+    pub(crate) dmarc: ImmutableString,
+    pub(crate) dmarc_policy: ImmutableString,
 }
 
 /// `m` in `data(m)`. Clones share the effects, so `m.score(..)` inside a
 /// script function (which gets a copy of `m`) still counts.
 #[derive(Debug, Clone)]
-pub struct Msg {
-    pub data: Arc<MsgData>,
-    pub effects: Arc<Mutex<Effects>>,
+pub(crate) struct Msg {
+    pub(crate) data: Arc<MsgData>,
+    pub(crate) effects: Arc<Mutex<Effects>>,
 }
 
 fn unfold(raw: &str) -> String {
@@ -106,7 +106,7 @@ fn unfold(raw: &str) -> String {
 
 impl Msg {
     /// Parses `message` (mail-parser) and gathers what scripts may read.
-    pub fn build(tx: &TxInfo, message: &[u8], auth: &AuthOutcome) -> Self {
+    pub(crate) fn build(tx: &TxInfo, message: &[u8], auth: &AuthOutcome) -> Self {
         let from_domain = tx
             .from
             .rsplit_once('@')
@@ -152,7 +152,7 @@ impl Msg {
         }
     }
 
-    pub fn effects(&self) -> Effects {
+    pub(crate) fn effects(&self) -> Effects {
         self.effects
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -216,7 +216,7 @@ impl Msg {
 /// The reply of a script's `reject()`/`tempfail()`: a leading enhanced
 /// code (`"5.7.1 go away"`) is kept apart from the text; without one,
 /// `default` is supplied. The text is made one safe line.
-pub fn script_reply(code: u16, text: &str, default: Enhanced) -> Reply {
+pub(crate) fn script_reply(code: u16, text: &str, default: Enhanced) -> Reply {
     let clean = text.trim();
     let first = clean.split_whitespace().next().unwrap_or("");
     let mut r = if Enhanced::parse(first).is_some() {
@@ -234,7 +234,7 @@ fn sanitize_reason(reason: &str) -> String {
 }
 
 /// Registers `c`, `m` and the verdict functions on `engine`.
-pub fn register(engine: &mut Engine) {
+pub(crate) fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptVerdict>("Verdict");
     engine.register_fn("accept", || ScriptVerdict(Verdict::Accept));
     engine.register_fn("discard", || ScriptVerdict(Verdict::Discard));

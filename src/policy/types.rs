@@ -48,20 +48,12 @@ pub enum Verdict {
 
 impl Verdict {
     /// `451 4.3.0`: what `on_error = "tempfail"` answers for a failed rule.
-    pub fn local_tempfail() -> Verdict {
+    pub(crate) fn local_tempfail() -> Verdict {
         Verdict::Tempfail(Reply::new(
             451,
             Enhanced::new(4, 3, 0),
             "Temporary local problem, please try again later",
         ))
-    }
-
-    /// The reply of a reject or tempfail.
-    pub fn reply(&self) -> Option<&Reply> {
-        match self {
-            Verdict::Reject(r) | Verdict::Tempfail(r) => Some(r),
-            _ => None,
-        }
     }
 
     /// A short word for logs and the `verdict` metric label.
@@ -109,7 +101,7 @@ pub struct DataOutcome {
     pub dkim: String,
     pub dmarc: String,
     /// Time spent in checks and rules.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// A verdict with what decided it (a script name, `ratelimit:<name>`, or a

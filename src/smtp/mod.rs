@@ -4,6 +4,6 @@
 //! smtp-proto parses commands; see README "Dependencies" for why the front
 //! is not built on mailin-embedded.
 
-pub mod data;
-pub mod server;
-pub mod session;
+pub(crate) mod data;
+pub(crate) mod server;
+pub(crate) mod session;

@@ -18,21 +18,21 @@ use crate::net::{Conn, Fill, Line, Peer};
 use crate::policy::{Policy, RuleSet};
 
 /// Everything the sessions of all SMTP listeners share.
-pub struct SmtpContext {
-    pub cfg: Arc<SessionConfig>,
+pub(crate) struct SmtpContext {
+    pub(crate) cfg: Arc<SessionConfig>,
     /// For STARTTLS (implicit TLS is the `net` listener's).
-    pub tls: Option<TlsAcceptor>,
-    pub intake: Arc<Intake>,
-    pub policy: Arc<Policy>,
-    pub metrics: Arc<Metrics>,
-    pub max_line_length: usize,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) intake: Arc<Intake>,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) max_line_length: usize,
     /// The whole DATA phase of one message.
-    pub data_timeout: Duration,
-    pub bare_newline: BareNewline,
+    pub(crate) data_timeout: Duration,
+    pub(crate) bare_newline: BareNewline,
 }
 
 /// Run one SMTP session on an admitted connection.
-pub async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<SmtpContext>) {
+pub(crate) async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<SmtpContext>) {
     let Some(addr) = peer.addr else {
         return;
     };

@@ -15,11 +15,11 @@ use crate::mail::{self, Enhanced, Envelope, Reply};
 use crate::policy::relay::{self, RcptDecision};
 use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
 
-pub use crate::mail::Rcpt;
+pub(crate) use crate::mail::Rcpt;
 
 /// Which listener a session came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
+pub(crate) enum ListenerKind {
     /// Port 25: mail from the world (and relaying for trusted networks).
     Relay,
     /// Port 587: STARTTLS, then AUTH.
@@ -29,7 +29,7 @@ pub enum ListenerKind {
 }
 
 impl ListenerKind {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             ListenerKind::Relay => "relay",
             ListenerKind::Submission => "submission",
@@ -40,18 +40,18 @@ impl ListenerKind {
 
 /// What every session of a listener shares.
 #[derive(Debug, Clone)]
-pub struct SessionConfig {
-    pub hostname: String,
-    pub relay: RelayConfig,
-    pub max_message_size: u64,
-    pub max_recipients: usize,
+pub(crate) struct SessionConfig {
+    pub(crate) hostname: String,
+    pub(crate) relay: RelayConfig,
+    pub(crate) max_message_size: u64,
+    pub(crate) max_recipients: usize,
     /// STARTTLS can be offered (a certificate is loaded).
-    pub tls_available: bool,
+    pub(crate) tls_available: bool,
 }
 
 /// What the shell must do after a command.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send these reply bytes and read the next command.
     Reply(Vec<u8>),
     /// Send these bytes, then start TLS (discarding anything the client pipelined).
@@ -67,24 +67,24 @@ pub enum Action {
 
 /// A command waiting for the rules' decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
+pub(crate) enum Check {
     Mail,
     Rcpt(Rcpt),
 }
 
 /// The envelope being built between MAIL and the end of DATA.
 #[derive(Debug, Clone, Default)]
-pub struct Transaction {
-    pub from: String,
-    pub rcpts: Vec<Rcpt>,
-    pub declared_size: u64,
+pub(crate) struct Transaction {
+    pub(crate) from: String,
+    pub(crate) rcpts: Vec<Rcpt>,
+    pub(crate) declared_size: u64,
     /// A quarantine or discard decided before DATA, applied to the message.
-    pub sticky: Option<(Verdict, Option<String>)>,
+    pub(crate) sticky: Option<(Verdict, Option<String>)>,
 }
 
 impl Transaction {
     /// The envelope for the intake, and the verdict that sticks to it.
-    pub fn into_parts(self) -> (Envelope, Option<(Verdict, Option<String>)>) {
+    pub(crate) fn into_parts(self) -> (Envelope, Option<(Verdict, Option<String>)>) {
         (
             Envelope {
                 from: self.from,
@@ -99,7 +99,7 @@ impl Transaction {
 /// Too many protocol errors in one session and we hang up.
 const MAX_ERRORS: u32 = 20;
 
-pub struct Session {
+pub(crate) struct Session {
     cfg: Arc<SessionConfig>,
     kind: ListenerKind,
     ip: IpAddr,
@@ -121,12 +121,12 @@ pub struct Session {
 }
 
 /// One reply line with its enhanced status code (RFC 2034), as wire bytes.
-pub fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
+pub(crate) fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
     Reply::new(code, enhanced, text).to_bytes()
 }
 
 impl Session {
-    pub fn new(
+    pub(crate) fn new(
         cfg: Arc<SessionConfig>,
         kind: ListenerKind,
         peer: std::net::SocketAddr,
@@ -149,26 +149,22 @@ impl Session {
         }
     }
 
-    pub fn config(&self) -> &SessionConfig {
+    pub(crate) fn config(&self) -> &SessionConfig {
         &self.cfg
     }
 
-    pub fn kind(&self) -> ListenerKind {
-        self.kind
-    }
-
     /// A transaction is open (MAIL accepted, message not yet taken).
-    pub fn in_transaction(&self) -> bool {
+    pub(crate) fn in_transaction(&self) -> bool {
         self.tx.is_some()
     }
 
     /// The last `(verdict, stage)` decided, once, for the verdict metric.
-    pub fn take_verdict(&mut self) -> Option<(&'static str, &'static str)> {
+    pub(crate) fn take_verdict(&mut self) -> Option<(&'static str, &'static str)> {
         self.verdict.take()
     }
 
     /// The client as the intake and the logs see it.
-    pub fn peer(&self) -> mail::Peer {
+    pub(crate) fn peer(&self) -> mail::Peer {
         mail::Peer {
             ip: self.ip,
             port: self.port,
@@ -185,7 +181,7 @@ impl Session {
 
     /// The rules decided at connect: greet, or refuse and close. A
     /// quarantine or discard sticks to every message of the session.
-    pub fn connected(&mut self, d: Decision) -> Action {
+    pub(crate) fn connected(&mut self, d: Decision) -> Action {
         match d.verdict {
             Some(Verdict::Reject(r)) => {
                 self.verdict = Some(("reject", "connect"));
@@ -210,7 +206,7 @@ impl Session {
     }
 
     /// The TLS handshake succeeded: RFC 3207 says forget everything said before.
-    pub fn tls_started(&mut self) {
+    pub(crate) fn tls_started(&mut self) {
         self.tls = true;
         self.helo = None;
         self.esmtp = false;
@@ -218,7 +214,7 @@ impl Session {
     }
 
     /// The client may relay to any domain.
-    pub fn may_relay(&self) -> bool {
+    pub(crate) fn may_relay(&self) -> bool {
         self.auth_user.is_some() || self.cfg.relay.is_trusted(self.ip)
     }
 
@@ -238,7 +234,7 @@ impl Session {
     }
 
     /// Handle one complete command line (CRLF included).
-    pub fn command(&mut self, line: &[u8]) -> Action {
+    pub(crate) fn command(&mut self, line: &[u8]) -> Action {
         let mut it = line.iter();
         let req = match Request::parse(&mut it) {
             Ok(r) => r,
@@ -456,7 +452,7 @@ impl Session {
     }
 
     /// What the rules see for `check` (or, with `None`, for the message).
-    pub fn tx_info(&self, check: Option<&Check>) -> TxInfo {
+    pub(crate) fn tx_info(&self, check: Option<&Check>) -> TxInfo {
         let tx = match check {
             Some(Check::Mail) => self.pending_mail.as_ref(),
             _ => self.tx.as_ref(),
@@ -474,7 +470,7 @@ impl Session {
         }
     }
 
-    pub fn conn_info(&self) -> ConnInfo {
+    pub(crate) fn conn_info(&self) -> ConnInfo {
         ConnInfo {
             ip: self.ip,
             port: self.port,
@@ -483,7 +479,7 @@ impl Session {
     }
 
     /// The rules decided on a MAIL or RCPT: finish the command.
-    pub fn policy_answer(&mut self, check: Check, d: Decision) -> Action {
+    pub(crate) fn policy_answer(&mut self, check: Check, d: Decision) -> Action {
         let stage = match check {
             Check::Mail => "mail",
             Check::Rcpt(_) => "rcpt",
@@ -537,12 +533,12 @@ impl Session {
     }
 
     /// The message has been read (or refused); the transaction is over either way.
-    pub fn take_transaction(&mut self) -> Option<Transaction> {
+    pub(crate) fn take_transaction(&mut self) -> Option<Transaction> {
         self.tx.take()
     }
 
     /// The `with` word of the Received header (RFC 3848).
-    pub fn protocol(&self) -> &'static str {
+    pub(crate) fn protocol(&self) -> &'static str {
         match (self.esmtp, self.tls, self.auth_user.is_some()) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
@@ -554,7 +550,7 @@ impl Session {
 
     /// The trace header prepended to every accepted message (RFC 5321 4.4),
     /// stamped `now` (the clock is the caller's, so tests can fix it).
-    pub fn received_header(
+    pub(crate) fn received_header(
         &self,
         id: &str,
         tx: &Transaction,

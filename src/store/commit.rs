@@ -32,7 +32,7 @@ pub enum CommitError {
 type Waiter = oneshot::Sender<Result<(), CommitError>>;
 
 #[derive(Clone)]
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     tx: mpsc::UnboundedSender<Waiter>,
     db: sled::Db,
     file: Option<Arc<std::fs::File>>,
@@ -40,7 +40,7 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// `file` is sled's data file (`<dir>/db`), fsynced after each flush.
-    pub fn new(db: sled::Db, file: Option<std::fs::File>) -> GroupCommit {
+    pub(crate) fn new(db: sled::Db, file: Option<std::fs::File>) -> GroupCommit {
         let (tx, rx) = mpsc::unbounded_channel();
         let file = file.map(Arc::new);
         // The committer is started lazily: admin commands open the store
@@ -59,7 +59,7 @@ impl GroupCommit {
     }
 
     /// Wait until every write made before this call is on disk.
-    pub async fn flush(&self) -> Result<(), CommitError> {
+    pub(crate) async fn flush(&self) -> Result<(), CommitError> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(tx).is_err() {
             // No committer (no runtime at open): flush directly.

@@ -16,7 +16,7 @@
 //! too, whoever asks (IMAP, the control socket, the CLI).
 
 mod commit;
-pub mod wake;
+pub(crate) mod wake;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use commit::{CommitError, GroupCommit};
+pub(crate) use commit::{CommitError, GroupCommit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,12 +38,12 @@ pub enum StoreError {
     Open { path: String, why: String },
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
+pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 /// Where a queued message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum QueueState {
+pub(crate) enum QueueState {
     /// Waiting for its first attempt (or an admin's retry).
     Queued,
     /// At least one attempt failed temporarily; waiting for the next.
@@ -53,9 +53,10 @@ pub enum QueueState {
 }
 
 impl QueueState {
-    pub const ALL: [QueueState; 3] = [QueueState::Queued, QueueState::Deferred, QueueState::Held];
+    pub(crate) const ALL: [QueueState; 3] =
+        [QueueState::Queued, QueueState::Deferred, QueueState::Held];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             QueueState::Queued => "queued",
             QueueState::Deferred => "deferred",
@@ -63,7 +64,7 @@ impl QueueState {
         }
     }
 
-    pub fn parse(s: &str) -> Option<QueueState> {
+    pub(crate) fn parse(s: &str) -> Option<QueueState> {
         QueueState::ALL.into_iter().find(|q| q.as_str() == s)
     }
 }
@@ -71,50 +72,50 @@ impl QueueState {
 /// One recipient's delivery status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "status")]
-pub enum RcptStatus {
+pub(crate) enum RcptStatus {
     Pending,
     Delivered,
     Failed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Recipient {
-    pub address: String,
-    pub status: RcptStatus,
+pub(crate) struct Recipient {
+    pub(crate) address: String,
+    pub(crate) status: RcptStatus,
     /// The last reply or error for this recipient, for `queue show` and DSNs.
     #[serde(default)]
-    pub last_reply: Option<String>,
+    pub(crate) last_reply: Option<String>,
     /// The host that gave `last_reply`.
     #[serde(default)]
-    pub remote: Option<String>,
+    pub(crate) remote: Option<String>,
 }
 
 /// A queued message's envelope and delivery state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QueueEntry {
-    pub id: u64,
+pub(crate) struct QueueEntry {
+    pub(crate) id: u64,
     /// Envelope sender; empty for a bounce (`MAIL FROM:<>`).
-    pub sender: String,
-    pub recipients: Vec<Recipient>,
-    pub state: QueueState,
+    pub(crate) sender: String,
+    pub(crate) recipients: Vec<Recipient>,
+    pub(crate) state: QueueState,
     /// Unix seconds.
-    pub created: i64,
+    pub(crate) created: i64,
     /// Unix milliseconds of the next attempt.
-    pub next_attempt_ms: i64,
-    pub attempts: u32,
-    pub size: u64,
+    pub(crate) next_attempt_ms: i64,
+    pub(crate) attempts: u32,
+    pub(crate) size: u64,
     #[serde(default)]
-    pub client_ip: String,
+    pub(crate) client_ip: String,
     #[serde(default)]
-    pub helo: String,
+    pub(crate) helo: String,
     #[serde(default)]
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
 }
 
 impl QueueEntry {
     /// A new message, due now, every recipient pending. `client_ip` and
     /// `helo` say where it came from (empty for mail we make ourselves).
-    pub fn new(
+    pub(crate) fn new(
         id: u64,
         sender: String,
         recipients: impl IntoIterator<Item = String>,
@@ -145,7 +146,7 @@ impl QueueEntry {
         }
     }
 
-    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+    pub(crate) fn pending(&self) -> impl Iterator<Item = &Recipient> {
         self.recipients
             .iter()
             .filter(|r| r.status == RcptStatus::Pending)
@@ -154,26 +155,26 @@ impl QueueEntry {
 
 /// A quarantine entry: one held message for one recipient.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HeldEntry {
-    pub id: u64,
+pub(crate) struct HeldEntry {
+    pub(crate) id: u64,
     /// Key of the shared body in `held_body`.
-    pub body_key: u64,
-    pub sender: String,
-    pub recipient: String,
-    pub reason: String,
+    pub(crate) body_key: u64,
+    pub(crate) sender: String,
+    pub(crate) recipient: String,
+    pub(crate) reason: String,
     /// The script (and function) that decided, if a script did.
     #[serde(default)]
-    pub script: Option<String>,
+    pub(crate) script: Option<String>,
     /// Unix seconds.
-    pub received: i64,
-    pub size: u64,
+    pub(crate) received: i64,
+    pub(crate) size: u64,
     #[serde(default)]
-    pub client_ip: String,
+    pub(crate) client_ip: String,
     #[serde(default)]
-    pub helo: String,
+    pub(crate) helo: String,
 }
 
-pub fn id_key(id: u64) -> [u8; 8] {
+pub(crate) fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
@@ -182,11 +183,11 @@ fn key_id(k: &[u8]) -> Option<u64> {
 }
 
 /// Queue ids are shown as 16 hex digits.
-pub fn fmt_id(id: u64) -> String {
+pub(crate) fn fmt_id(id: u64) -> String {
     format!("{id:016X}")
 }
 
-pub fn parse_id(s: &str) -> Option<u64> {
+pub(crate) fn parse_id(s: &str) -> Option<u64> {
     let s = s.trim();
     if s.is_empty() || s.len() > 16 {
         return None;
@@ -194,11 +195,11 @@ pub fn parse_id(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
-pub fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -281,7 +282,7 @@ impl Store {
     }
 
     /// Messages per queue state, for the `postern_queue_messages` gauge.
-    pub fn counts(&self) -> HashMap<QueueState, i64> {
+    pub(crate) fn counts(&self) -> HashMap<QueueState, i64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
@@ -300,17 +301,17 @@ impl Store {
     }
 
     /// A fresh id, unique across restarts.
-    pub fn next_id(&self) -> Result<u64> {
+    pub(crate) fn next_id(&self) -> Result<u64> {
         Ok(self.db.generate_id()?)
     }
 
     /// Wait until everything written so far is on disk.
-    pub async fn durable(&self) -> Result<()> {
+    pub(crate) async fn durable(&self) -> Result<()> {
         Ok(self.commit.flush().await?)
     }
 
     /// Write a new queue entry and its body (not yet durable: call [`Store::durable`]).
-    pub fn enqueue(&self, entry: &QueueEntry, body: &[u8]) -> Result<()> {
+    pub(crate) fn enqueue(&self, entry: &QueueEntry, body: &[u8]) -> Result<()> {
         let k = id_key(entry.id);
         self.body.insert(k, body)?;
         self.queue.insert(k, encode(entry))?;
@@ -318,19 +319,19 @@ impl Store {
         Ok(())
     }
 
-    pub fn entry(&self, id: u64) -> Result<Option<QueueEntry>> {
+    pub(crate) fn entry(&self, id: u64) -> Result<Option<QueueEntry>> {
         match self.queue.get(id_key(id))? {
             Some(v) => Ok(Some(decode(&v, id)?)),
             None => Ok(None),
         }
     }
 
-    pub fn body(&self, id: u64) -> Result<Option<sled::IVec>> {
+    pub(crate) fn body(&self, id: u64) -> Result<Option<sled::IVec>> {
         Ok(self.body.get(id_key(id))?)
     }
 
     /// Replace an existing entry; returns false if it is gone (deleted meanwhile).
-    pub fn update(&self, entry: &QueueEntry) -> Result<bool> {
+    pub(crate) fn update(&self, entry: &QueueEntry) -> Result<bool> {
         let k = id_key(entry.id);
         let old = self.queue.get(k)?;
         let Some(old) = old else { return Ok(false) };
@@ -349,7 +350,7 @@ impl Store {
     }
 
     /// Remove an entry and its body; returns the removed entry.
-    pub fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
+    pub(crate) fn remove(&self, id: u64) -> Result<Option<QueueEntry>> {
         let k = id_key(id);
         let old = self.queue.remove(k)?;
         self.body.remove(k)?;
@@ -364,7 +365,7 @@ impl Store {
     }
 
     /// Every queue entry, in id order.
-    pub fn queue_entries(&self) -> Result<Vec<QueueEntry>> {
+    pub(crate) fn queue_entries(&self) -> Result<Vec<QueueEntry>> {
         let mut out = Vec::new();
         for kv in self.queue.iter() {
             let (k, v) = kv?;
@@ -377,7 +378,7 @@ impl Store {
     // ----- quarantine -----
 
     /// Hold a message for the given recipients; one entry per recipient.
-    pub fn quarantine(
+    pub(crate) fn quarantine(
         &self,
         template: &HeldEntry,
         recipients: &[String],
@@ -403,7 +404,7 @@ impl Store {
         Ok(ids)
     }
 
-    pub fn held_entries(&self) -> Result<Vec<HeldEntry>> {
+    pub(crate) fn held_entries(&self) -> Result<Vec<HeldEntry>> {
         let mut out = Vec::new();
         for kv in self.held.iter() {
             let (k, v) = kv?;
@@ -412,19 +413,19 @@ impl Store {
         Ok(out)
     }
 
-    pub fn held_entry(&self, id: u64) -> Result<Option<HeldEntry>> {
+    pub(crate) fn held_entry(&self, id: u64) -> Result<Option<HeldEntry>> {
         match self.held.get(id_key(id))? {
             Some(v) => Ok(Some(decode(&v, id)?)),
             None => Ok(None),
         }
     }
 
-    pub fn held_body(&self, entry: &HeldEntry) -> Result<Option<sled::IVec>> {
+    pub(crate) fn held_body(&self, entry: &HeldEntry) -> Result<Option<sled::IVec>> {
         Ok(self.held_body.get(id_key(entry.body_key))?)
     }
 
     /// Remove a quarantine entry (and its body once no entry shares it).
-    pub fn unhold(&self, id: u64) -> Result<Option<HeldEntry>> {
+    pub(crate) fn unhold(&self, id: u64) -> Result<Option<HeldEntry>> {
         let Some(v) = self.held.remove(id_key(id))? else {
             return Ok(None);
         };
@@ -442,7 +443,7 @@ impl Store {
 
     /// Quarantine entries held (sled counts by walking the keys: call it per
     /// scrape, not per message).
-    pub fn held_count(&self) -> usize {
+    pub(crate) fn held_count(&self) -> usize {
         self.held.len()
     }
 
@@ -471,7 +472,7 @@ impl Store {
     /// Release a quarantine entry: queue its message for its recipient and
     /// drop the entry. Returns the new queue id, or None if it was gone.
     /// Queued durably before the held copy goes: a crash leaves at worst both.
-    pub async fn release_held(&self, id: u64) -> Result<Option<u64>> {
+    pub(crate) async fn release_held(&self, id: u64) -> Result<Option<u64>> {
         let qid = self.requeue_held(id)?;
         if qid.is_some() {
             self.durable().await?;
@@ -481,7 +482,7 @@ impl Store {
     }
 
     /// Delete quarantine entries received before `cutoff` (unix seconds).
-    pub fn purge_held(&self, cutoff: i64) -> Result<usize> {
+    pub(crate) fn purge_held(&self, cutoff: i64) -> Result<usize> {
         let mut n = 0;
         for e in self.held_entries()? {
             if e.received < cutoff && self.unhold(e.id)?.is_some() {
@@ -492,17 +493,17 @@ impl Store {
     }
 
     /// Fires whenever the quarantine changes.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<()> {
         self.changes.subscribe()
     }
 
     // ----- small state for the mailbox servers -----
 
-    pub fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.state.get(key)?.map(|v| v.to_vec()))
     }
 
-    pub fn put_state(&self, key: &[u8], value: &[u8]) -> Result<()> {
+    pub(crate) fn put_state(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.state.insert(key, value)?;
         Ok(())
     }

@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 
 /// What the delivery dispatcher receives: `(due_ms, queue id)`, `due_ms`
 /// 0 meaning now.
-pub type Wakeups = mpsc::UnboundedReceiver<(i64, u64)>;
+pub(crate) type Wakeups = mpsc::UnboundedReceiver<(i64, u64)>;
 
 /// Asks the delivery dispatcher to attempt a message now or at a given time.
 #[derive(Clone)]
@@ -16,17 +16,17 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// A scheduler and the receiving end the dispatcher runs on.
-    pub fn channel() -> (Scheduler, Wakeups) {
+    pub(crate) fn channel() -> (Scheduler, Wakeups) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Scheduler { tx }, rx)
     }
 
-    pub fn now(&self, id: u64) {
+    pub(crate) fn now(&self, id: u64) {
         // The dispatcher is gone only at shutdown; the message stays queued.
         let _ = self.tx.send((0, id));
     }
 
-    pub fn at(&self, id: u64, due_ms: i64) {
+    pub(crate) fn at(&self, id: u64, due_ms: i64) {
         let _ = self.tx.send((due_ms, id));
     }
 }

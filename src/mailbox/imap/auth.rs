@@ -23,7 +23,7 @@ impl ImapCore {
         c
     }
 
-    pub fn greeting(&self) -> Vec<u8> {
+    pub(crate) fn greeting(&self) -> Vec<u8> {
         format!(
             "* OK [CAPABILITY {}] {} IMAP quarantine ready\r\n",
             self.capabilities(),
@@ -139,7 +139,7 @@ impl ImapCore {
         }
     }
 
-    pub fn login_result(&mut self, tag: &str, account: Option<Account>) -> Step {
+    pub(crate) fn login_result(&mut self, tag: &str, account: Option<Account>) -> Step {
         match account {
             Some(a) => {
                 self.account = Some(a);
@@ -163,7 +163,7 @@ impl ImapCore {
     }
 
     /// The client's reply to `+ ` during AUTHENTICATE PLAIN.
-    pub fn sasl_response(&mut self, tag: &str, line: &[u8]) -> Step {
+    pub(crate) fn sasl_response(&mut self, tag: &str, line: &[u8]) -> Step {
         if line == b"*" {
             return Step::Reply(tagged(tag, "BAD", "Authentication cancelled"));
         }

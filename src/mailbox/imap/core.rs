@@ -26,7 +26,7 @@ const MAX_BAD_COMMANDS: u32 = 50;
 
 /// What the shell must do after a command.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Send and read the next command.
     Reply(Vec<u8>),
     /// Send, then run the TLS handshake and call [`ImapCore::tls_started`].
@@ -69,7 +69,7 @@ pub(super) struct Selected {
     pub(super) msgs: Vec<ViewMsg>,
 }
 
-pub struct ImapCore {
+pub(crate) struct ImapCore {
     pub(super) shared: Arc<Shared>,
     pub(super) hostname: String,
     pub(super) tls: bool,
@@ -135,7 +135,7 @@ pub(super) fn set_contains(set: &SequenceSet, v: u32, max: u32) -> bool {
 }
 
 impl ImapCore {
-    pub fn new(shared: Arc<Shared>, hostname: &str, tls: bool) -> ImapCore {
+    pub(crate) fn new(shared: Arc<Shared>, hostname: &str, tls: bool) -> ImapCore {
         ImapCore {
             shared,
             hostname: hostname.to_string(),
@@ -150,11 +150,11 @@ impl ImapCore {
 
     /// Whether the next call may touch the store (the shell then runs it on
     /// the blocking pool): only once logged in.
-    pub fn uses_store(&self) -> bool {
+    pub(crate) fn uses_store(&self) -> bool {
         self.account.is_some()
     }
 
-    pub fn tls_started(&mut self) {
+    pub(crate) fn tls_started(&mut self) {
         self.tls = true;
     }
 
@@ -173,12 +173,12 @@ impl ImapCore {
     }
 
     /// A command line or literal exceeded the bounds.
-    pub fn too_long(&mut self, tag: Option<&str>) -> Step {
+    pub(crate) fn too_long(&mut self, tag: Option<&str>) -> Step {
         self.bad(tag, "Command line or literal too long")
     }
 
     /// Handle one complete command (its line(s) and literals, CRLF-terminated).
-    pub fn handle(&mut self, input: &[u8]) -> Step {
+    pub(crate) fn handle(&mut self, input: &[u8]) -> Step {
         let tag = tag_of(input).map(str::to_string);
         match CommandCodec::new().decode(input) {
             Ok((_, cmd)) => self.command(cmd),

@@ -19,14 +19,14 @@ impl ImapCore {
 
     /// Untagged updates while idling (call when the store or some user's flags changed).
     /// A store failure sends nothing: the updates come with the next tick or DONE.
-    pub fn idle_update(&mut self) -> Vec<u8> {
+    pub(crate) fn idle_update(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         self.sync_after(&mut out, true);
         out
     }
 
     /// The line that ended IDLE.
-    pub fn idle_done(&mut self, line: &[u8]) -> Vec<u8> {
+    pub(crate) fn idle_done(&mut self, line: &[u8]) -> Vec<u8> {
         let tag = self.idle_tag.take().unwrap_or_else(|| "*".to_string());
         if !line.trim_ascii().eq_ignore_ascii_case(b"DONE") {
             return tagged(&tag, "BAD", "Expected DONE");

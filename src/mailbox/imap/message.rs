@@ -12,12 +12,12 @@ use crate::mailbox::imap::resp::{nstring, string};
 const MAX_DEPTH: usize = 16;
 
 /// A message body with its MIME parse (absent when mail-parser could not make anything of it).
-pub struct Parsed<'a> {
+pub(crate) struct Parsed<'a> {
     raw: &'a [u8],
     msg: Option<Message<'a>>,
 }
 
-pub fn parse(raw: &[u8]) -> Parsed<'_> {
+pub(crate) fn parse(raw: &[u8]) -> Parsed<'_> {
     // mail-parser has debug assertions on odd structures; a message from outside must not
     // take the session down with it, so a panic there counts as "could not parse".
     let msg = std::panic::catch_unwind(|| MessageParser::default().parse(raw))
@@ -346,7 +346,7 @@ fn descend<'m, 'x>(
 }
 
 /// The header lines of `header` whose names are (`not` = false) or are not in `names`, then CRLF.
-pub fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8> {
+pub(crate) fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let mut keep = false;
     let mut i = 0;
@@ -381,21 +381,21 @@ pub fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8> {
 }
 
 impl<'a> Parsed<'a> {
-    pub fn raw(&self) -> &'a [u8] {
+    pub(crate) fn raw(&self) -> &'a [u8] {
         self.raw
     }
 
     /// The header block, including the blank line that ends it.
-    pub fn header(&self) -> &'a [u8] {
+    pub(crate) fn header(&self) -> &'a [u8] {
         &self.raw[..header_end(self.raw)]
     }
 
-    pub fn text(&self) -> &'a [u8] {
+    pub(crate) fn text(&self) -> &'a [u8] {
         &self.raw[header_end(self.raw)..]
     }
 
     /// `ENVELOPE` value.
-    pub fn envelope(&self) -> Vec<u8> {
+    pub(crate) fn envelope(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match &self.msg {
             Some(m) => envelope_of(&mut out, m),
@@ -405,7 +405,7 @@ impl<'a> Parsed<'a> {
     }
 
     /// `BODYSTRUCTURE` (`ext`) or `BODY` value.
-    pub fn structure(&self, ext: bool) -> Vec<u8> {
+    pub(crate) fn structure(&self, ext: bool) -> Vec<u8> {
         let mut out = Vec::new();
         match &self.msg {
             Some(m) if !m.parts.is_empty() => structure_of(&mut out, m, 0, ext, 0),
@@ -425,7 +425,7 @@ impl<'a> Parsed<'a> {
     }
 
     /// The octets of `BODY[section]` (before any partial range). Unknown parts give "".
-    pub fn section(&self, section: Option<&Section<'_>>) -> Vec<u8> {
+    pub(crate) fn section(&self, section: Option<&Section<'_>>) -> Vec<u8> {
         let Some(section) = section else {
             return self.raw.to_vec();
         };
@@ -493,7 +493,7 @@ impl<'a> Parsed<'a> {
     }
 
     /// Decoded text of a header (all occurrences joined), for SEARCH.
-    pub fn header_text(&self, name: &str) -> String {
+    pub(crate) fn header_text(&self, name: &str) -> String {
         let mut s = String::new();
         if let Some(m) = &self.msg {
             for (n, v) in m.headers_raw() {
@@ -531,12 +531,12 @@ impl<'a> Parsed<'a> {
     }
 
     /// The sent date (Date header) as a unix time.
-    pub fn sent_unix(&self) -> Option<i64> {
+    pub(crate) fn sent_unix(&self) -> Option<i64> {
         self.msg.as_ref()?.date().map(|d| d.to_timestamp())
     }
 
     /// The decoded text of the body parts, for SEARCH BODY/TEXT.
-    pub fn body_text(&self) -> String {
+    pub(crate) fn body_text(&self) -> String {
         match &self.msg {
             Some(m) => {
                 let mut s = String::new();

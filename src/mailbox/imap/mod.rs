@@ -13,16 +13,16 @@
 
 mod auth;
 mod copy;
-pub mod core;
+pub(crate) mod core;
 mod expunge;
 mod fetch;
 mod flags;
 mod idle;
-pub mod message;
-pub mod resp;
+pub(crate) mod message;
+pub(crate) mod resp;
 mod search;
 mod select;
-pub mod shell;
-pub mod state;
+pub(crate) mod shell;
+pub(crate) mod state;
 
-pub use shell::run_session;
+pub(crate) use shell::run_session;

@@ -2,7 +2,7 @@
 
 /// Append `s` as an IMAP string: quoted when it is short 7-bit text without CR/LF/NUL,
 /// otherwise as a literal (literals carry any octets).
-pub fn string(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn string(out: &mut Vec<u8>, s: &[u8]) {
     let quotable = s.len() <= 1024
         && s.iter()
             .all(|&b| b != 0 && b != b'\r' && b != b'\n' && b < 0x80);
@@ -21,13 +21,13 @@ pub fn string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Append `s` as a literal.
-pub fn literal(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn literal(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(format!("{{{}}}\r\n", s.len()).as_bytes());
     out.extend_from_slice(s);
 }
 
 /// Append NIL or the string.
-pub fn nstring(out: &mut Vec<u8>, s: Option<&[u8]>) {
+pub(crate) fn nstring(out: &mut Vec<u8>, s: Option<&[u8]>) {
     match s {
         Some(s) => string(out, s),
         None => out.extend_from_slice(b"NIL"),
@@ -35,23 +35,23 @@ pub fn nstring(out: &mut Vec<u8>, s: Option<&[u8]>) {
 }
 
 /// `(\Seen \Deleted ...)`.
-pub fn flag_list(flags: &[String]) -> String {
+pub(crate) fn flag_list(flags: &[String]) -> String {
     format!("({})", flags.join(" "))
 }
 
 /// INTERNALDATE form: `"27-Nov-2026 02:24:54 +0000"`.
-pub fn internal_date(unix: i64) -> String {
+pub(crate) fn internal_date(unix: i64) -> String {
     let dt = chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default();
     format!("\"{}\"", dt.format("%d-%b-%Y %H:%M:%S +0000"))
 }
 
 /// Whether `b` may appear in an IMAP atom.
-pub fn is_atom_char(b: u8) -> bool {
+pub(crate) fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
 }
 
 /// The tag at the start of a command, if it is a syntactically valid tag.
-pub fn tag_of(cmd: &[u8]) -> Option<&str> {
+pub(crate) fn tag_of(cmd: &[u8]) -> Option<&str> {
     let end = cmd
         .iter()
         .position(|&b| b == b' ' || b == b'\r' || b == b'\n')

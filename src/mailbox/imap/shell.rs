@@ -21,7 +21,7 @@ const MAX_COMMAND: usize = 256 * 1024;
 
 /// A framed command, or why there is none.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Framed {
+pub(crate) enum Framed {
     Command(Vec<u8>),
     /// A line or the whole command was too long (the tag, if one was read).
     TooLong(Option<String>),
@@ -36,7 +36,7 @@ pub enum Framed {
 }
 
 /// `{123}` or `{123+}` at the end of a line: (length, synchronising).
-pub fn literal_suffix(line: &[u8]) -> Option<(usize, bool)> {
+pub(crate) fn literal_suffix(line: &[u8]) -> Option<(usize, bool)> {
     let body = line.strip_suffix(b"}")?;
     let open = body.iter().rposition(|&b| b == b'{')?;
     let mut digits = &body[open + 1..];
@@ -55,7 +55,7 @@ pub fn literal_suffix(line: &[u8]) -> Option<(usize, bool)> {
 }
 
 /// Read one complete command, answering synchronising literals with `+`.
-pub async fn read_command(conn: &mut Conn, max_literal: usize) -> std::io::Result<Framed> {
+pub(crate) async fn read_command(conn: &mut Conn, max_literal: usize) -> std::io::Result<Framed> {
     let mut cmd: Vec<u8> = Vec::new();
     loop {
         let line = match conn.read_line(MAX_LINE).await? {
@@ -105,7 +105,7 @@ fn drain(rx: &mut broadcast::Receiver<()>) {
 }
 
 /// Run one IMAP session on `conn`.
-pub async fn run_session(
+pub(crate) async fn run_session(
     mut conn: Conn,
     peer: IpAddr,
     ctx: Arc<MailboxCtx>,

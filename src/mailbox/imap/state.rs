@@ -12,8 +12,8 @@ use crate::mailbox::accounts::Account;
 use crate::mailbox::store::{HeldMeta, QResult, QuarantineStore};
 
 /// Keywords and flags per message are bounded so that the state stays small.
-pub const MAX_FLAGS: usize = 32;
-pub const MAX_FLAG_LEN: usize = 64;
+pub(crate) const MAX_FLAGS: usize = 32;
+pub(crate) const MAX_FLAG_LEN: usize = 64;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct MsgState {
@@ -32,26 +32,26 @@ struct UserState {
 
 /// One message as a session sees it.
 #[derive(Clone, Debug)]
-pub struct ViewMsg {
-    pub meta: HeldMeta,
-    pub uid: u32,
+pub(crate) struct ViewMsg {
+    pub(crate) meta: HeldMeta,
+    pub(crate) uid: u32,
     /// Sorted, deduplicated.
-    pub flags: Vec<String>,
+    pub(crate) flags: Vec<String>,
 }
 
 /// The INBOX of one user at one moment.
 #[derive(Clone, Debug)]
-pub struct View {
-    pub uidvalidity: u32,
-    pub uidnext: u32,
-    pub msgs: Vec<ViewMsg>,
+pub(crate) struct View {
+    pub(crate) uidvalidity: u32,
+    pub(crate) uidnext: u32,
+    pub(crate) msgs: Vec<ViewMsg>,
 }
 
 /// Shared by all IMAP sessions of the process: the store, the per-user views
 /// (cached), a lock serialising state updates, and a channel that tells
 /// sessions that some user's flags changed.
-pub struct Shared {
-    pub store: Arc<dyn QuarantineStore>,
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn QuarantineStore>,
     inner: Mutex<Inner>,
     changes: broadcast::Sender<()>,
 }
@@ -101,7 +101,7 @@ fn key(account: &Account) -> Vec<u8> {
 }
 
 /// Canonical order: system flags first in a fixed order, then keywords sorted.
-pub fn normalize(flags: &mut Vec<String>) {
+pub(crate) fn normalize(flags: &mut Vec<String>) {
     const ORDER: [&str; 5] = ["\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"];
     flags.sort_by_key(|f| {
         (
@@ -133,7 +133,7 @@ fn changed_flags(old: &[String], op: FlagOp<'_>) -> Vec<String> {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn QuarantineStore>) -> Shared {
+    pub(crate) fn new(store: Arc<dyn QuarantineStore>) -> Shared {
         Shared {
             inner: Mutex::new(Inner {
                 store_rx: store.subscribe(),
@@ -144,7 +144,7 @@ impl Shared {
         }
     }
 
-    pub fn subscribe_changes(&self) -> broadcast::Receiver<()> {
+    pub(crate) fn subscribe_changes(&self) -> broadcast::Receiver<()> {
         self.changes.subscribe()
     }
 
@@ -184,7 +184,7 @@ impl Shared {
     /// The user's INBOX now: entries they may see, in ascending UID order; new entries get
     /// UIDs, entries gone from the quarantine are forgotten. Answered from the cache while
     /// the quarantine has not changed.
-    pub fn view(&self, account: &Account) -> QResult<Arc<View>> {
+    pub(crate) fn view(&self, account: &Account) -> QResult<Arc<View>> {
         let mut g = self.lock();
         g.refresh();
         if let Some(c) = g.cached(account) {
@@ -242,7 +242,7 @@ impl Shared {
     /// the lock, and return each message's resulting flags. Changes, not
     /// whole sets, are applied so that two sessions of one user (a phone and
     /// a desktop) never overwrite each other's flags. Tells the other sessions.
-    pub fn apply_flags(
+    pub(crate) fn apply_flags(
         &self,
         account: &Account,
         ids: &[u64],
@@ -290,7 +290,7 @@ impl Shared {
 
 /// A flag change, as STORE gives it.
 #[derive(Clone, Copy)]
-pub enum FlagOp<'a> {
+pub(crate) enum FlagOp<'a> {
     Replace(&'a [String]),
     Add(&'a [String]),
     Remove(&'a [String]),

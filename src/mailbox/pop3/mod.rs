@@ -19,7 +19,7 @@ use crate::mailbox::accounts::Account;
 use crate::mailbox::store::QuarantineStore;
 use command::{Command, SyntaxError};
 
-pub use shell::run_session;
+pub(crate) use shell::run_session;
 
 /// RFC 2449 allows 255 octets per command; SASL responses may be longer.
 const MAX_LINE: usize = 4096;
@@ -50,7 +50,7 @@ impl State {
 
 /// What the shell must do after a command.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Send these bytes and read the next command.
     Reply(Vec<u8>),
     /// Send these bytes, then run the TLS handshake.
@@ -61,7 +61,7 @@ pub enum Step {
     Close(Vec<u8>),
 }
 
-pub struct Pop3Core {
+pub(crate) struct Pop3Core {
     store: Arc<dyn QuarantineStore>,
     hostname: String,
     tls: bool,
@@ -119,7 +119,7 @@ pub(crate) fn decode_plain(b64: &[u8]) -> Option<(String, String)> {
 }
 
 impl Pop3Core {
-    pub fn new(store: Arc<dyn QuarantineStore>, hostname: &str, tls: bool) -> Pop3Core {
+    pub(crate) fn new(store: Arc<dyn QuarantineStore>, hostname: &str, tls: bool) -> Pop3Core {
         Pop3Core {
             store,
             hostname: hostname.to_string(),
@@ -130,18 +130,18 @@ impl Pop3Core {
         }
     }
 
-    pub fn greeting(&self) -> Vec<u8> {
+    pub(crate) fn greeting(&self) -> Vec<u8> {
         ok(&format!("{} POP3 quarantine ready", self.hostname))
     }
 
     /// Call after the TLS handshake succeeded.
-    pub fn tls_started(&mut self) {
+    pub(crate) fn tls_started(&mut self) {
         self.tls = true;
         self.state = State::auth();
     }
 
     /// The logged-in account, if any.
-    pub fn account(&self) -> Option<&Account> {
+    pub(crate) fn account(&self) -> Option<&Account> {
         match &self.state {
             State::Trans { account, .. } => Some(account),
             _ => None,
@@ -150,14 +150,14 @@ impl Pop3Core {
 
     /// Whether the next command may touch the store (the shell then runs it
     /// on the blocking pool): only once logged in.
-    pub fn uses_store(&self) -> bool {
+    pub(crate) fn uses_store(&self) -> bool {
         matches!(self.state, State::Trans { .. })
     }
 
     /// Credentials checked and the maildrop locked: enter the TRANSACTION state.
     /// Lists the store (blocking). If the store fails the session stays in
     /// AUTHORIZATION (see [`Pop3Core::account`]) and the shell must unlock.
-    pub fn login_ok(&mut self, account: Account) -> Vec<u8> {
+    pub(crate) fn login_ok(&mut self, account: Account) -> Vec<u8> {
         let listed = match self.store.list() {
             Ok(l) => l,
             Err(e) => {
@@ -187,7 +187,7 @@ impl Pop3Core {
     }
 
     /// Credentials refused. Returns the reply; after too many, the shell should close.
-    pub fn login_failed(&mut self) -> Step {
+    pub(crate) fn login_failed(&mut self) -> Step {
         self.auth_failures += 1;
         self.state = State::auth();
         if self.auth_failures >= MAX_AUTH_FAILURES {
@@ -200,7 +200,7 @@ impl Pop3Core {
     }
 
     /// The credentials were right but another session holds the maildrop.
-    pub fn login_in_use(&mut self) -> Vec<u8> {
+    pub(crate) fn login_in_use(&mut self) -> Vec<u8> {
         self.state = State::auth();
         err("[IN-USE] maildrop already locked by another session")
     }
@@ -232,12 +232,12 @@ impl Pop3Core {
     }
 
     /// One line was too long.
-    pub fn line_too_long(&mut self) -> Step {
+    pub(crate) fn line_too_long(&mut self) -> Step {
         self.bad("line too long")
     }
 
     /// Handle one command line (without CRLF).
-    pub fn handle(&mut self, line: &[u8]) -> Step {
+    pub(crate) fn handle(&mut self, line: &[u8]) -> Step {
         // A pending SASL exchange takes the line as its response, not as a command.
         if let State::Auth { sasl: true, .. } = self.state {
             self.state = State::auth();

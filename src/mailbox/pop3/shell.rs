@@ -66,7 +66,7 @@ async fn log_in(
 }
 
 /// Run one POP3 session on `conn` (the I/O shell).
-pub async fn run_session(
+pub(crate) async fn run_session(
     mut conn: Conn,
     peer: IpAddr,
     ctx: Arc<MailboxCtx>,
