@@ -120,7 +120,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::HeldEntry;
 
     /// A release from the blocking pool (where the mailbox shells call it) waits for the
     /// group commit, queues the message, drops the entry and wakes delivery.
@@ -128,18 +127,7 @@ mod tests {
     async fn release_from_the_blocking_pool_goes_through_the_group_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let t = HeldEntry {
-            id: 0,
-            body_key: 0,
-            sender: "x@far.test".into(),
-            recipient: String::new(),
-            reason: "test".into(),
-            script: None,
-            received: crate::store::now_unix(),
-            size: 4,
-            client_ip: String::new(),
-            helo: String::new(),
-        };
+        let t = crate::store::test_held_template();
         let id = store.quarantine(&t, &["a@l.test".into()], b"body").unwrap()[0];
         let (scheduler, mut woken) = Scheduler::channel();
         let q = Arc::new(SledQuarantine {

@@ -578,6 +578,23 @@ mod tests {
     }
 }
 
+/// The held-entry template the store's and the quarantine's tests share.
+#[cfg(test)]
+pub(crate) fn test_held_template() -> HeldEntry {
+    HeldEntry {
+        id: 0,
+        body_key: 0,
+        sender: "x@far.test".into(),
+        recipient: String::new(),
+        reason: "test".into(),
+        script: None,
+        received: now_unix(),
+        size: 4,
+        client_ip: String::new(),
+        helo: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod quarantine_tests {
     use super::*;
@@ -586,18 +603,7 @@ mod quarantine_tests {
     async fn shared_body_goes_with_its_last_entry() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let t = HeldEntry {
-            id: 0,
-            body_key: 0,
-            sender: "x@far.test".into(),
-            recipient: String::new(),
-            reason: "test".into(),
-            script: None,
-            received: now_unix(),
-            size: 4,
-            client_ip: String::new(),
-            helo: String::new(),
-        };
+        let t = test_held_template();
         let ids = s
             .quarantine(&t, &["a@l.test".into(), "b@l.test".into()], b"body")
             .unwrap();
