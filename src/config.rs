@@ -229,7 +229,7 @@ impl fmt::Display for Route {
 }
 
 impl Route {
-    pub(crate) fn parse(s: &str) -> Result<Route, String> {
+    pub(crate) fn parse(s: &str) -> Result<Route, ValueError> {
         if let Some(rest) = s.strip_prefix("smtp://") {
             check_host_port(rest)?;
             Ok(Route::Smtp(rest.trim_end_matches('/').to_string()))
@@ -246,16 +246,16 @@ impl Route {
         } else {
             Err(format!(
                 "unknown route \"{s}\": expected \"smtp://host:port\", \"lmtp://host:port\", \"maildir:PATH\" or \"mx\""
-            ))
+            ).into())
         }
     }
 }
 
-fn check_host_port(s: &str) -> Result<(), String> {
+fn check_host_port(s: &str) -> Result<(), ValueError> {
     let s = s.trim_end_matches('/');
     match s.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!("\"{s}\" is not host:port")),
+        _ => Err(format!("\"{s}\" is not host:port").into()),
     }
 }
 
@@ -434,6 +434,24 @@ impl<'de> Deserialize<'de> for DurationStr {
     }
 }
 
+/// Why a value written in the config (a route, a rate, a size) does not
+/// parse; it becomes the serde message, so it reads as a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValueError(String);
+
+impl From<String> for ValueError {
+    fn from(s: String) -> Self {
+        ValueError(s)
+    }
+}
+
+impl From<&str> for ValueError {
+    fn from(s: &str) -> Self {
+        ValueError(s.to_string())
+    }
+}
+
 /// A rate written as `"120/1m"`: `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Rate {
@@ -442,7 +460,7 @@ pub(crate) struct Rate {
 }
 
 impl Rate {
-    pub(crate) fn parse(rate: &str) -> Result<Rate, String> {
+    pub(crate) fn parse(rate: &str) -> Result<Rate, ValueError> {
         let (count, per) = rate
             .split_once('/')
             .ok_or_else(|| format!("rate {rate:?} is not N/duration, e.g. \"100/1h\""))?;
@@ -451,7 +469,7 @@ impl Rate {
             .parse()
             .map_err(|_| format!("rate {rate:?}: {count:?} is not a whole number"))?;
         if count == 0 {
-            return Err(format!("rate {rate:?}: the count must be at least 1"));
+            return Err(format!("rate {rate:?}: the count must be at least 1").into());
         }
         let per = per.trim();
         // "100/h" reads as "100/1h".
@@ -463,7 +481,7 @@ impl Rate {
         let per = humantime::parse_duration(&per)
             .map_err(|e| format!("rate {rate:?}: bad duration: {e}"))?;
         if per.is_zero() {
-            return Err(format!("rate {rate:?}: the period must be longer than 0"));
+            return Err(format!("rate {rate:?}: the period must be longer than 0").into());
         }
         Ok(Rate { count, per })
     }
@@ -481,7 +499,7 @@ impl<'de> Deserialize<'de> for Rate {
 pub(crate) struct Size(pub(crate) u64);
 
 impl Size {
-    pub(crate) fn parse(s: &str) -> Result<Size, String> {
+    pub(crate) fn parse(s: &str) -> Result<Size, ValueError> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
@@ -496,11 +514,11 @@ impl Size {
             "mib" => 1024 * 1024,
             "g" | "gb" => 1000 * 1000 * 1000,
             "gib" => 1024 * 1024 * 1024,
-            other => return Err(format!("invalid size unit \"{other}\" in \"{s}\"")),
+            other => return Err(format!("invalid size unit \"{other}\" in \"{s}\"").into()),
         };
         n.checked_mul(mult)
             .map(Size)
-            .ok_or_else(|| format!("size \"{s}\" is too large"))
+            .ok_or_else(|| format!("size \"{s}\" is too large").into())
     }
 }
 

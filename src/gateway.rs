@@ -51,8 +51,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         core.store.clone(),
         core.metrics.clone(),
         core.scheduler.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     let resumed = delivery.resume()?;
     if resumed > 0 {
         tracing::info!(messages = resumed, "resuming the queue");

@@ -124,7 +124,7 @@ pub(crate) fn line_of(source: &str, offset: usize) -> usize {
 }
 
 /// Parses `"100/1h"` into (100, 1h): the one rate grammar, `config::Rate`.
-fn parse_rate(rate: &str) -> Result<(u32, Duration), String> {
+fn parse_rate(rate: &str) -> Result<(u32, Duration), crate::config::ValueError> {
     crate::config::Rate::parse(rate).map(|r| (r.count, r.per))
 }
 
