@@ -118,66 +118,27 @@ pub async fn execute(store: &Store, scheduler: Option<&Scheduler>, req: Request)
     }
 }
 
+/// Dispatches one request to its handler; each handler answers a bad id
+/// or a missing message with a failed `Response`, store errors with `Err`.
 async fn run(
     store: &Store,
     scheduler: Option<&Scheduler>,
     req: Request,
 ) -> store::Result<Response> {
-    let r = match req {
-        Request::QueueList(f) => {
-            if let Some(s) = &f.state
-                && QueueState::parse(s).is_none()
-            {
-                return Ok(fail(format!(
-                    "unknown state \"{s}\": use queued, deferred or held"
-                )));
-            }
-            let mut out =
-                String::from("ID               STATE     SIZE     AGE    SENDER -> RECIPIENTS\n");
-            let mut n = 0;
-            for e in store.queue_entries()? {
-                let rcpts: Vec<&str> = e.pending().map(|r| r.address.as_str()).collect();
-                if !matches(&f, &e.sender, &rcpts, e.state.as_str()) {
-                    continue;
-                }
-                n += 1;
-                out.push_str(&format!(
-                    "{} {:<9} {:<8} {:<6} {} -> {}\n",
-                    fmt_id(e.id),
-                    e.state.as_str(),
-                    e.size,
-                    age(e.created),
-                    sender_or_null(&e.sender),
-                    rcpts.join(", ")
-                ));
-            }
-            out.push_str(&format!("{n} message(s)\n"));
-            ok(out)
-        }
-        Request::QueueShow(id) => {
-            let id = match id_arg(&id, "queue") {
-                Ok(i) => i,
-                Err(r) => return Ok(r),
-            };
-            match store.entry(id)? {
-                None => fail(format!("no queued message {}", fmt_id(id))),
-                Some(e) => {
-                    let body = store.body(id)?.map(|b| b.to_vec()).unwrap_or_default();
-                    ok(show_queue(&e, &body))
-                }
-            }
-        }
+    match req {
+        Request::QueueList(f) => queue_list(store, &f),
+        Request::QueueShow(id) => queue_show(store, &id),
         Request::QueueRetry(id) => queue_change(store, scheduler, &id, |e| {
             if e.state == QueueState::Held {
                 return Err("it is held: release it instead".into());
             }
             e.next_attempt_ms = now_ms();
             Ok("will be retried now")
-        })?,
+        }),
         Request::QueueHold(id) => queue_change(store, scheduler, &id, |e| {
             e.state = QueueState::Held;
             Ok("held")
-        })?,
+        }),
         Request::QueueRelease(id) => queue_change(store, scheduler, &id, |e| {
             if e.state != QueueState::Held {
                 return Err("it is not held".into());
@@ -185,89 +146,155 @@ async fn run(
             e.state = QueueState::Queued;
             e.next_attempt_ms = now_ms();
             Ok("released to the queue")
-        })?,
-        Request::QueueDelete(id) => {
-            let id = match id_arg(&id, "queue") {
-                Ok(i) => i,
-                Err(r) => return Ok(r),
-            };
-            match store.remove(id)? {
-                Some(_) => {
-                    store.durable().await?;
-                    ok(format!("{} deleted\n", fmt_id(id)))
-                }
-                None => fail(format!("no queued message {}", fmt_id(id))),
-            }
+        }),
+        Request::QueueDelete(id) => queue_delete(store, &id).await,
+        Request::QuarantineList(f) => quarantine_list(store, &f),
+        Request::QuarantineShow(id) => quarantine_show(store, &id),
+        Request::QuarantineRelease(id) => quarantine_release(store, scheduler, &id).await,
+        Request::QuarantineDelete(id) => quarantine_delete(store, &id).await,
+    }
+}
+
+/// `queue list`: one line per queued message the filter matches, with
+/// its pending recipients.
+fn queue_list(store: &Store, f: &Filter) -> store::Result<Response> {
+    if let Some(s) = &f.state
+        && QueueState::parse(s).is_none()
+    {
+        return Ok(fail(format!(
+            "unknown state \"{s}\": use queued, deferred or held"
+        )));
+    }
+    let mut out = String::from("ID               STATE     SIZE     AGE    SENDER -> RECIPIENTS\n");
+    let mut n = 0;
+    for e in store.queue_entries()? {
+        let rcpts: Vec<&str> = e.pending().map(|r| r.address.as_str()).collect();
+        if !matches(f, &e.sender, &rcpts, e.state.as_str()) {
+            continue;
         }
-        Request::QuarantineList(f) => {
-            let mut out =
-                String::from("ID               SIZE     AGE    SENDER -> RECIPIENT  (REASON)\n");
-            let mut n = 0;
-            for e in store.held_entries()? {
-                if !matches(&f, &e.sender, &[e.recipient.as_str()], "held") {
-                    continue;
-                }
-                n += 1;
-                out.push_str(&format!(
-                    "{} {:<8} {:<6} {} -> {}  ({})\n",
-                    fmt_id(e.id),
-                    e.size,
-                    age(e.received),
-                    sender_or_null(&e.sender),
-                    e.recipient,
-                    e.reason
-                ));
-            }
-            out.push_str(&format!("{n} message(s)\n"));
-            ok(out)
-        }
-        Request::QuarantineShow(id) => {
-            let id = match id_arg(&id, "quarantine") {
-                Ok(i) => i,
-                Err(r) => return Ok(r),
-            };
-            match store.held_entry(id)? {
-                None => fail(format!("no quarantined message {}", fmt_id(id))),
-                Some(e) => {
-                    let body = store.held_body(&e)?.map(|b| b.to_vec()).unwrap_or_default();
-                    ok(show_held(&e, &body))
-                }
-            }
-        }
-        Request::QuarantineRelease(id) => {
-            let id = match id_arg(&id, "quarantine") {
-                Ok(i) => i,
-                Err(r) => return Ok(r),
-            };
-            match store.release_held(id).await? {
-                Some(qid) => {
-                    if let Some(s) = scheduler {
-                        s.now(qid);
-                    }
-                    ok(format!(
-                        "{} released: queued as {}\n",
-                        fmt_id(id),
-                        fmt_id(qid)
-                    ))
-                }
-                None => fail(format!("no quarantined message {}", fmt_id(id))),
-            }
-        }
-        Request::QuarantineDelete(id) => {
-            let id = match id_arg(&id, "quarantine") {
-                Ok(i) => i,
-                Err(r) => return Ok(r),
-            };
-            match store.unhold(id)? {
-                Some(_) => {
-                    store.durable().await?;
-                    ok(format!("{} deleted\n", fmt_id(id)))
-                }
-                None => fail(format!("no quarantined message {}", fmt_id(id))),
-            }
-        }
+        n += 1;
+        out.push_str(&format!(
+            "{} {:<9} {:<8} {:<6} {} -> {}\n",
+            fmt_id(e.id),
+            e.state.as_str(),
+            e.size,
+            age(e.created),
+            sender_or_null(&e.sender),
+            rcpts.join(", ")
+        ));
+    }
+    out.push_str(&format!("{n} message(s)\n"));
+    Ok(ok(out))
+}
+
+/// `queue show`: the entry and its message.
+fn queue_show(store: &Store, id: &str) -> store::Result<Response> {
+    let id = match id_arg(id, "queue") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
     };
-    Ok(r)
+    Ok(match store.entry(id)? {
+        None => fail(format!("no queued message {}", fmt_id(id))),
+        Some(e) => {
+            let body = store.body(id)?.map(|b| b.to_vec()).unwrap_or_default();
+            ok(show_queue(&e, &body))
+        }
+    })
+}
+
+/// `queue delete`: removes the entry and waits until that is durable.
+async fn queue_delete(store: &Store, id: &str) -> store::Result<Response> {
+    let id = match id_arg(id, "queue") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
+    };
+    Ok(match store.remove(id)? {
+        Some(_) => {
+            store.durable().await?;
+            ok(format!("{} deleted\n", fmt_id(id)))
+        }
+        None => fail(format!("no queued message {}", fmt_id(id))),
+    })
+}
+
+/// `quarantine list`: one line per held copy the filter matches.
+fn quarantine_list(store: &Store, f: &Filter) -> store::Result<Response> {
+    let mut out = String::from("ID               SIZE     AGE    SENDER -> RECIPIENT  (REASON)\n");
+    let mut n = 0;
+    for e in store.held_entries()? {
+        if !matches(f, &e.sender, &[e.recipient.as_str()], "held") {
+            continue;
+        }
+        n += 1;
+        out.push_str(&format!(
+            "{} {:<8} {:<6} {} -> {}  ({})\n",
+            fmt_id(e.id),
+            e.size,
+            age(e.received),
+            sender_or_null(&e.sender),
+            e.recipient,
+            e.reason
+        ));
+    }
+    out.push_str(&format!("{n} message(s)\n"));
+    Ok(ok(out))
+}
+
+/// `quarantine show`: the held entry and its message.
+fn quarantine_show(store: &Store, id: &str) -> store::Result<Response> {
+    let id = match id_arg(id, "quarantine") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
+    };
+    Ok(match store.held_entry(id)? {
+        None => fail(format!("no quarantined message {}", fmt_id(id))),
+        Some(e) => {
+            let body = store.held_body(&e)?.map(|b| b.to_vec()).unwrap_or_default();
+            ok(show_held(&e, &body))
+        }
+    })
+}
+
+/// `quarantine release`: queues the held copy; with a running gateway it
+/// goes out at once.
+async fn quarantine_release(
+    store: &Store,
+    scheduler: Option<&Scheduler>,
+    id: &str,
+) -> store::Result<Response> {
+    let id = match id_arg(id, "quarantine") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
+    };
+    Ok(match store.release_held(id).await? {
+        Some(qid) => {
+            if let Some(s) = scheduler {
+                s.now(qid);
+            }
+            ok(format!(
+                "{} released: queued as {}\n",
+                fmt_id(id),
+                fmt_id(qid)
+            ))
+        }
+        None => fail(format!("no quarantined message {}", fmt_id(id))),
+    })
+}
+
+/// `quarantine delete`: drops the held copy and waits until that is
+/// durable.
+async fn quarantine_delete(store: &Store, id: &str) -> store::Result<Response> {
+    let id = match id_arg(id, "quarantine") {
+        Ok(i) => i,
+        Err(r) => return Ok(r),
+    };
+    Ok(match store.unhold(id)? {
+        Some(_) => {
+            store.durable().await?;
+            ok(format!("{} deleted\n", fmt_id(id)))
+        }
+        None => fail(format!("no quarantined message {}", fmt_id(id))),
+    })
 }
 
 fn queue_change(

@@ -3,10 +3,11 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::policy::{ConnInfo, Decided, Decision, Policy, TxInfo, Verdict, final_verdict};
+use crate::policy::{ConnInfo, Decided, Decision, Policy, RuleSet, TxInfo, Verdict, final_verdict};
 
 fn show(d: &Decision) -> String {
     match &d.verdict {
@@ -75,65 +76,14 @@ pub async fn run(
     // discard before DATA sticks to the message ([`final_verdict`] decides,
     // as in the gateway), shown with the script and function that said it.
     let mut sticky: Option<Decided> = None;
-    let note = |d: &Decision, sticky: &mut Option<Decided>| {
-        if sticky.is_none()
-            && let Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) = &d.verdict
-        {
-            let by = format!(
-                "{} {}",
-                d.script.as_deref().unwrap_or_default(),
-                d.function.as_deref().unwrap_or_default()
-            );
-            *sticky = Some((v.clone(), Some(by)));
-        }
-    };
-    let d = set.connect_async(&conn).await;
-    println!("connect:   {}", show(&d));
-    note(&d, &mut sticky);
-    let mut final_: Option<Decision> = stop(d);
-    if final_.is_none() {
-        let d = set.mail_from_async(&tx).await;
-        println!("mail from: {}", show(&d));
-        note(&d, &mut sticky);
-        final_ = stop(d);
-    }
-    if final_.is_none() {
-        for r in rcpts {
-            let d = set.rcpt_async(&tx, r).await;
-            println!("rcpt {r}: {}", show(&d));
-            note(&d, &mut sticky);
-            if stop(d.clone()).is_some() {
-                final_ = Some(d);
-                break;
-            }
-            tx.rcpts.push(r.clone());
-        }
-    }
-    let verdict = match final_ {
+    let verdict = match envelope(&set, &conn, &mut tx, rcpts, &mut sticky).await {
         Some(d) => format!(
             "{} by {} {}",
             d.verdict.as_ref().map(verdict_text).unwrap_or_default(),
             d.script.unwrap_or_default(),
             d.function.unwrap_or_default()
         ),
-        None => {
-            let out = set.data(&tx, &data).await;
-            println!(
-                "checks:    spf={} dkim={} dmarc={}",
-                out.spf, out.dkim, out.dmarc
-            );
-            println!("score:     {}", out.score);
-            for (n, v) in &out.headers {
-                println!("header:    {n}: {v}");
-            }
-            let data = (out.verdict.clone(), out.script.clone());
-            let (verdict, by) = final_verdict(data, sticky);
-            format!(
-                "{} by {}",
-                verdict_text(&verdict),
-                by.as_deref().unwrap_or("(no script decided)")
-            )
-        }
+        None => data_stage(&set, &tx, &data, sticky).await,
     };
     println!("verdict:   {verdict}");
     println!(
@@ -141,6 +91,74 @@ pub async fn run(
         started.elapsed().as_secs_f64() * 1000.0
     );
     ExitCode::SUCCESS
+}
+
+/// Connect, MAIL and each RCPT, printing each decision; the decision that
+/// ended the transaction, if one did. Accepted recipients go into `tx`.
+async fn envelope(
+    set: &Arc<RuleSet>,
+    conn: &ConnInfo,
+    tx: &mut TxInfo,
+    rcpts: &[String],
+    sticky: &mut Option<Decided>,
+) -> Option<Decision> {
+    let d = set.connect_async(conn).await;
+    println!("connect:   {}", show(&d));
+    note(&d, sticky);
+    if let Some(d) = stop(d) {
+        return Some(d);
+    }
+    let d = set.mail_from_async(tx).await;
+    println!("mail from: {}", show(&d));
+    note(&d, sticky);
+    if let Some(d) = stop(d) {
+        return Some(d);
+    }
+    for r in rcpts {
+        let d = set.rcpt_async(tx, r).await;
+        println!("rcpt {r}: {}", show(&d));
+        note(&d, sticky);
+        if stop(d.clone()).is_some() {
+            return Some(d);
+        }
+        tx.rcpts.push(r.clone());
+    }
+    None
+}
+
+/// Keeps the first quarantine or discard, with who said it.
+fn note(d: &Decision, sticky: &mut Option<Decided>) {
+    if sticky.is_none()
+        && let Some(v @ (Verdict::Quarantine { .. } | Verdict::Discard)) = &d.verdict
+    {
+        let by = format!(
+            "{} {}",
+            d.script.as_deref().unwrap_or_default(),
+            d.function.as_deref().unwrap_or_default()
+        );
+        *sticky = Some((v.clone(), Some(by)));
+    }
+}
+
+/// DATA: prints the checks, score and added headers; returns the final
+/// verdict line, `sticky` taken into account.
+async fn data_stage(set: &RuleSet, tx: &TxInfo, data: &[u8], sticky: Option<Decided>) -> String {
+    let out = set.data(tx, data).await;
+    println!(
+        "checks:    spf={} dkim={} dmarc={}",
+        out.spf, out.dkim, out.dmarc
+    );
+    println!("score:     {}", out.score);
+    for (n, v) in &out.headers {
+        println!("header:    {n}: {v}");
+    }
+    let data = (out.verdict.clone(), out.script.clone());
+    let (verdict, by) = final_verdict(data, sticky);
+    format!(
+        "{} by {}",
+        verdict_text(&verdict),
+        by.as_deref().unwrap_or("(no script decided)")
+    )
 }
 
 /// A reject or tempfail ends the transaction before DATA.

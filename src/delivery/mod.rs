@@ -95,6 +95,25 @@ struct RcptOutcome {
     remote: Option<String>,
 }
 
+/// What one attempt collected across its hops.
+#[derive(Default)]
+struct Tally {
+    /// Failed in this attempt, with the reply that failed them.
+    failed_now: Vec<(usize, Reply)>,
+    /// The deferral of each recipient still pending, for expiry.
+    deferred: HashMap<usize, Reply>,
+}
+
+/// The same outcome for every recipient of a hop.
+fn for_all(rcpts: &[String], outcome: Outcome, remote: Option<String>) -> Vec<RcptOutcome> {
+    vec![RcptOutcome { outcome, remote }; rcpts.len()]
+}
+
+/// A deferral (451) for `reason`.
+fn later(reason: Reason, enhanced: Enhanced, text: String) -> Outcome {
+    Outcome::Deferred(reason, Reply::new(451, enhanced, text))
+}
+
 impl Delivery {
     pub(crate) fn new(
         cfg: Arc<Config>,
@@ -169,92 +188,123 @@ impl Delivery {
             self.store.remove(id)?;
             return Ok(());
         };
+        let mut tally = Tally::default();
+        for (hop, idx) in self.hop_groups(&entry) {
+            self.attempt_hop(id, &mut entry, &hop, &idx, &body, &mut tally)
+                .await;
+        }
+        entry.attempts += 1;
+        self.expire_if_old(&mut entry, &mut tally);
+        if !tally.failed_now.is_empty() {
+            self.bounce(&entry, &tally.failed_now, &body).await?;
+        }
+        if entry.pending().next().is_none() {
+            self.store.remove(id)?;
+            return Ok(());
+        }
+        self.reschedule(id, &mut entry)
+    }
+
+    /// The indices of the pending recipients, grouped by next hop.
+    fn hop_groups(&self, entry: &QueueEntry) -> HashMap<Hop, Vec<usize>> {
         let mut groups: HashMap<Hop, Vec<usize>> = HashMap::new();
         for (i, r) in entry.recipients.iter().enumerate() {
             if r.status == RcptStatus::Pending {
                 groups.entry(self.hop_for(&r.address)).or_default().push(i);
             }
         }
-        // Failed in this attempt, with the reply that failed them.
-        let mut failed_now: Vec<(usize, Reply)> = Vec::new();
-        // The deferral of each recipient still pending, for expiry.
-        let mut deferred: HashMap<usize, Reply> = HashMap::new();
-        for (hop, idx) in groups {
-            let rcpts: Vec<String> = idx
-                .iter()
-                .map(|&i| entry.recipients[i].address.clone())
-                .collect();
-            let started = Instant::now();
-            let outcomes = self.deliver_hop(&hop, &entry.sender, &rcpts, &body).await;
-            self.metrics
-                .delivery_seconds
-                .observe(started.elapsed().as_secs_f64());
-            let mut result = "ok";
-            for (&i, o) in idx.iter().zip(outcomes) {
-                let r = &mut entry.recipients[i];
-                r.last_reply = Some(o.outcome.reply().to_string());
-                r.remote = o.remote;
-                match o.outcome {
-                    Outcome::Delivered(reply) => {
-                        r.status = RcptStatus::Delivered;
-                        tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "delivered");
-                    }
-                    Outcome::Failed(reply) => {
-                        r.status = RcptStatus::Failed;
-                        result = "permfail";
-                        tracing::warn!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "failed permanently");
-                        failed_now.push((i, reply));
-                    }
-                    Outcome::Deferred(reason, reply) => {
-                        if result == "ok" {
-                            result = "tempfail";
-                        }
-                        entry.last_error = Some(reply.to_string());
-                        tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, ?reason, "deferred");
-                        deferred.insert(i, reply);
-                    }
+        groups
+    }
+
+    /// Delivers to one hop the recipients at `idx` and records each one's
+    /// outcome in `entry` and `tally`, with the attempt metrics.
+    async fn attempt_hop(
+        &self,
+        id: u64,
+        entry: &mut QueueEntry,
+        hop: &Hop,
+        idx: &[usize],
+        body: &sled::IVec,
+        tally: &mut Tally,
+    ) {
+        let rcpts: Vec<String> = idx
+            .iter()
+            .map(|&i| entry.recipients[i].address.clone())
+            .collect();
+        let started = Instant::now();
+        let outcomes = self.deliver_hop(hop, &entry.sender, &rcpts, body).await;
+        self.metrics
+            .delivery_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut result = "ok";
+        for (&i, o) in idx.iter().zip(outcomes) {
+            let r = &mut entry.recipients[i];
+            r.last_reply = Some(o.outcome.reply().to_string());
+            r.remote = o.remote;
+            match o.outcome {
+                Outcome::Delivered(reply) => {
+                    r.status = RcptStatus::Delivered;
+                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "delivered");
                 }
-            }
-            self.metrics
-                .delivery_attempts
-                .with_label_values(&[result])
-                .inc();
-        }
-        entry.attempts += 1;
-        let expired = now_unix() - entry.created >= self.cfg.delivery.max_age.0.as_secs() as i64;
-        if expired {
-            let age = humantime::format_duration(self.cfg.delivery.max_age.0);
-            for (i, r) in entry.recipients.iter_mut().enumerate() {
-                if r.status == RcptStatus::Pending {
+                Outcome::Failed(reply) => {
                     r.status = RcptStatus::Failed;
-                    let last = deferred
-                        .remove(&i)
-                        .map(|d| d.to_string())
-                        .or_else(|| r.last_reply.clone())
-                        .unwrap_or_default();
-                    // "Delivery time expired" (4.4.7), final now.
-                    let reply = Reply::new(
-                        554,
-                        Enhanced::new(4, 4, 7).permanent(),
-                        format!("Message expired after {age} in the queue; last error: {last}"),
-                    );
-                    r.last_reply = Some(reply.to_string());
-                    failed_now.push((i, reply));
+                    result = "permfail";
+                    tracing::warn!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "failed permanently");
+                    tally.failed_now.push((i, reply));
+                }
+                Outcome::Deferred(reason, reply) => {
+                    if result == "ok" {
+                        result = "tempfail";
+                    }
+                    entry.last_error = Some(reply.to_string());
+                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, ?reason, "deferred");
+                    tally.deferred.insert(i, reply);
                 }
             }
         }
-        if !failed_now.is_empty() {
-            self.bounce(&entry, &failed_now, &body).await?;
+        self.metrics
+            .delivery_attempts
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Past `max_age` every recipient still pending fails now (4.4.7),
+    /// with its last deferral in the reply.
+    fn expire_if_old(&self, entry: &mut QueueEntry, tally: &mut Tally) {
+        let expired = now_unix() - entry.created >= self.cfg.delivery.max_age.0.as_secs() as i64;
+        if !expired {
+            return;
         }
-        if entry.pending().next().is_none() {
-            self.store.remove(id)?;
-            return Ok(());
+        let age = humantime::format_duration(self.cfg.delivery.max_age.0);
+        for (i, r) in entry.recipients.iter_mut().enumerate() {
+            if r.status == RcptStatus::Pending {
+                r.status = RcptStatus::Failed;
+                let last = tally
+                    .deferred
+                    .remove(&i)
+                    .map(|d| d.to_string())
+                    .or_else(|| r.last_reply.clone())
+                    .unwrap_or_default();
+                // "Delivery time expired" (4.4.7), final now.
+                let reply = Reply::new(
+                    554,
+                    Enhanced::new(4, 4, 7).permanent(),
+                    format!("Message expired after {age} in the queue; last error: {last}"),
+                );
+                r.last_reply = Some(reply.to_string());
+                tally.failed_now.push((i, reply));
+            }
         }
+    }
+
+    /// Stores the attempt's results and sets the next attempt by the retry
+    /// schedule; an admin change made meanwhile keeps its state.
+    fn reschedule(&self, id: u64, entry: &mut QueueEntry) -> store::Result<()> {
         let steps = &self.cfg.delivery.retry;
         let step = steps[(entry.attempts as usize - 1).min(steps.len() - 1)].0;
         entry.next_attempt_ms = now_ms() + step.as_millis() as i64;
         entry.state = QueueState::Deferred;
-        if !self.store.update(&entry)? {
+        if !self.store.update(entry)? {
             // Changed by an admin meanwhile: keep their state, record our results.
             if let Some(mut cur) = self.store.entry(id)? {
                 cur.recipients = entry.recipients.clone();
@@ -327,74 +377,12 @@ impl Delivery {
         rcpts: &[String],
         body: &sled::IVec,
     ) -> Vec<RcptOutcome> {
-        let all = |outcome: Outcome, remote: Option<String>| {
-            vec![RcptOutcome { outcome, remote }; rcpts.len()]
-        };
-        let later = |reason: Reason, enhanced: Enhanced, text: String| {
-            Outcome::Deferred(reason, Reply::new(451, enhanced, text))
-        };
-        let timeout = self.cfg.delivery.timeout.0;
-        let hostname = &self.cfg.server.hostname;
         match hop {
-            Hop::Route(Route::Maildir(root)) => {
-                // One blocking task writes every copy; the body is shared
-                // (IVec is reference-counted), not copied per recipient.
-                let (root, rcpts2, host, data) =
-                    (root.clone(), rcpts.to_vec(), hostname.clone(), body.clone());
-                let res = tokio::task::spawn_blocking(move || {
-                    rcpts2
-                        .iter()
-                        .map(|r| match maildir::deliver(&root, r, &host, &data) {
-                            Ok(_) => Outcome::Delivered(Reply::new(
-                                250,
-                                Enhanced::new(2, 0, 0),
-                                "Delivered to Maildir",
-                            )),
-                            Err(e) => later(
-                                Reason::Local,
-                                Enhanced::new(4, 3, 0),
-                                format!("Maildir write failed: {e}"),
-                            ),
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .await;
-                match res {
-                    Ok(outcomes) => outcomes
-                        .into_iter()
-                        .map(|outcome| RcptOutcome {
-                            outcome,
-                            remote: None,
-                        })
-                        .collect(),
-                    Err(e) => all(
-                        later(
-                            Reason::Local,
-                            Enhanced::new(4, 3, 0),
-                            format!("Maildir task failed: {e}"),
-                        ),
-                        None,
-                    ),
-                }
-            }
-            Hop::Route(Route::Smtp(hp)) | Hop::Route(Route::Lmtp(hp)) => {
-                let lmtp = matches!(hop, Hop::Route(Route::Lmtp(_)));
-                let Some((host, port)) = mx::split_host_port(hp) else {
-                    let bad = format!("Bad route {hp}");
-                    return all(later(Reason::Local, Enhanced::new(4, 3, 5), bad), None);
-                };
-                let addrs = match mx::resolve_host(&self.resolver, host, port).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let why = later(Reason::Dns, Enhanced::new(4, 4, 3), e.to_string());
-                        return all(why, Some(hp.clone()));
-                    }
-                };
-                let key = format!("{}://{hp}", if lmtp { "lmtp" } else { "smtp" });
-                self.send(&key, &addrs, lmtp, from, rcpts, body, timeout, hp)
-                    .await
-            }
-            Hop::Route(Route::Mx) => all(
+            Hop::Route(Route::Maildir(root)) => self.to_maildir(root, rcpts, body).await,
+            Hop::Route(Route::Smtp(hp)) => self.to_route(hp, false, from, rcpts, body).await,
+            Hop::Route(Route::Lmtp(hp)) => self.to_route(hp, true, from, rcpts, body).await,
+            Hop::Route(Route::Mx) => for_all(
+                rcpts,
                 later(
                     Reason::Local,
                     Enhanced::new(4, 3, 5),
@@ -402,51 +390,150 @@ impl Delivery {
                 ),
                 None,
             ),
-            Hop::Mx(domain) => {
-                let hosts = match mx::lookup_mx(&self.resolver, domain).await {
-                    mx::MxAnswer::Hosts(h) => h,
-                    mx::MxAnswer::NullMx => {
-                        let text = format!("Domain {domain} accepts no mail (null MX)");
-                        let reply = Reply::new(556, Enhanced::new(5, 1, 10), text);
-                        return all(Outcome::Failed(reply), None);
-                    }
-                    mx::MxAnswer::NoDomain => {
-                        let text = format!("Domain {domain} does not exist");
-                        let reply = Reply::new(550, Enhanced::new(5, 1, 2), text);
-                        return all(Outcome::Failed(reply), None);
-                    }
-                    mx::MxAnswer::TempFail(e) => {
-                        let text = format!("DNS lookup for {domain} failed: {e}");
-                        return all(later(Reason::Dns, Enhanced::new(4, 4, 3), text), None);
-                    }
-                };
-                let none = format!("No MX host of {domain} answered");
-                let mut last = all(
-                    later(Reason::ConnectFailed, Enhanced::new(4, 4, 1), none),
+            Hop::Mx(domain) => self.to_mx(domain, from, rcpts, body).await,
+        }
+    }
+
+    /// Writes every copy into the Maildirs under `root`.
+    async fn to_maildir(
+        &self,
+        root: &std::path::Path,
+        rcpts: &[String],
+        body: &sled::IVec,
+    ) -> Vec<RcptOutcome> {
+        // One blocking task writes every copy; the body is shared
+        // (IVec is reference-counted), not copied per recipient.
+        let (root, rcpts2, host, data) = (
+            root.to_path_buf(),
+            rcpts.to_vec(),
+            self.cfg.server.hostname.clone(),
+            body.clone(),
+        );
+        let res = tokio::task::spawn_blocking(move || {
+            rcpts2
+                .iter()
+                .map(|r| match maildir::deliver(&root, r, &host, &data) {
+                    Ok(_) => Outcome::Delivered(Reply::new(
+                        250,
+                        Enhanced::new(2, 0, 0),
+                        "Delivered to Maildir",
+                    )),
+                    Err(e) => later(
+                        Reason::Local,
+                        Enhanced::new(4, 3, 0),
+                        format!("Maildir write failed: {e}"),
+                    ),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match res {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|outcome| RcptOutcome {
+                    outcome,
+                    remote: None,
+                })
+                .collect(),
+            Err(e) => for_all(
+                rcpts,
+                later(
+                    Reason::Local,
+                    Enhanced::new(4, 3, 0),
+                    format!("Maildir task failed: {e}"),
+                ),
+                None,
+            ),
+        }
+    }
+
+    /// Sends over SMTP or LMTP to the fixed `host:port` of a route.
+    async fn to_route(
+        &self,
+        hp: &str,
+        lmtp: bool,
+        from: &str,
+        rcpts: &[String],
+        body: &sled::IVec,
+    ) -> Vec<RcptOutcome> {
+        let Some((host, port)) = mx::split_host_port(hp) else {
+            let bad = format!("Bad route {hp}");
+            return for_all(
+                rcpts,
+                later(Reason::Local, Enhanced::new(4, 3, 5), bad),
+                None,
+            );
+        };
+        let addrs = match mx::resolve_host(&self.resolver, host, port).await {
+            Ok(a) => a,
+            Err(e) => {
+                let why = later(Reason::Dns, Enhanced::new(4, 4, 3), e.to_string());
+                return for_all(rcpts, why, Some(hp.to_string()));
+            }
+        };
+        let key = format!("{}://{hp}", if lmtp { "lmtp" } else { "smtp" });
+        let timeout = self.cfg.delivery.timeout.0;
+        self.send(&key, &addrs, lmtp, from, rcpts, body, timeout, hp)
+            .await
+    }
+
+    /// Sends to the MX hosts of `domain` in order, moving on only when a
+    /// host could not be reached; a null or missing domain fails at once.
+    async fn to_mx(
+        &self,
+        domain: &str,
+        from: &str,
+        rcpts: &[String],
+        body: &sled::IVec,
+    ) -> Vec<RcptOutcome> {
+        let hosts = match mx::lookup_mx(&self.resolver, domain).await {
+            mx::MxAnswer::Hosts(h) => h,
+            mx::MxAnswer::NullMx => {
+                let text = format!("Domain {domain} accepts no mail (null MX)");
+                let reply = Reply::new(556, Enhanced::new(5, 1, 10), text);
+                return for_all(rcpts, Outcome::Failed(reply), None);
+            }
+            mx::MxAnswer::NoDomain => {
+                let text = format!("Domain {domain} does not exist");
+                let reply = Reply::new(550, Enhanced::new(5, 1, 2), text);
+                return for_all(rcpts, Outcome::Failed(reply), None);
+            }
+            mx::MxAnswer::TempFail(e) => {
+                let text = format!("DNS lookup for {domain} failed: {e}");
+                return for_all(
+                    rcpts,
+                    later(Reason::Dns, Enhanced::new(4, 4, 3), text),
                     None,
                 );
-                let port = self.cfg.delivery.mx_port;
-                for h in hosts {
-                    let addrs = match mx::resolve_host(&self.resolver, &h, port).await {
-                        Ok(a) if !a.is_empty() => a,
-                        Ok(_) | Err(_) => continue,
-                    };
-                    let key = format!("smtp://{h}:{port}");
-                    let out = self
-                        .send(&key, &addrs, false, from, rcpts, body, timeout, &h)
-                        .await;
-                    // Only a connection-level failure moves on to the next MX.
-                    let conn_failed = out
-                        .iter()
-                        .all(|o| matches!(o.outcome, Outcome::Deferred(Reason::ConnectFailed, _)));
-                    if !conn_failed {
-                        return out;
-                    }
-                    last = out;
-                }
-                last
             }
+        };
+        let none = format!("No MX host of {domain} answered");
+        let mut last = for_all(
+            rcpts,
+            later(Reason::ConnectFailed, Enhanced::new(4, 4, 1), none),
+            None,
+        );
+        let timeout = self.cfg.delivery.timeout.0;
+        let port = self.cfg.delivery.mx_port;
+        for h in hosts {
+            let addrs = match mx::resolve_host(&self.resolver, &h, port).await {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) | Err(_) => continue,
+            };
+            let key = format!("smtp://{h}:{port}");
+            let out = self
+                .send(&key, &addrs, false, from, rcpts, body, timeout, &h)
+                .await;
+            // Only a connection-level failure moves on to the next MX.
+            let conn_failed = out
+                .iter()
+                .all(|o| matches!(o.outcome, Outcome::Deferred(Reason::ConnectFailed, _)));
+            if !conn_failed {
+                return out;
+            }
+            last = out;
         }
+        last
     }
 
     #[allow(clippy::too_many_arguments)]

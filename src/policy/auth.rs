@@ -9,8 +9,8 @@ use mail_auth::dmarc::Policy as DmarcPolicy;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfOutput,
-    SpfResult,
+    AuthenticatedMessage, DkimOutput, DkimResult, DmarcOutput, DmarcResult, MessageAuthenticator,
+    SpfOutput, SpfResult,
 };
 use tokio::time::{Instant, timeout_at};
 
@@ -96,6 +96,25 @@ fn helo_is_domain(helo: &str) -> bool {
         && helo.contains('.')
 }
 
+/// Who is sending, as the checks and the header need it.
+struct Sender<'a> {
+    hostname: &'a str,
+    ip: IpAddr,
+    /// Trimmed.
+    helo: &'a str,
+    mail_from: &'a str,
+    /// The MAIL FROM domain, or the HELO name for bounces, lowercased.
+    mail_from_domain: String,
+}
+
+/// The DMARC part of an outcome: result word (None when not checked),
+/// policy, and the From domain it was evaluated for.
+struct DmarcSummary {
+    word: Option<&'static str>,
+    policy: &'static str,
+    domain: String,
+}
+
 /// Runs the enabled checks. Never takes longer than `checks.deadline`
 /// (plus scheduling): what is unfinished then is `temperror`.
 #[allow(clippy::too_many_arguments)]
@@ -110,80 +129,143 @@ pub(crate) async fn check_message(
 ) -> AuthOutcome {
     let deadline = Instant::now() + checks.deadline.0;
     let helo = helo.trim();
-    let mail_from_domain = mail_from
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_ascii_lowercase())
-        .unwrap_or_else(|| helo.to_ascii_lowercase());
+    let sender = Sender {
+        hostname,
+        ip,
+        helo,
+        mail_from,
+        mail_from_domain: mail_from
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_else(|| helo.to_ascii_lowercase()),
+    };
     let parsed = AuthenticatedMessage::parse(message);
 
-    // SPF: the MAIL FROM identity, or the HELO identity for bounces.
-    let spf_fut = async {
-        if !checks.spf {
-            return None;
-        }
-        let out = if mail_from.is_empty() {
-            if !helo_is_domain(helo) {
-                return Some(SpfOutput::new(mail_from_domain.clone()));
-            }
-            let params = SpfParameters::verify_ehlo(ip, helo, hostname);
-            timeout_at(deadline, resolver.verify_spf(params)).await
-        } else {
-            let params = SpfParameters::verify_mail_from(ip, helo, hostname, mail_from);
-            timeout_at(deadline, resolver.verify_spf(params)).await
-        };
-        Some(out.unwrap_or_else(|_| {
-            SpfOutput::new(mail_from_domain.clone()).with_result(SpfResult::TempError)
-        }))
-    };
-    let dkim_fut = async {
-        if !(checks.dkim || checks.dmarc) {
-            return None;
-        }
-        let msg = parsed.as_ref()?;
-        Some(
-            timeout_at(deadline, resolver.verify_dkim(msg))
-                .await
-                .unwrap_or_else(|_| {
-                    vec![DkimOutput::temp_err(mail_auth::Error::Dns(
-                        mail_auth::DnsError::Resolver("deadline exceeded".into()),
-                    ))]
-                }),
-        )
-    };
-    let (spf, dkim) = tokio::join!(spf_fut, dkim_fut);
-
+    let (spf, dkim) = tokio::join!(
+        verify_spf(resolver, checks, &sender, deadline),
+        verify_dkim(resolver, checks, parsed.as_ref(), deadline)
+    );
     let spf_result = spf.as_ref().map(|s| s.result());
     let dkim_outputs = dkim.unwrap_or_default();
-    let dkim_result: Option<&'static str> = if !checks.dkim {
+    let dkim_result = dkim_summary(checks, parsed.is_some(), &dkim_outputs);
+
+    let dmarc_out = match parsed.as_ref() {
+        Some(msg) if checks.dmarc => Some(
+            verify_dmarc(
+                resolver,
+                &sender,
+                msg,
+                spf.as_ref(),
+                &dkim_outputs,
+                deadline,
+            )
+            .await,
+        ),
+        _ => None,
+    };
+    let dmarc = dmarc_summary(checks, dmarc_out.as_ref());
+
+    let header = results_header(&sender, spf_result, dkim_result, &dkim_outputs, &dmarc);
+    AuthOutcome {
+        spf: spf_result.map_or("none", spf_word),
+        dkim: dkim_result.unwrap_or("none"),
+        dmarc: dmarc.word.unwrap_or("none"),
+        dmarc_policy: dmarc.policy,
+        header,
+    }
+}
+
+/// SPF on the MAIL FROM identity, or the HELO identity for bounces; None
+/// when SPF is off. A bounce with a HELO that is no domain gets `none`.
+async fn verify_spf(
+    resolver: &MessageAuthenticator,
+    checks: &ChecksConfig,
+    sender: &Sender<'_>,
+    deadline: Instant,
+) -> Option<SpfOutput> {
+    if !checks.spf {
+        return None;
+    }
+    let (ip, helo, hostname) = (sender.ip, sender.helo, sender.hostname);
+    let out = if sender.mail_from.is_empty() {
+        if !helo_is_domain(helo) {
+            return Some(SpfOutput::new(sender.mail_from_domain.clone()));
+        }
+        let params = SpfParameters::verify_ehlo(ip, helo, hostname);
+        timeout_at(deadline, resolver.verify_spf(params)).await
+    } else {
+        let params = SpfParameters::verify_mail_from(ip, helo, hostname, sender.mail_from);
+        timeout_at(deadline, resolver.verify_spf(params)).await
+    };
+    Some(out.unwrap_or_else(|_| {
+        SpfOutput::new(sender.mail_from_domain.clone()).with_result(SpfResult::TempError)
+    }))
+}
+
+/// The DKIM signatures' outputs, also when only DMARC needs them; None
+/// when neither is on or the message does not parse.
+async fn verify_dkim<'m>(
+    resolver: &MessageAuthenticator,
+    checks: &ChecksConfig,
+    parsed: Option<&'m AuthenticatedMessage<'m>>,
+    deadline: Instant,
+) -> Option<Vec<DkimOutput<'m>>> {
+    if !(checks.dkim || checks.dmarc) {
+        return None;
+    }
+    let msg = parsed?;
+    Some(
+        timeout_at(deadline, resolver.verify_dkim(msg))
+            .await
+            .unwrap_or_else(|_| {
+                vec![DkimOutput::temp_err(mail_auth::Error::Dns(
+                    mail_auth::DnsError::Resolver("deadline exceeded".into()),
+                ))]
+            }),
+    )
+}
+
+/// One DKIM word for the message: `pass` if any signature passed, else
+/// the first signature's result; None when DKIM is off.
+fn dkim_summary(
+    checks: &ChecksConfig,
+    parsed: bool,
+    outputs: &[DkimOutput<'_>],
+) -> Option<&'static str> {
+    if !checks.dkim {
         None
-    } else if parsed.is_none() {
+    } else if !parsed {
         Some("permerror")
-    } else if dkim_outputs.iter().any(|d| d.result() == &DkimResult::Pass) {
+    } else if outputs.iter().any(|d| d.result() == &DkimResult::Pass) {
         Some("pass")
     } else {
-        Some(
-            dkim_outputs
-                .first()
-                .map_or("none", |d| dkim_word(d.result())),
-        )
-    };
-
-    let mut dmarc_out = None;
-    if checks.dmarc
-        && let Some(msg) = parsed.as_ref()
-    {
-        let spf_for_dmarc = spf.clone().unwrap_or_else(|| {
-            // SPF disabled: DMARC can still align on DKIM.
-            SpfOutput::new(mail_from_domain.clone())
-        });
-        let params = DmarcParameters::new(msg, &dkim_outputs, &mail_from_domain, &spf_for_dmarc);
-        dmarc_out = Some(
-            timeout_at(deadline, resolver.verify_dmarc(params))
-                .await
-                .map_err(|_| ()),
-        );
+        Some(outputs.first().map_or("none", |d| dkim_word(d.result())))
     }
-    let (dmarc_word_, dmarc_policy, dmarc_domain) = match &dmarc_out {
+}
+
+/// DMARC for a parsed message; `Err` when the deadline passed.
+async fn verify_dmarc(
+    resolver: &MessageAuthenticator,
+    sender: &Sender<'_>,
+    msg: &AuthenticatedMessage<'_>,
+    spf: Option<&SpfOutput>,
+    dkim_outputs: &[DkimOutput<'_>],
+    deadline: Instant,
+) -> Result<DmarcOutput, ()> {
+    let spf_for_dmarc = spf.cloned().unwrap_or_else(|| {
+        // SPF disabled: DMARC can still align on DKIM.
+        SpfOutput::new(sender.mail_from_domain.clone())
+    });
+    let params = DmarcParameters::new(msg, dkim_outputs, &sender.mail_from_domain, &spf_for_dmarc);
+    timeout_at(deadline, resolver.verify_dmarc(params))
+        .await
+        .map_err(|_| ())
+}
+
+/// Word, policy and domain of a DMARC run (`out` None: not run, which is
+/// `permerror` when DMARC is on because the message did not parse).
+fn dmarc_summary(checks: &ChecksConfig, out: Option<&Result<DmarcOutput, ()>>) -> DmarcSummary {
+    let (word, policy, domain) = match out {
         None if checks.dmarc => (Some("permerror"), "none", String::new()),
         None => (None, "none", String::new()),
         Some(Err(())) => (Some("temperror"), "none", String::new()),
@@ -203,20 +285,34 @@ pub(crate) async fn check_message(
             )
         }
     };
+    DmarcSummary {
+        word,
+        policy,
+        domain,
+    }
+}
 
-    // The Authentication-Results value.
-    let mut header = String::from(hostname);
+/// The Authentication-Results value: authserv-id, then one resinfo per
+/// check that ran (`none` when none did).
+fn results_header(
+    sender: &Sender<'_>,
+    spf_result: Option<SpfResult>,
+    dkim_result: Option<&'static str>,
+    dkim_outputs: &[DkimOutput<'_>],
+    dmarc: &DmarcSummary,
+) -> String {
+    let mut header = String::from(sender.hostname);
     if let Some(r) = spf_result {
         header.push_str("; spf=");
         header.push_str(spf_word(r));
-        if mail_from.is_empty() {
-            if !helo.is_empty() {
+        if sender.mail_from.is_empty() {
+            if !sender.helo.is_empty() {
                 header.push_str(" smtp.helo=");
-                header.push_str(&pvalue(helo));
+                header.push_str(&pvalue(sender.helo));
             }
         } else {
             header.push_str(" smtp.mailfrom=");
-            header.push_str(&pvalue(mail_from));
+            header.push_str(&pvalue(sender.mail_from));
         }
     }
     if let Some(word) = dkim_result {
@@ -233,27 +329,20 @@ pub(crate) async fn check_message(
             header.push_str(&pvalue(&sig.s));
         }
     }
-    if let Some(word) = dmarc_word_ {
+    if let Some(word) = dmarc.word {
         header.push_str("; dmarc=");
         header.push_str(word);
-        if !dmarc_domain.is_empty() {
+        if !dmarc.domain.is_empty() {
             header.push_str(" header.from=");
-            header.push_str(&pvalue(&dmarc_domain));
+            header.push_str(&pvalue(&dmarc.domain));
         }
         header.push_str(" policy.dmarc=");
-        header.push_str(dmarc_policy);
+        header.push_str(dmarc.policy);
     }
-    if spf_result.is_none() && dkim_result.is_none() && dmarc_word_.is_none() {
+    if spf_result.is_none() && dkim_result.is_none() && dmarc.word.is_none() {
         header.push_str("; none");
     }
-
-    AuthOutcome {
-        spf: spf_result.map_or("none", spf_word),
-        dkim: dkim_result.unwrap_or("none"),
-        dmarc: dmarc_word_.unwrap_or("none"),
-        dmarc_policy,
-        header,
-    }
+    header
 }
 
 /// The authserv-id of an `Authentication-Results` value: its first token,

@@ -147,101 +147,91 @@ pub(crate) fn parse_str(path: &Path, source: &str) -> Result<Vec<LimitSpec>, Vec
     let mut problems = Vec::new();
     let mut specs: Vec<LimitSpec> = Vec::new();
     for entry in file.limit {
-        let entry_line = line_of(source, entry.span().start);
-        let entry = entry.into_inner();
-        let at = |s: &std::ops::Range<usize>| Some(line_of(source, s.start));
-        let name = entry.name.get_ref().trim().to_string();
-        if name.is_empty() {
-            problems.push(Problem::new(
-                path,
-                at(&entry.name.span()),
-                "empty limit name",
-            ));
-            continue;
+        match parse_entry(path, source, entry, &specs) {
+            Ok(spec) => specs.push(spec),
+            Err(p) => problems.push(p),
         }
-        if specs.iter().any(|s| s.name == name) {
-            problems.push(Problem::new(
-                path,
-                at(&entry.name.span()),
-                format!("limit {name:?} is defined twice"),
-            ));
-            continue;
-        }
-        let Some(key) = LimitKey::parse(entry.key.get_ref()) else {
-            problems.push(Problem::new(
-                path,
-                at(&entry.key.span()),
-                format!(
-                    "limit {name:?}: key {:?} is not one of sender, sender_domain, client_ip, auth_user, recipient",
-                    entry.key.get_ref()
-                ),
-            ));
-            continue;
-        };
-        let (count, per) = match parse_rate(entry.rate.get_ref()) {
-            Ok(r) => r,
-            Err(msg) => {
-                problems.push(Problem::new(
-                    path,
-                    at(&entry.rate.span()),
-                    format!("limit {name:?}: {msg}"),
-                ));
-                continue;
-            }
-        };
-        let burst = match &entry.burst {
-            None => count,
-            Some(b) => match u32::try_from(*b.get_ref()) {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    problems.push(Problem::new(
-                        path,
-                        at(&b.span()),
-                        format!("limit {name:?}: burst must be a whole number >= 1"),
-                    ));
-                    continue;
-                }
-            },
-        };
-        let scope = match &entry.scope {
-            None => Scope::Inbound,
-            Some(s) => match Scope::parse(s.get_ref()) {
-                Some(scope) => scope,
-                None => {
-                    problems.push(Problem::new(
-                        path,
-                        at(&s.span()),
-                        format!(
-                            "limit {name:?}: scope {:?} is not one of inbound, submission, all",
-                            s.get_ref()
-                        ),
-                    ));
-                    continue;
-                }
-            },
-        };
-        if Quota::with_period(per / count).is_none() {
-            problems.push(Problem::new(
-                path,
-                Some(entry_line),
-                format!("limit {name:?}: rate too high"),
-            ));
-            continue;
-        }
-        specs.push(LimitSpec {
-            name,
-            key,
-            count,
-            per,
-            burst,
-            scope,
-        });
     }
     if problems.is_empty() {
         Ok(specs)
     } else {
         Err(problems)
     }
+}
+
+/// Validates one `[[limit]]` against the ones before it (`specs`): the
+/// first problem found, at the line of the offending value.
+fn parse_entry(
+    path: &Path,
+    source: &str,
+    entry: Spanned<LimitToml>,
+    specs: &[LimitSpec],
+) -> Result<LimitSpec, Problem> {
+    let entry_line = line_of(source, entry.span().start);
+    let entry = entry.into_inner();
+    let at = |s: std::ops::Range<usize>, msg: String| {
+        Problem::new(path, Some(line_of(source, s.start)), msg)
+    };
+    let name = entry.name.get_ref().trim().to_string();
+    if name.is_empty() {
+        return Err(at(entry.name.span(), "empty limit name".into()));
+    }
+    if specs.iter().any(|s| s.name == name) {
+        return Err(at(
+            entry.name.span(),
+            format!("limit {name:?} is defined twice"),
+        ));
+    }
+    let key = LimitKey::parse(entry.key.get_ref()).ok_or_else(|| {
+        at(
+            entry.key.span(),
+            format!(
+                "limit {name:?}: key {:?} is not one of sender, sender_domain, client_ip, auth_user, recipient",
+                entry.key.get_ref()
+            ),
+        )
+    })?;
+    let (count, per) = parse_rate(entry.rate.get_ref())
+        .map_err(|msg| at(entry.rate.span(), format!("limit {name:?}: {msg}")))?;
+    let burst = match &entry.burst {
+        None => count,
+        Some(b) => u32::try_from(*b.get_ref())
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| {
+                at(
+                    b.span(),
+                    format!("limit {name:?}: burst must be a whole number >= 1"),
+                )
+            })?,
+    };
+    let scope = match &entry.scope {
+        None => Scope::Inbound,
+        Some(s) => Scope::parse(s.get_ref()).ok_or_else(|| {
+            at(
+                s.span(),
+                format!(
+                    "limit {name:?}: scope {:?} is not one of inbound, submission, all",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+    if Quota::with_period(per / count).is_none() {
+        return Err(Problem::new(
+            path,
+            Some(entry_line),
+            format!("limit {name:?}: rate too high"),
+        ));
+    }
+    Ok(LimitSpec {
+        name,
+        key,
+        count,
+        per,
+        burst,
+        scope,
+    })
 }
 
 /// Limiters by their definition, shared by the rule sets of one [`Policy`](crate::policy::Policy).

@@ -103,19 +103,8 @@ async fn run(
     greet: bool,
 ) -> std::io::Result<Next> {
     let mut out: Vec<u8> = Vec::with_capacity(512);
-    if greet {
-        let d = rules.connect_async(&session.conn_info()).await;
-        let action = session.connected(d);
-        count_verdict(session, ctx);
-        match action {
-            Action::Close(b) => {
-                tracing::info!("refused at connect");
-                conn.write(&b).await?;
-                return Ok(Next::Close);
-            }
-            Action::Reply(b) => out.extend(b),
-            _ => {}
-        }
+    if greet && let Some(next) = connected(conn, session, ctx, rules, &mut out).await? {
+        return Ok(next);
     }
     let host = session.config().hostname.clone();
     loop {
@@ -124,82 +113,154 @@ async fn run(
             conn.write(&out).await?;
             out.clear();
         }
-        // On shutdown, a session between transactions is told 421 at its
-        // next command; one in the middle of a transaction may finish it.
-        let between = !session.in_transaction();
-        let line = if between && conn.shutting_down() {
-            Line::Shutdown
-        } else {
-            conn.read_line_raw(ctx.max_line_length, between).await?
+        let line = match next_line(conn, session, ctx, &host, &mut out).await? {
+            Read::Line(l) => l,
+            Read::Again => continue,
+            Read::End(next) => return Ok(next),
         };
-        let line = match line {
-            Line::Data(l) => l,
-            Line::TooLong => {
-                out.extend(reply(500, Enhanced::new(5, 5, 2), "Line too long"));
-                continue;
-            }
-            Line::Eof => return Ok(Next::Gone),
-            Line::Timeout => {
-                let why = if conn.session_expired() {
-                    "Session time limit reached, closing"
-                } else {
-                    "Idle timeout, closing"
-                };
-                out.extend(reply(421, Enhanced::new(4, 4, 2), &format!("{host} {why}")));
-                conn.write(&out).await?;
-                return Ok(Next::Close);
-            }
-            Line::Shutdown => {
-                out.extend(reply(
-                    421,
-                    Enhanced::new(4, 3, 2),
-                    &format!("{host} Shutting down"),
-                ));
-                conn.write(&out).await?;
-                return Ok(Next::Close);
-            }
-        };
-        let mut action = session.command(&line);
-        if let Action::Policy(check) = action {
-            let info = session.tx_info(Some(&check));
-            let d = match &check {
-                Check::Mail => rules.mail_from_async(&info).await,
-                Check::Rcpt(rcpt) => rules.rcpt_async(&info, &rcpt.address).await,
-            };
-            if d.verdict.is_some() {
-                tracing::info!(script = ?d.script, function = ?d.function, verdict = ?d.verdict, "rule decision");
-            }
-            action = session.policy_answer(check, d);
-        }
+        let action = decide(session, rules, &line).await;
         count_verdict(session, ctx);
-        match action {
-            Action::Reply(b) => out.extend(b),
-            Action::Close(b) => {
-                out.extend(b);
-                conn.write(&out).await?;
-                return Ok(Next::Close);
-            }
-            Action::StartTls(b) => {
-                out.extend(b);
-                conn.write(&out).await?;
-                return Ok(Next::StartTls);
-            }
-            Action::Data(b) => {
-                out.extend(b);
-                conn.write(&out).await?;
-                out.clear();
-                match receive_data(conn, session, ctx, rules).await? {
-                    DataEnd::Reply(b) => out.extend(b),
-                    DataEnd::Close(b) => {
-                        conn.write(&b).await?;
-                        return Ok(Next::CloseLingering);
-                    }
-                }
-            }
-            // Answered above; a second question in a row cannot happen.
-            Action::Policy(_) => out.extend(reply(451, Enhanced::new(4, 3, 0), "Internal error")),
+        if let Some(next) = perform(conn, session, ctx, rules, action, &mut out).await? {
+            return Ok(next);
         }
     }
+}
+
+/// Asks the rules about the connection and queues the greeting; a refusal
+/// is written at once and ends the session.
+async fn connected(
+    conn: &mut Conn,
+    session: &mut Session,
+    ctx: &SmtpContext,
+    rules: &Arc<RuleSet>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Option<Next>> {
+    let d = rules.connect_async(&session.conn_info()).await;
+    let action = session.connected(d);
+    count_verdict(session, ctx);
+    match action {
+        Action::Close(b) => {
+            tracing::info!("refused at connect");
+            conn.write(&b).await?;
+            return Ok(Some(Next::Close));
+        }
+        Action::Reply(b) => out.extend(b),
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// What reading the next command line gives the loop.
+enum Read {
+    Line(Vec<u8>),
+    /// Answered (a line too long): read the next one.
+    Again,
+    /// Answered with 421, or the peer left.
+    End(Next),
+}
+
+/// Reads one command line; an overlong line, a timeout or shutdown is
+/// answered here (the last two flush `out` and close).
+async fn next_line(
+    conn: &mut Conn,
+    session: &Session,
+    ctx: &SmtpContext,
+    host: &str,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Read> {
+    // On shutdown, a session between transactions is told 421 at its
+    // next command; one in the middle of a transaction may finish it.
+    let between = !session.in_transaction();
+    let line = if between && conn.shutting_down() {
+        Line::Shutdown
+    } else {
+        conn.read_line_raw(ctx.max_line_length, between).await?
+    };
+    Ok(match line {
+        Line::Data(l) => Read::Line(l),
+        Line::TooLong => {
+            out.extend(reply(500, Enhanced::new(5, 5, 2), "Line too long"));
+            Read::Again
+        }
+        Line::Eof => Read::End(Next::Gone),
+        Line::Timeout => {
+            let why = if conn.session_expired() {
+                "Session time limit reached, closing"
+            } else {
+                "Idle timeout, closing"
+            };
+            out.extend(reply(421, Enhanced::new(4, 4, 2), &format!("{host} {why}")));
+            conn.write(out).await?;
+            Read::End(Next::Close)
+        }
+        Line::Shutdown => {
+            out.extend(reply(
+                421,
+                Enhanced::new(4, 3, 2),
+                &format!("{host} Shutting down"),
+            ));
+            conn.write(out).await?;
+            Read::End(Next::Close)
+        }
+    })
+}
+
+/// The session's action for one command line, with MAIL and RCPT put to
+/// the rules first.
+async fn decide(session: &mut Session, rules: &Arc<RuleSet>, line: &[u8]) -> Action {
+    let action = session.command(line);
+    let Action::Policy(check) = action else {
+        return action;
+    };
+    let info = session.tx_info(Some(&check));
+    let d = match &check {
+        Check::Mail => rules.mail_from_async(&info).await,
+        Check::Rcpt(rcpt) => rules.rcpt_async(&info, &rcpt.address).await,
+    };
+    if d.verdict.is_some() {
+        tracing::info!(script = ?d.script, function = ?d.function, verdict = ?d.verdict, "rule decision");
+    }
+    session.policy_answer(check, d)
+}
+
+/// Does what the session asked: queue a reply, or flush and close, start
+/// TLS or receive the message. Some when the command loop ends.
+async fn perform(
+    conn: &mut Conn,
+    session: &mut Session,
+    ctx: &SmtpContext,
+    rules: &Arc<RuleSet>,
+    action: Action,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Option<Next>> {
+    match action {
+        Action::Reply(b) => out.extend(b),
+        Action::Close(b) => {
+            out.extend(b);
+            conn.write(out).await?;
+            return Ok(Some(Next::Close));
+        }
+        Action::StartTls(b) => {
+            out.extend(b);
+            conn.write(out).await?;
+            return Ok(Some(Next::StartTls));
+        }
+        Action::Data(b) => {
+            out.extend(b);
+            conn.write(out).await?;
+            out.clear();
+            match receive_data(conn, session, ctx, rules).await? {
+                DataEnd::Reply(b) => out.extend(b),
+                DataEnd::Close(b) => {
+                    conn.write(&b).await?;
+                    return Ok(Some(Next::CloseLingering));
+                }
+            }
+        }
+        // Answered above; a second question in a row cannot happen.
+        Action::Policy(_) => out.extend(reply(451, Enhanced::new(4, 3, 0), "Internal error")),
+    }
+    Ok(None)
 }
 
 fn count_verdict(session: &mut Session, ctx: &SmtpContext) {
@@ -241,49 +302,8 @@ async fn receive_data(
     let cap = (tx.declared_size as usize).clamp(4096, max.min(1 << 20));
     let mut body = Vec::with_capacity(cap);
     let mut decoder = DataDecoder::new(ctx.bare_newline, max);
-    let phase_end = conn.deadline_in(ctx.data_timeout);
-    loop {
-        if !conn.buffered().is_empty() {
-            let fed = decoder.feed(conn.buffered(), &mut body);
-            conn.consume(fed.consumed);
-            match fed.status {
-                Status::End => break,
-                Status::BareNewline => {
-                    tracing::warn!("message refused: bare CR or LF in DATA");
-                    return Ok(DataEnd::Close(reply(
-                        521,
-                        Enhanced::new(5, 5, 2),
-                        &format!(
-                            "{host} Bare CR or LF in the message data is not allowed (RFC 5321 2.3.8); closing"
-                        ),
-                    )));
-                }
-                Status::NeedMore => {}
-            }
-        }
-        let idle_end = conn.deadline_in(conn.deadlines().idle);
-        match conn.fill(idle_end.min(phase_end)).await? {
-            Fill::Data(_) => {}
-            Fill::Eof => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed in DATA",
-                ));
-            }
-            Fill::Timeout => {
-                let why = if tokio::time::Instant::now() >= phase_end {
-                    "DATA took too long, closing"
-                } else {
-                    "Idle timeout in DATA, closing"
-                };
-                tracing::info!("{why}");
-                return Ok(DataEnd::Close(reply(
-                    421,
-                    Enhanced::new(4, 4, 2),
-                    &format!("{host} {why}"),
-                )));
-            }
-        }
+    if let Some(end) = read_message(conn, &mut decoder, &mut body, ctx, &host).await? {
+        return Ok(end);
     }
     if decoder.too_big() {
         return Ok(DataEnd::Reply(reply(
@@ -312,4 +332,60 @@ async fn receive_data(
     Ok(DataEnd::Reply(
         ctx.intake.accept(arrival, rules, body).await,
     ))
+}
+
+/// Feeds the message data through `decoder` into `body` up to the end
+/// marker, within `data_timeout` and the idle deadline. Some when the
+/// phase ends early with an answer that closes (bare newline, timeout).
+async fn read_message(
+    conn: &mut Conn,
+    decoder: &mut DataDecoder,
+    body: &mut Vec<u8>,
+    ctx: &SmtpContext,
+    host: &str,
+) -> std::io::Result<Option<DataEnd>> {
+    let phase_end = conn.deadline_in(ctx.data_timeout);
+    loop {
+        if !conn.buffered().is_empty() {
+            let fed = decoder.feed(conn.buffered(), body);
+            conn.consume(fed.consumed);
+            match fed.status {
+                Status::End => return Ok(None),
+                Status::BareNewline => {
+                    tracing::warn!("message refused: bare CR or LF in DATA");
+                    return Ok(Some(DataEnd::Close(reply(
+                        521,
+                        Enhanced::new(5, 5, 2),
+                        &format!(
+                            "{host} Bare CR or LF in the message data is not allowed (RFC 5321 2.3.8); closing"
+                        ),
+                    ))));
+                }
+                Status::NeedMore => {}
+            }
+        }
+        let idle_end = conn.deadline_in(conn.deadlines().idle);
+        match conn.fill(idle_end.min(phase_end)).await? {
+            Fill::Data(_) => {}
+            Fill::Eof => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in DATA",
+                ));
+            }
+            Fill::Timeout => {
+                let why = if tokio::time::Instant::now() >= phase_end {
+                    "DATA took too long, closing"
+                } else {
+                    "Idle timeout in DATA, closing"
+                };
+                tracing::info!("{why}");
+                return Ok(Some(DataEnd::Close(reply(
+                    421,
+                    Enhanced::new(4, 4, 2),
+                    &format!("{host} {why}"),
+                ))));
+            }
+        }
+    }
 }

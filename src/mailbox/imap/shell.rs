@@ -104,38 +104,79 @@ fn drain(rx: &mut broadcast::Receiver<()>) {
     ) {}
 }
 
+const BYE_IDLE: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+const BYE_SHUTDOWN: &[u8] = b"* BYE Server shutting down\r\n";
+
+/// What a session's helpers borrow for its whole life. The connection and
+/// the core are passed by value instead: STARTTLS replaces the one, the
+/// blocking pool takes the other.
+struct Session {
+    peer: IpAddr,
+    ctx: Arc<MailboxCtx>,
+    /// Autologout after this long without a command (also within IDLE).
+    idle_timeout: Duration,
+    store_rx: broadcast::Receiver<()>,
+    changes_rx: broadcast::Receiver<()>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Run one IMAP session on `conn`.
 pub(crate) async fn run_session(
     mut conn: Conn,
     peer: IpAddr,
     ctx: Arc<MailboxCtx>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut core = ImapCore::new(ctx.imap.clone(), &ctx.hostname, conn.tls);
-    let mut store_rx = ctx.store.subscribe();
-    let mut changes_rx = ctx.imap.subscribe_changes();
-    let idle: Duration = ctx.limits.imap_idle;
+    let mut s = Session {
+        peer,
+        store_rx: ctx.store.subscribe(),
+        changes_rx: ctx.imap.subscribe_changes(),
+        idle_timeout: ctx.limits.imap_idle,
+        shutdown,
+        ctx,
+    };
     conn.write(&core.greeting()).await?;
     loop {
+        let Some((c, step)) = s.read_step(&mut conn, core).await? else {
+            return Ok(());
+        };
+        let Some((next_conn, c)) = s.run_steps(conn, c, step).await? else {
+            return Ok(());
+        };
+        conn = next_conn;
+        core = c;
+    }
+}
+
+impl Session {
+    /// Reads the next command and has the core handle it. None when the
+    /// session is over: EOF, autologout, shutdown, or a literal we cannot
+    /// skip.
+    async fn read_step(
+        &mut self,
+        conn: &mut Conn,
+        mut core: ImapCore,
+    ) -> std::io::Result<Option<(ImapCore, Step)>> {
+        let max_literal = self.ctx.limits.max_literal;
         let framed = tokio::select! {
-            r = tokio::time::timeout(idle, read_command(&mut conn, ctx.limits.max_literal)) => match r {
+            r = tokio::time::timeout(self.idle_timeout, read_command(conn, max_literal)) => match r {
                 Ok(r) => r?,
                 Err(_) => {
-                    conn.write(b"* BYE Autologout; idle for too long\r\n").await?;
-                    return Ok(());
+                    conn.write(BYE_IDLE).await?;
+                    return Ok(None);
                 }
             },
-            _ = wait_shutdown(&mut shutdown) => {
-                conn.write(b"* BYE Server shutting down\r\n").await?;
-                return Ok(());
+            _ = wait_shutdown(&mut self.shutdown) => {
+                conn.write(BYE_SHUTDOWN).await?;
+                return Ok(None);
             }
         };
-        let mut step = match framed {
-            Framed::Eof => return Ok(()),
+        let step = match framed {
+            Framed::Eof => return Ok(None),
             Framed::Timeout => {
-                conn.write(b"* BYE Autologout; idle for too long\r\n")
-                    .await?;
-                return Ok(());
+                conn.write(BYE_IDLE).await?;
+                return Ok(None);
             }
             Framed::Command(bytes) if core.uses_store() => {
                 let (c, step) = offload(core, move |c| c.handle(&bytes)).await?;
@@ -147,9 +188,21 @@ pub(crate) async fn run_session(
             Framed::LiteralRefused(tag) => core.too_long(tag.as_deref()),
             Framed::Fatal => {
                 conn.write(b"* BYE Literal too large\r\n").await?;
-                return Ok(());
+                return Ok(None);
             }
         };
+        Ok(Some((core, step)))
+    }
+
+    /// Carries a step through until a reply is written: checks a login,
+    /// continues a SASL exchange, runs STARTTLS or IDLE. Some((conn, core))
+    /// to read the next command, None when the session is over.
+    async fn run_steps(
+        &mut self,
+        mut conn: Conn,
+        mut core: ImapCore,
+        mut step: Step,
+    ) -> std::io::Result<Option<(Conn, ImapCore)>> {
         loop {
             match step {
                 Step::Login {
@@ -158,92 +211,102 @@ pub(crate) async fn run_session(
                     password,
                 } => {
                     let account =
-                        crate::mailbox::check_login(&ctx, peer, "imap", login, password).await;
+                        crate::mailbox::check_login(&self.ctx, self.peer, "imap", login, password)
+                            .await;
                     step = core.login_result(&tag, account);
                 }
                 Step::SaslContinue { tag } => {
                     conn.write(b"+ \r\n").await?;
                     step = match conn.read_line(MAX_LINE).await? {
-                        Line::Eof | Line::Shutdown | Line::Timeout => return Ok(()),
+                        Line::Eof | Line::Shutdown | Line::Timeout => return Ok(None),
                         Line::TooLong => core.too_long(Some(&tag)),
                         Line::Data(l) => core.sasl_response(&tag, &l),
                     };
                 }
                 Step::Reply(bytes) => {
                     conn.write(&bytes).await?;
-                    break;
+                    return Ok(Some((conn, core)));
                 }
                 Step::Close(bytes) => {
                     conn.write(&bytes).await?;
                     conn.shutdown().await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Step::StartTls(bytes) => {
                     conn.write(&bytes).await?;
                     // The handshake deadline is the connection's own.
-                    conn = match conn.starttls(&ctx.tls).await {
-                        Ok(c) => c,
-                        Err(_) => return Ok(()),
+                    let Ok(tls) = conn.starttls(&self.ctx.tls).await else {
+                        return Ok(None);
                     };
                     core.tls_started();
-                    break;
+                    return Ok(Some((tls, core)));
                 }
                 Step::Idle(bytes) => {
-                    drain(&mut store_rx);
-                    drain(&mut changes_rx);
-                    conn.write(&bytes).await?;
-                    loop {
-                        tokio::select! {
-                            r = tokio::time::timeout(idle, conn.read_line(MAX_LINE)) => {
-                                match r {
-                                    Err(_) => {
-                                        conn.write(b"* BYE Autologout; idle for too long\r\n").await?;
-                                        return Ok(());
-                                    }
-                                    Ok(Ok(Line::Eof | Line::Shutdown)) => return Ok(()),
-                                    Ok(Ok(Line::Timeout)) => {
-                                        conn.write(b"* BYE Autologout; idle for too long\r\n").await?;
-                                        return Ok(());
-                                    }
-                                    Ok(Ok(Line::TooLong)) => {
-                                        let (c, out) = offload(core, |c| c.idle_done(b"")).await?;
-                                        core = c;
-                                        conn.write(&out).await?;
-                                    }
-                                    Ok(Ok(Line::Data(l))) => {
-                                        let (c, out) = offload(core, move |c| c.idle_done(&l)).await?;
-                                        core = c;
-                                        conn.write(&out).await?;
-                                    }
-                                    Ok(Err(e)) => return Err(e),
-                                }
-                                break;
-                            }
-                            _ = fired(&mut store_rx) => {
-                                let (c, out) = offload(core, |c| c.idle_update()).await?;
-                                core = c;
-                                if !out.is_empty() {
-                                    conn.write(&out).await?;
-                                }
-                            }
-                            _ = fired(&mut changes_rx) => {
-                                let (c, out) = offload(core, |c| c.idle_update()).await?;
-                                core = c;
-                                if !out.is_empty() {
-                                    conn.write(&out).await?;
-                                }
-                            }
-                            _ = wait_shutdown(&mut shutdown) => {
-                                conn.write(b"* BYE Server shutting down\r\n").await?;
-                                return Ok(());
-                            }
-                        }
-                    }
-                    break;
+                    let core = self.idle_loop(&mut conn, core, &bytes).await?;
+                    return Ok(core.map(|core| (conn, core)));
                 }
             }
         }
     }
+
+    /// IDLE: writes the continuation, then pushes untagged updates whenever
+    /// the store or another session changes something, until the client
+    /// sends a line. A notification interrupts only the wait: a partly read
+    /// line stays buffered in the `Conn`. Some(core) when the session goes on.
+    async fn idle_loop(
+        &mut self,
+        conn: &mut Conn,
+        mut core: ImapCore,
+        continuation: &[u8],
+    ) -> std::io::Result<Option<ImapCore>> {
+        drain(&mut self.store_rx);
+        drain(&mut self.changes_rx);
+        conn.write(continuation).await?;
+        loop {
+            tokio::select! {
+                r = tokio::time::timeout(self.idle_timeout, conn.read_line(MAX_LINE)) => {
+                    return idle_end(conn, core, r).await;
+                }
+                _ = fired(&mut self.store_rx) => core = idle_update(conn, core).await?,
+                _ = fired(&mut self.changes_rx) => core = idle_update(conn, core).await?,
+                _ = wait_shutdown(&mut self.shutdown) => {
+                    conn.write(BYE_SHUTDOWN).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Writes what changed since the last update, if anything, during IDLE.
+async fn idle_update(conn: &mut Conn, core: ImapCore) -> std::io::Result<ImapCore> {
+    let (core, out) = offload(core, |c| c.idle_update()).await?;
+    if !out.is_empty() {
+        conn.write(&out).await?;
+    }
+    Ok(core)
+}
+
+/// Ends IDLE on what the client sent: any line (DONE, or one too long)
+/// gets the tagged completion; EOF and autologout end the session (None).
+async fn idle_end(
+    conn: &mut Conn,
+    core: ImapCore,
+    read: Result<std::io::Result<Line>, tokio::time::error::Elapsed>,
+) -> std::io::Result<Option<ImapCore>> {
+    let line = match read {
+        Err(_) | Ok(Ok(Line::Timeout)) => {
+            conn.write(BYE_IDLE).await?;
+            return Ok(None);
+        }
+        Ok(Ok(Line::Eof | Line::Shutdown)) => return Ok(None),
+        Ok(Ok(Line::TooLong)) => Vec::new(),
+        Ok(Ok(Line::Data(l))) => l,
+        Ok(Err(e)) => return Err(e),
+    };
+    let (core, out) = offload(core, move |c| c.idle_done(&line)).await?;
+    conn.write(&out).await?;
+    Ok(Some(core))
 }
 
 #[cfg(test)]
