@@ -89,17 +89,25 @@ impl ImapCore {
         Step::Reply(out)
     }
 
-    /// LOGIN; a name or password that is not UTF-8 is simply a failed login.
-    fn login(&mut self, tag: &str, login: Option<String>, password: Option<String>) -> Step {
+    /// Why `what` (LOGIN, Authentication) may not start now: already
+    /// logged in, or no TLS yet (passwords only over TLS, RFC 3501 6.2.3).
+    fn refuse_login(&mut self, tag: &str, what: &str) -> Option<Step> {
         if self.account.is_some() {
-            return self.bad(Some(tag), "Already logged in");
+            return Some(self.bad(Some(tag), "Already logged in"));
         }
-        if !self.tls {
-            return Step::Reply(tagged(
+        (!self.tls).then(|| {
+            Step::Reply(tagged(
                 tag,
                 "NO",
-                "[PRIVACYREQUIRED] LOGIN is disabled until STARTTLS",
-            ));
+                &format!("[PRIVACYREQUIRED] {what} is disabled until STARTTLS"),
+            ))
+        })
+    }
+
+    /// LOGIN; a name or password that is not UTF-8 is simply a failed login.
+    fn login(&mut self, tag: &str, login: Option<String>, password: Option<String>) -> Step {
+        if let Some(refused) = self.refuse_login(tag, "LOGIN") {
+            return refused;
         }
         let (Some(login), Some(password)) = (login, password) else {
             return self.login_result(tag, None);
@@ -118,15 +126,8 @@ impl ImapCore {
         mechanism: AuthMechanism<'_>,
         ir: Option<String>,
     ) -> Step {
-        if self.account.is_some() {
-            return self.bad(Some(tag), "Already logged in");
-        }
-        if !self.tls {
-            return Step::Reply(tagged(
-                tag,
-                "NO",
-                "[PRIVACYREQUIRED] Authentication is disabled until STARTTLS",
-            ));
+        if let Some(refused) = self.refuse_login(tag, "Authentication") {
+            return refused;
         }
         if mechanism != AuthMechanism::Plain {
             return Step::Reply(tagged(tag, "NO", "Unsupported mechanism; PLAIN only"));
