@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Cross-check grafana/postern.json against SPEC.md's Metrics table (stdlib only).
 
-- every metric SPEC.md lists is charted (a histogram through its _bucket series);
+- every metric SPEC.md lists that the gateway exports is charted (a histogram
+  through its _bucket series); SPEC metrics that no code registers yet (the
+  open issues add them) are listed as notes, and become errors once the code
+  exports them uncharted;
 - every postern_* name the dashboard queries is one SPEC.md lists (catches typos
   that PromQL syntax checks cannot see);
 - every label a query groups or filters a postern_* metric by is one SPEC.md gives
   that metric (plus `le` for histograms, and the scrape labels job/instance).
 
-Usage: check_spec.py DASHBOARD.json SPEC.md     Exit 0 when clean, 1 otherwise.
+Usage: check_spec.py DASHBOARD.json SPEC.md [SRC_DIR]   Exit 0 when clean, 1 otherwise.
+SRC_DIR (default: ../src beside this script) is where exported names are looked up.
 """
 import json
+import os
 import re
 import sys
 
@@ -28,6 +33,17 @@ def spec_metrics(path):
     return out
 
 
+def exported(src_dir):
+    """Metric names the code registers: every "postern_..." string literal in src/."""
+    names = set()
+    for root, _, files in os.walk(src_dir):
+        for f in files:
+            if f.endswith(".rs"):
+                text = open(os.path.join(root, f), encoding="utf-8").read()
+                names.update(re.findall(r'"(postern_[a-z0-9_]+)"', text))
+    return names
+
+
 def exprs(dash):
     for p in dash.get("panels", []):
         for t in p.get("targets", []) or []:
@@ -35,8 +51,9 @@ def exprs(dash):
                 yield p.get("title"), t["expr"]
 
 
-def main(dash_path, spec_path):
+def main(dash_path, spec_path, src_dir):
     spec = spec_metrics(spec_path)
+    code = exported(src_dir)
     if not spec:
         print(f"ERROR: no metrics table found in {spec_path}")
         return 1
@@ -68,7 +85,10 @@ def main(dash_path, spec_path):
                 if not ok:
                     errs.append(f"panel {title!r}: grouping label {lab!r} is not a SPEC.md label of {', '.join(names)}")
     for name in sorted(set(spec) - charted):
-        errs.append(f"{name} (SPEC.md Metrics table) is not charted")
+        if name in code:
+            errs.append(f"{name} (SPEC.md Metrics table) is exported but not charted")
+        else:
+            print(f"NOTE: {name} (SPEC.md Metrics table) is not exported yet; an open issue adds it")
     for e in errs:
         print("ERROR:", e)
     print(f"{dash_path}: {len(spec)} SPEC metrics, {len(charted)} charted, {len(errs)} problems")
@@ -76,7 +96,9 @@ def main(dash_path, spec_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         print(__doc__)
         sys.exit(2)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = sys.argv[3] if len(sys.argv) == 4 else os.path.join(here, "..", "src")
+    sys.exit(main(sys.argv[1], sys.argv[2], src))

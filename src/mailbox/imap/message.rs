@@ -348,30 +348,16 @@ fn descend<'m, 'x>(
 /// The header lines of `header` whose names are (`not` = false) or are not in `names`, then CRLF.
 pub(crate) fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut keep = false;
-    let mut i = 0;
-    while i < header.len() {
-        let end = header[i..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(header.len(), |p| i + p + 1);
-        let line = &header[i..end];
-        i = end;
-        if line == b"\r\n" || line == b"\n" {
-            break;
+    for f in &crate::mail::headers::scan(header).fields {
+        // A continuation line with no field before it belongs to none.
+        if f.start == 0 && matches!(header.first(), Some(b' ' | b'\t')) {
+            continue;
         }
-        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
-            let name = line
-                .split(|&b| b == b':')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let listed = names.iter().any(|n| n.eq_ignore_ascii_case(name));
-            keep = listed != not;
-        }
-        if keep {
-            out.extend_from_slice(line);
-            if !line.ends_with(b"\n") {
+        let listed = names.iter().any(|n| n.eq_ignore_ascii_case(f.name(header)));
+        if listed != not {
+            let raw = f.raw(header);
+            out.extend_from_slice(raw);
+            if !raw.ends_with(b"\n") {
                 out.extend_from_slice(b"\r\n");
             }
         }
