@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::mail::{Enhanced, Envelope, Peer, Reply};
+use crate::mail::{Enhanced, Envelope, Peer};
 use crate::metrics::Metrics;
 use crate::policy::{RuleSet, TxInfo, Verdict, final_verdict, strip_forged_auth_results};
 use crate::store::wake::Scheduler;
@@ -30,9 +30,7 @@ pub(crate) struct Arrival {
     pub(crate) received: String,
 }
 
-fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
-    Reply::new(code, enhanced, text).to_bytes()
-}
+use crate::mail::reply::line as reply;
 
 pub(crate) struct Intake {
     pub(crate) store: Store,

@@ -136,6 +136,11 @@ impl fmt::Display for Reply {
     }
 }
 
+/// One reply line with its enhanced status code (RFC 2034), as wire bytes.
+pub(crate) fn line(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
+    Reply::new(code, enhanced, text).to_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

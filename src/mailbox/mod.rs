@@ -1,8 +1,8 @@
 //! The quarantine mailbox servers: POP3 and IMAP over the held messages.
 //!
 //! Layout: `store` (the interface to the quarantine, plus `MemStore` for tests), `accounts`
-//! (users.toml, argon2id), `io` (the I/O shell shared by both protocols: framing, STARTTLS,
-//! throttling), `pop3` (typed commands, sans-I/O core with one handler per state, shell),
+//! (users.toml, argon2id), `throttle` (the per-IP login slow-down both protocols share; the
+//! connection itself is the shared `net` layer's), `pop3` (typed commands, sans-I/O core with one handler per state, shell),
 //! `imap` (sans-I/O core with one file per command group, shell), and the listeners here.
 //!
 //! The cores are synchronous and call the store; the shells run those calls on the
@@ -24,9 +24,9 @@
 
 pub mod accounts;
 pub(crate) mod imap;
-pub(crate) mod io;
 pub(crate) mod pop3;
 pub mod store;
+pub(crate) mod throttle;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -38,8 +38,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::mailbox::accounts::{Account, Accounts};
-use crate::mailbox::io::Throttle;
 use crate::mailbox::store::QuarantineStore;
+use crate::mailbox::throttle::Throttle;
 use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec};
 
 /// Bounds on sessions; the defaults follow the RFCs' minimum autologout timers.

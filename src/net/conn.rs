@@ -190,16 +190,19 @@ impl Conn {
             }
             scanned = self.buf.len();
             let idle_line = !too_long && self.buf.is_empty();
-            let filled = match self.shutdown.as_mut() {
+            // Disjoint borrows: the stream and buffer fill while the shutdown signal is watched.
+            let Conn {
+                io, buf, shutdown, ..
+            } = self;
+            let filled = match shutdown.as_mut() {
                 Some(rx) if stoppable && idle_line => {
-                    let mut rx = rx.clone();
                     tokio::select! {
                         biased;
-                        f = Self::fill_inner(&mut self.io, &mut self.buf, deadline) => f?,
-                        _ = super::stopped(&mut rx) => return Ok(Line::Shutdown),
+                        f = Self::fill_inner(io, buf, deadline) => f?,
+                        _ = super::stopped(rx) => return Ok(Line::Shutdown),
                     }
                 }
-                _ => Self::fill_inner(&mut self.io, &mut self.buf, deadline).await?,
+                _ => Self::fill_inner(io, buf, deadline).await?,
             };
             match filled {
                 Fill::Data(_) => {}

@@ -756,6 +756,18 @@ mod tests {
     }
 
     // Properties over random inputs, from a fixed-seed xorshift generator.
+    // `POSTERN_PROPTEST_SCALE=N` runs N times as many cases, each scale from
+    // its own seed (a long soak in place of a fuzzer: `cargo test --release
+    // --lib smtp::data::tests::property`).
+
+    /// (rounds, seed) for a property with `base` rounds and `seed`.
+    fn scaled(base: usize, seed: u64) -> (usize, u64) {
+        let n: usize = std::env::var("POSTERN_PROPTEST_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        (base * n.max(1), seed ^ (n as u64).wrapping_mul(0x9e37_79b9))
+    }
 
     struct Rng(u64);
 
@@ -817,8 +829,9 @@ mod tests {
 
     #[test]
     fn property_decode_undoes_dot_stuff() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        for _ in 0..3000 {
+        let (rounds, seed) = scaled(3000, 0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng(seed);
+        for _ in 0..rounds {
             let (text, want) = random_text(&mut rng);
             let mut wire = stuffed(&text);
             let data_len = wire.len();
@@ -871,8 +884,9 @@ mod tests {
 
     #[test]
     fn property_random_bytes_follow_the_rules() {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-        for _ in 0..5000 {
+        let (rounds, seed) = scaled(5000, 0x2545_f491_4f6c_dd1d);
+        let mut rng = Rng(seed);
+        for _ in 0..rounds {
             let mut input: Vec<u8> = (0..rng.below(24))
                 .map(|_| rng.pick(b"\r\n\r\n..a\0"))
                 .collect();
@@ -927,8 +941,9 @@ mod tests {
 
     #[test]
     fn property_dot_stuff_of_any_bytes_is_clean() {
-        let mut rng = Rng(0xdead_beef_cafe_f00d);
-        for _ in 0..3000 {
+        let (rounds, seed) = scaled(3000, 0xdead_beef_cafe_f00d);
+        let mut rng = Rng(seed);
+        for _ in 0..rounds {
             let body: Vec<u8> = (0..rng.below(20)).map(|_| rng.pick(b"\r\n.a\0")).collect();
             let wire = stuffed(&body);
             assert!(!has_bare_newline(&wire), "{body:?}");

@@ -120,10 +120,7 @@ pub(crate) struct Session {
     session_sticky: Option<(Verdict, Option<String>)>,
 }
 
-/// One reply line with its enhanced status code (RFC 2034), as wire bytes.
-pub(crate) fn reply(code: u16, enhanced: Enhanced, text: &str) -> Vec<u8> {
-    Reply::new(code, enhanced, text).to_bytes()
-}
+pub(crate) use crate::mail::reply::line as reply;
 
 impl Session {
     pub(crate) fn new(

@@ -11,8 +11,8 @@ use tokio::sync::broadcast;
 use crate::mailbox::MailboxCtx;
 use crate::mailbox::imap::core::{ImapCore, Step};
 use crate::mailbox::imap::resp::tag_of;
-use crate::mailbox::io::{Conn, Line, wait_shutdown};
 use crate::mailbox::store::offload;
+use crate::net::{Conn, Line, stopped as wait_shutdown};
 
 /// One command line (a command may have several, joined by literals).
 const MAX_LINE: usize = 8192;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{MAX_LINE, Pop3Core, Step, err};
 use crate::mailbox::MailboxCtx;
-use crate::mailbox::io::{Conn, Line};
 use crate::mailbox::store::offload;
+use crate::net::{Conn, Line};
 
 /// Releases a user's POP3 maildrop lock when the session ends.
 struct MaildropLock {
@@ -85,7 +85,7 @@ pub(crate) async fn run_session(
                     return Ok(());
                 }
             },
-            _ = crate::mailbox::io::wait_shutdown(&mut shutdown) => {
+            _ = crate::net::stopped(&mut shutdown) => {
                 // No UPDATE state: nothing marked is deleted.
                 conn.write(&err("server shutting down")).await?;
                 return Ok(());

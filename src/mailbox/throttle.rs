@@ -1,11 +1,9 @@
-//! What POP3 and IMAP share beyond the `net` layer's connection: per-IP login throttling.
+//! The login slow-down POP3 and IMAP share: per-IP throttling of failed logins.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-pub(crate) use crate::net::{Conn, Line};
 
 /// Slows down password guessing: every failed login from an IP raises the delay that IP's
 /// next login attempts wait before they are checked (0.25 s doubling up to 16 s); it decays
@@ -49,8 +47,6 @@ impl Throttle {
         map.remove(&ip);
     }
 }
-
-pub(crate) use crate::net::stopped as wait_shutdown;
 
 #[cfg(test)]
 mod tests {
