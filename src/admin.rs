@@ -397,6 +397,7 @@ pub(crate) async fn serve_control(
     store: Store,
     scheduler: Scheduler,
     server: crate::net::Server,
+    releases: prometheus::IntCounter,
 ) -> std::io::Result<()> {
     use crate::net::{Admission, AdmissionConfig, Deadlines, Line, ListenerSpec};
     use std::os::unix::fs::PermissionsExt;
@@ -420,11 +421,20 @@ pub(crate) async fn serve_control(
         on_accept: None,
     });
     crate::net::serve(listener, spec, server, move |mut conn, _peer| {
-        let (store, scheduler) = (store.clone(), scheduler.clone());
+        let (store, scheduler, releases) = (store.clone(), scheduler.clone(), releases.clone());
         async move {
             let resp = match conn.read_line(MAX_CONTROL_LINE).await {
                 Ok(Line::Data(line)) => match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => execute(&store, Some(&scheduler), req).await,
+                    Ok(req) => {
+                        let release = matches!(req, Request::QuarantineRelease(_));
+                        let resp = execute(&store, Some(&scheduler), req).await;
+                        if release && resp.ok {
+                            // `postern_releases_total{via="cli"}`: only a
+                            // running gateway has a registry to count in.
+                            releases.inc();
+                        }
+                        resp
+                    }
                     Err(e) => fail(format!("bad control request: {e}")),
                 },
                 Ok(Line::TooLong) => fail("control request too long".to_string()),

@@ -415,6 +415,8 @@ impl Default for QuarantineConfig {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct MetricsConfig {
     pub(crate) listen: Option<SocketAddr>,
+    /// When not empty, `GET /metrics` needs `Authorization: Bearer TOKEN`.
+    pub(crate) token: String,
 }
 
 /// A duration written as `"30s"`, `"5m"`, `"4h"`, `"5d"`.

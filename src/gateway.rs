@@ -83,6 +83,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         core.store.clone(),
         core.scheduler.clone(),
         server.clone(),
+        core.metrics.releases.with_label_values(&["cli"]),
     ));
     let dispatcher = tokio::spawn(delivery::run(
         delivery.clone(),
@@ -212,6 +213,7 @@ async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
     ] {
         for l in bind_all(addrs).await? {
             tracing::info!(listener = kind.label(), addr = %l.local_addr()?, "SMTP listening");
+            core.metrics.smtp_listener(kind.label());
             bound.push((kind, l));
         }
     }
@@ -246,8 +248,9 @@ async fn start_metrics(core: &Core, shutdown: watch::Receiver<bool>) -> Result<(
         .with_context(|| format!("cannot listen on {addr} for metrics"))?;
     drop(listener_check);
     let (m, s) = (core.metrics.clone(), core.store.clone());
+    let token = core.cfg.metrics.token.clone();
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(addr, m, s, shutdown).await {
+        if let Err(e) = metrics::serve(addr, token, m, s, shutdown).await {
             tracing::error!(error = %e, "metrics endpoint failed");
         }
     });
@@ -276,6 +279,7 @@ async fn start_mailbox(core: &Core, server: &net::Server) -> Result<Arc<MailboxC
         exempt: Vec::new(),
     });
     mailbox.limits.handshake = cfg.smtp.handshake_timeout.0;
+    mailbox.count_releases(core.metrics.releases.with_label_values(&["imap"]));
     let mailbox = Arc::new(mailbox);
     let q = &cfg.quarantine;
     for (addrs, imap, tls) in [

@@ -72,16 +72,7 @@ impl Intake {
             .with_label_values(&[verdict.word(), "data"])
             .inc();
         let qid = store::fmt_id(id);
-        tracing::info!(
-            id = %qid,
-            verdict = verdict.word(),
-            script = ?script,
-            score = outcome.score,
-            spf = %outcome.spf,
-            dkim = %outcome.dkim,
-            dmarc = %outcome.dmarc,
-            "checked"
-        );
+        let (from, rcpts, size) = (tx.from.clone(), tx.rcpts.len(), body.len());
         let message = || {
             let mut m = Vec::with_capacity(received.len() + clean.len() + 512);
             m.extend_from_slice(received.as_bytes());
@@ -91,56 +82,89 @@ impl Intake {
             m.extend_from_slice(&clean);
             m
         };
-        match verdict {
-            Verdict::Reject(r) | Verdict::Tempfail(r) => r.to_bytes(),
+        let word = verdict.word();
+        let mut reason = None;
+        let (answer, result) = match verdict {
+            Verdict::Reject(r) | Verdict::Tempfail(r) => (r.to_bytes(), "refused"),
             Verdict::Discard => {
                 self.metrics
                     .messages_received
                     .with_label_values(&[label])
                     .inc();
-                tracing::info!(id = %qid, "discarded by the rules");
-                reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
+                (
+                    reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
+                    "discarded",
+                )
             }
-            Verdict::Quarantine { reason } => {
+            Verdict::Quarantine { reason: why } => {
                 let m = message();
                 let template = HeldEntry {
                     id: 0,
                     body_key: 0,
                     sender: tx.from.clone(),
                     recipient: String::new(),
-                    reason: crate::mail::one_line(&reason),
-                    script,
+                    reason: crate::mail::one_line(&why),
+                    script: script.clone(),
                     received: store::now_unix(),
                     size: m.len() as u64,
                     client_ip: peer.ip.to_string(),
                     helo: peer.helo.clone(),
                 };
+                reason = Some(template.reason.clone());
                 let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
                 let held = self.store.quarantine(&template, &rcpts, &m);
                 let stored = match held {
                     Ok(_) => self.store.durable().await,
                     Err(e) => Err(e),
                 };
-                if let Err(e) = stored {
-                    tracing::error!(error = %e, "could not quarantine; answering 451");
-                    return reply(
-                        451,
-                        Enhanced::new(4, 3, 0),
-                        "Temporary storage failure, try again later",
-                    );
+                match stored {
+                    Err(e) => {
+                        tracing::error!(id = %qid, error = %e, "could not quarantine; answering 451");
+                        (store_failed(), "store failed")
+                    }
+                    Ok(()) => {
+                        self.metrics
+                            .messages_received
+                            .with_label_values(&[label])
+                            .inc();
+                        (
+                            reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
+                            "quarantined",
+                        )
+                    }
                 }
-                self.metrics
-                    .messages_received
-                    .with_label_values(&[label])
-                    .inc();
-                tracing::info!(id = %qid, reason = %template.reason, "quarantined");
-                reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
             }
             Verdict::Accept => self.enqueue(&peer, tx, id, message()).await,
-        }
+        };
+        // The one line per message decision (addresses may be logged; the
+        // body never is).
+        tracing::info!(
+            id = %qid,
+            from = %from,
+            rcpts,
+            size,
+            verdict = word,
+            script = script.as_deref().unwrap_or(""),
+            reason = reason.as_deref().unwrap_or(""),
+            score = outcome.score,
+            spf = %outcome.spf,
+            dkim = %outcome.dkim,
+            dmarc = %outcome.dmarc,
+            tls = peer.tls,
+            result,
+            "message decision"
+        );
+        answer
     }
 
-    async fn enqueue(&self, peer: &Peer, tx: Envelope, id: u64, body: Vec<u8>) -> Vec<u8> {
+    /// Queues an accepted message: the reply, and what became of it.
+    async fn enqueue(
+        &self,
+        peer: &Peer,
+        tx: Envelope,
+        id: u64,
+        body: Vec<u8>,
+    ) -> (Vec<u8>, &'static str) {
         let entry = QueueEntry::new(
             id,
             tx.from,
@@ -154,23 +178,30 @@ impl Intake {
             Err(e) => Err(e),
         };
         if let Err(e) = stored {
-            tracing::error!(error = %e, "could not store message; answering 451");
+            tracing::error!(id = %store::fmt_id(id), error = %e, "could not store message; answering 451");
             // Do not leave a half-written entry to be delivered after the
             // client was told to retry.
             let _ = self.store.remove(id);
-            return reply(
-                451,
-                Enhanced::new(4, 3, 0),
-                "Temporary storage failure, try again later",
-            );
+            return (store_failed(), "store failed");
         }
-        let qid = store::fmt_id(id);
-        tracing::info!(id = %qid, from = %entry.sender, rcpts = entry.recipients.len(), size = entry.size, "queued");
         self.metrics
             .messages_received
             .with_label_values(&[peer.listener])
             .inc();
         self.scheduler.now(id);
-        reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
+        let qid = store::fmt_id(id);
+        (
+            reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
+            "queued",
+        )
     }
+}
+
+/// `451 4.3.0`: nothing was stored, the client should try again.
+fn store_failed() -> Vec<u8> {
+    reply(
+        451,
+        Enhanced::new(4, 3, 0),
+        "Temporary storage failure, try again later",
+    )
 }

@@ -27,7 +27,28 @@ pub(crate) struct Metrics {
     pub(crate) delivery_seconds: Histogram,
     pub(crate) bounces: IntCounter,
     pub(crate) mailbox_logins: IntCounterVec,
+    /// Sessions that finished a TLS handshake (STARTTLS or implicit), by listener.
+    pub(crate) smtp_tls_sessions: IntCounterVec,
+    pub(crate) queue_oldest_age: IntGauge,
+    pub(crate) releases: IntCounterVec,
+    pub(crate) scan_results: IntCounterVec,
 }
+
+/// Label values known before anything happens, created at 0 (SPEC: every
+/// counter exists from the first scrape).
+const VERDICTS: [&str; 5] = ["accept", "reject", "tempfail", "quarantine", "discard"];
+const STAGES: [&str; 4] = ["connect", "mail", "rcpt", "data"];
+const RELEASE_VIA: [&str; 4] = ["imap", "pop3", "web", "cli"];
+const SCAN_RESULTS: [(&str, &[&str]); 2] = [
+    ("clamd", &["clean", "infected", "error"]),
+    ("rspamd", &["clean", "spam", "error"]),
+];
+
+/// Delivery attempt times: a loopback LMTP hand-off takes milliseconds, a
+/// slow MX up to the client's timeouts (minutes).
+const DELIVERY_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels)
@@ -45,6 +66,20 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
+fn plain_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn plain_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -57,17 +92,33 @@ impl Metrics {
     /// Build the registry. Names are constants, so registration cannot fail at run time.
     pub(crate) fn new() -> Arc<Metrics> {
         let r = Registry::new();
-        let quarantine_messages = IntGauge::new(
+        let quarantine_messages = plain_gauge(
+            &r,
             "postern_quarantine_messages",
             "Quarantine entries currently held (one per held recipient).",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(quarantine_messages.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let bounces = IntCounter::new("postern_bounces_total", "DSN bounces generated.")
-            .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(bounces.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
+        );
+        let bounces = plain_counter(&r, "postern_bounces_total", "DSN bounces generated.");
+        // Registered so dashboards and alerts see it at 0; the quarantine
+        // digest (issue 10) keeps the handle and counts in it.
+        plain_counter(
+            &r,
+            "postern_digests_sent_total",
+            "Quarantine digest mails queued.",
+        );
+        let queue_oldest_age = plain_gauge(
+            &r,
+            "postern_queue_oldest_age_seconds",
+            "Age of the oldest message waiting for delivery (queued or deferred); 0 when none.",
+        );
+        let build_info = gauge(
+            &r,
+            "postern_build_info",
+            "Always 1; the version of the running binary is in the label.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let m = Metrics {
             smtp_connections: counter(
                 &r,
@@ -110,10 +161,7 @@ impl Metrics {
                 &r,
                 "postern_delivery_seconds",
                 "Time of one delivery attempt.",
-                vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0,
-                ],
+                DELIVERY_BUCKETS.to_vec(),
             ),
             bounces,
             mailbox_logins: counter(
@@ -121,6 +169,25 @@ impl Metrics {
                 "postern_mailbox_logins_total",
                 "POP3 and IMAP logins by result.",
                 &["protocol", "result"],
+            ),
+            smtp_tls_sessions: counter(
+                &r,
+                "postern_smtp_tls_sessions_total",
+                "SMTP sessions that completed a TLS handshake (STARTTLS or implicit).",
+                &["listener"],
+            ),
+            queue_oldest_age,
+            releases: counter(
+                &r,
+                "postern_releases_total",
+                "Quarantined messages released to their recipient, by how.",
+                &["via"],
+            ),
+            scan_results: counter(
+                &r,
+                "postern_scan_results_total",
+                "Content scanner verdicts (clamd, Rspamd).",
+                &["scanner", "result"],
             ),
             registry: r,
         };
@@ -136,7 +203,28 @@ impl Metrics {
                 m.mailbox_logins.with_label_values(&[proto, res]);
             }
         }
+        for verdict in VERDICTS {
+            for stage in STAGES {
+                m.verdicts.with_label_values(&[verdict, stage]);
+            }
+        }
+        for via in RELEASE_VIA {
+            m.releases.with_label_values(&[via]);
+        }
+        for (scanner, results) in SCAN_RESULTS {
+            for result in results {
+                m.scan_results.with_label_values(&[scanner, result]);
+            }
+        }
         Arc::new(m)
+    }
+
+    /// Creates the per-listener series of an SMTP listener that runs.
+    pub(crate) fn smtp_listener(&self, label: &str) {
+        self.smtp_connections.with_label_values(&[label]);
+        self.smtp_sessions_active.with_label_values(&[label]);
+        self.messages_received.with_label_values(&[label]);
+        self.smtp_tls_sessions.with_label_values(&[label]);
     }
 
     /// Add the policy engine's metrics to this registry.
@@ -144,9 +232,6 @@ impl Metrics {
         &self,
         pm: &crate::policy::PolicyMetrics,
     ) -> prometheus::Result<()> {
-        for res in ["ok", "error"] {
-            pm.config_reloads.with_label_values(&[res]);
-        }
         pm.register(&self.registry)
     }
 
@@ -160,6 +245,14 @@ impl Metrics {
                     .set(counts.get(&s).copied().unwrap_or(0));
             }
             self.quarantine_messages.set(store.held_count() as i64);
+            match store.oldest_waiting(10_000) {
+                Ok(Some(created)) => self
+                    .queue_oldest_age
+                    .set((crate::store::now_unix() - created).max(0)),
+                Ok(None) => self.queue_oldest_age.set(0),
+                // Keep the last value: a store error shows in the logs.
+                Err(e) => tracing::warn!(error = %e, "metrics: cannot read the queue"),
+            }
         }
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
@@ -170,28 +263,59 @@ impl Metrics {
     }
 }
 
-/// Serve `GET /metrics` until `shutdown` fires.
+/// Whether the request carries `Authorization: Bearer <token>`, compared
+/// in constant time so the answer's timing does not leak the token.
+fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    let want = token.as_bytes();
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+/// Serve `GET /metrics` until `shutdown` fires; with a `token`, only to
+/// requests that carry it.
 pub(crate) async fn serve(
     addr: SocketAddr,
+    token: String,
     metrics: Arc<Metrics>,
     store: Store,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    use axum::{Router, http::header, response::IntoResponse, routing::get};
+    use axum::{
+        Router,
+        http::{HeaderMap, StatusCode, header},
+        response::IntoResponse,
+        routing::get,
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics listening");
+    tracing::info!(%addr, token = !token.is_empty(), "metrics listening");
+    let token = Arc::new(token);
     let app = Router::new().route(
         "/metrics",
-        get(move || {
-            let metrics = metrics.clone();
-            let store = store.clone();
+        get(move |headers: HeaderMap| {
+            let (metrics, store, token) = (metrics.clone(), store.clone(), token.clone());
             async move {
+                if !token.is_empty() && !authorized(&headers, &token) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer realm=\"postern metrics\"")],
+                        "401 Unauthorized: /metrics needs Authorization: Bearer <[metrics] token>\n",
+                    )
+                        .into_response();
+                }
+                let body = tokio::task::spawn_blocking(move || metrics.render(Some(&store)))
+                    .await
+                    .unwrap_or_default();
                 (
                     [(
                         header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    metrics.render(Some(&store)),
+                    body,
                 )
                     .into_response()
             }

@@ -48,6 +48,15 @@ enum Hop {
     Mx(String),
 }
 
+impl std::fmt::Display for Hop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hop::Route(r) => r.fmt(f),
+            Hop::Mx(domain) => write!(f, "mx:{domain}"),
+        }
+    }
+}
+
 /// Why a recipient was deferred. The MX loop moves on to the next host
 /// only for [`Reason::ConnectFailed`]: any answer from a host is final for
 /// this attempt.
@@ -233,23 +242,37 @@ impl Delivery {
             .collect();
         let started = Instant::now();
         let outcomes = self.deliver_hop(hop, &entry.sender, &rcpts, body).await;
-        self.metrics
-            .delivery_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.delivery_seconds.observe(elapsed.as_secs_f64());
         let mut result = "ok";
+        // What the attempt line reports: the host that answered and the
+        // worst reply (a failure over a deferral over a success).
+        let (mut host, mut worst) = (None, (0u8, String::new()));
         for (&i, o) in idx.iter().zip(outcomes) {
             let r = &mut entry.recipients[i];
-            r.last_reply = Some(o.outcome.reply().to_string());
+            let reply = o.outcome.reply().to_string();
+            let rank = match o.outcome {
+                Outcome::Delivered(_) => 1,
+                Outcome::Deferred(..) => 2,
+                Outcome::Failed(_) => 3,
+            };
+            if rank > worst.0 {
+                worst = (rank, reply.clone());
+            }
+            r.last_reply = Some(reply);
+            if host.is_none() {
+                host.clone_from(&o.remote);
+            }
             r.remote = o.remote;
             match o.outcome {
                 Outcome::Delivered(reply) => {
                     r.status = RcptStatus::Delivered;
-                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "delivered");
+                    tracing::debug!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "delivered");
                 }
                 Outcome::Failed(reply) => {
                     r.status = RcptStatus::Failed;
                     result = "permfail";
-                    tracing::warn!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "failed permanently");
+                    tracing::debug!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, "failed permanently");
                     tally.failed_now.push((i, reply));
                 }
                 Outcome::Deferred(reason, reply) => {
@@ -257,7 +280,7 @@ impl Delivery {
                         result = "tempfail";
                     }
                     entry.last_error = Some(reply.to_string());
-                    tracing::info!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, ?reason, "deferred");
+                    tracing::debug!(id = %fmt_id(id), rcpt = %r.address, reply = %reply, ?reason, "deferred");
                     tally.deferred.insert(i, reply);
                 }
             }
@@ -266,6 +289,19 @@ impl Delivery {
             .delivery_attempts
             .with_label_values(&[result])
             .inc();
+        let host = host.unwrap_or_else(|| hop.to_string());
+        // One line per attempt (per message and next hop). Outbound TLS
+        // does not exist yet, so `tls` is false on every attempt.
+        tracing::info!(
+            id = %fmt_id(id),
+            host = %host,
+            rcpts = rcpts.len(),
+            result,
+            reply = %worst.1,
+            tls = false,
+            duration_ms = elapsed.as_millis() as u64,
+            "delivery attempt"
+        );
     }
 
     /// Past `max_age` every recipient still pending fails now (4.4.7),

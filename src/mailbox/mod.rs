@@ -113,6 +113,11 @@ impl MailboxCtx {
         }
     }
 
+    /// Counts IMAP releases in `releases`; call before any session starts.
+    pub(crate) fn count_releases(&mut self, releases: prometheus::IntCounter) {
+        self.imap = Arc::new(imap::state::Shared::counting(self.store.clone(), releases));
+    }
+
     /// The metric as the spec names it; register it with the gateway's registry.
     pub fn logins_metric() -> IntCounterVec {
         IntCounterVec::new(
@@ -158,6 +163,8 @@ pub(crate) async fn check_login(
         tokio::time::sleep(delay).await;
     }
     let accounts = ctx.accounts();
+    // For the log: the name tried, made safe; the password never leaves here.
+    let tried = crate::mail::token(&login);
     // argon2 is CPU- and memory-heavy by design: no more checks at once than
     // cores, so a burst of logins queues instead of eating memory.
     let _slot = verify_slots().acquire().await.ok();
@@ -174,7 +181,7 @@ pub(crate) async fn check_login(
         None => {
             ctx.throttle.failed(ip);
             ctx.logins.with_label_values(&[protocol, "fail"]).inc();
-            tracing::warn!(%ip, protocol, "mailbox login failed");
+            tracing::warn!(%ip, protocol, login = %tried, "mailbox login failed");
         }
     }
     res

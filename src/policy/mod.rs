@@ -194,7 +194,7 @@ fn build_set(
     generation: u64,
 ) -> Result<RuleSet, Vec<Problem>> {
     let mut problems = Vec::new();
-    let rules = Rules::load(rules_config.clone(), metrics.clone())
+    let rules = Rules::load(rules_config.clone(), metrics)
         .map_err(|p| problems.extend(p))
         .ok();
     if !policies_dir.is_dir() {
@@ -208,14 +208,20 @@ fn build_set(
         .map_err(|p| problems.extend(p))
         .ok();
     match (rules, specs) {
-        (Some(rules), Some(specs)) if problems.is_empty() => Ok(RuleSet {
-            rules: Arc::new(rules),
-            // Only now, with everything valid, touch the shared limiters.
-            limits: limiters.build(specs),
-            dns: dns.clone(),
-            metrics: metrics.clone(),
-            generation,
-        }),
+        (Some(rules), Some(specs)) if problems.is_empty() => {
+            let set = RuleSet {
+                rules: Arc::new(rules),
+                // Only now, with everything valid, touch the shared limiters.
+                limits: limiters.build(specs),
+                dns: dns.clone(),
+                metrics: metrics.clone(),
+                generation,
+            };
+            for name in set.limit_names() {
+                metrics.limit(&name);
+            }
+            Ok(set)
+        }
         _ => Err(problems),
     }
 }

@@ -8,7 +8,7 @@ use rhai::module_resolvers::DummyModuleResolver;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::{OnError, Problem, RulesConfig};
-use crate::policy::metrics::PolicyMetrics;
+use crate::policy::metrics::{PolicyMetrics, ScriptMetrics};
 use crate::policy::script_api::{self, ScriptVerdict};
 use crate::policy::types::Verdict;
 
@@ -30,6 +30,8 @@ pub(crate) struct Script {
     ast: AST,
     /// Which of [`STAGES`] it defines.
     stages: [bool; 4],
+    /// Its time and verdict series.
+    metrics: ScriptMetrics,
 }
 
 impl Script {
@@ -46,7 +48,6 @@ pub(crate) struct Rules {
     engine: Engine,
     pub(crate) scripts: Vec<Script>,
     pub(crate) config: RulesConfig,
-    metrics: PolicyMetrics,
 }
 
 /// How one stage ended.
@@ -108,7 +109,7 @@ fn position_line(pos: Position) -> Option<usize> {
 
 impl Rules {
     /// Compiles every `*.rhai` in `config.dir`; all problems at once.
-    pub(crate) fn load(config: RulesConfig, metrics: PolicyMetrics) -> Result<Self, Vec<Problem>> {
+    pub(crate) fn load(config: RulesConfig, metrics: &PolicyMetrics) -> Result<Self, Vec<Problem>> {
         let engine = new_engine(&config);
         let files = rule_files(&config.dir).map_err(|p| vec![p])?;
         let mut problems = Vec::new();
@@ -154,7 +155,12 @@ impl Rules {
                 }
             }
             if !bad {
-                scripts.push(Script { name, ast, stages });
+                scripts.push(Script {
+                    metrics: metrics.script(&name),
+                    name,
+                    ast,
+                    stages,
+                });
             }
         }
         if problems.is_empty() {
@@ -162,7 +168,6 @@ impl Rules {
                 engine,
                 scripts,
                 config,
-                metrics,
             })
         } else {
             Err(problems)
@@ -202,21 +207,21 @@ impl Rules {
     /// Runs `function` of every script that defines it, in file-name order,
     /// until one returns a verdict. Errors take the `on_error` path.
     pub(crate) fn run_stage(&self, function: &str, arg: &Dynamic) -> StageResult {
-        let started = Instant::now();
         let mut out = StageResult::default();
         for script in self.scripts.iter().filter(|s| s.defines(function)) {
-            match self.call(script, function, arg.clone()) {
-                Ok(None) => {}
+            let started = Instant::now();
+            let result = self.call(script, function, arg.clone());
+            let seconds = started.elapsed().as_secs_f64();
+            match result {
+                Ok(None) => script.metrics.observe(seconds, "none"),
                 Ok(Some(verdict)) => {
+                    script.metrics.observe(seconds, verdict.word());
                     out.verdict = Some(verdict);
                     out.script = Some(script.name.clone());
                     break;
                 }
                 Err(error) => {
-                    self.metrics
-                        .rule_errors
-                        .with_label_values(&[script.name.as_str()])
-                        .inc();
+                    script.metrics.observe(seconds, "error");
                     tracing::warn!(
                         script = %script.name,
                         function,
@@ -238,9 +243,6 @@ impl Rules {
                 }
             }
         }
-        self.metrics
-            .rule_seconds
-            .observe(started.elapsed().as_secs_f64());
         out
     }
 }

@@ -41,6 +41,16 @@ pub(crate) async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<
         .smtp_sessions_active
         .with_label_values(&[kind.label()]);
     active.inc();
+    let tls_sessions = ctx
+        .metrics
+        .smtp_tls_sessions
+        .with_label_values(&[kind.label()]);
+    if conn.tls {
+        tls_sessions.inc();
+    }
+    let started = std::time::Instant::now();
+    // The session span (net) carries id, listener and peer.
+    tracing::info!(tls = conn.tls, "SMTP session start");
     let mut session = Session::new(ctx.cfg.clone(), kind, addr, conn.tls);
     // The session keeps the rule set it started with, whatever reloads happen.
     let rules = ctx.policy.current();
@@ -53,6 +63,7 @@ pub(crate) async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<
                 match conn.starttls(tls).await {
                     Ok(upgraded) => {
                         conn = upgraded;
+                        tls_sessions.inc();
                         session.tls_started();
                         greet = false;
                     }
@@ -78,6 +89,13 @@ pub(crate) async fn handle(conn: Conn, peer: Peer, kind: ListenerKind, ctx: Arc<
         }
     }
     active.dec();
+    let peer = session.peer();
+    tracing::info!(
+        helo = %peer.helo,
+        tls = peer.tls,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "SMTP session end"
+    );
 }
 
 /// How the command loop ended.

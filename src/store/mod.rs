@@ -365,6 +365,21 @@ impl Store {
     }
 
     /// Every queue entry, in id order.
+    /// When the oldest message still waiting for delivery (queued or
+    /// deferred) arrived, in Unix seconds; `None` when none waits. Ids grow
+    /// with time, so this is the first such entry in key order; held
+    /// entries before it are skipped, at most `scan` of them.
+    pub(crate) fn oldest_waiting(&self, scan: usize) -> Result<Option<i64>> {
+        for kv in self.queue.iter().take(scan) {
+            let (k, v) = kv?;
+            let e: QueueEntry = decode(&v, key_id(&k).unwrap_or(0))?;
+            if e.state != QueueState::Held {
+                return Ok(Some(e.created));
+            }
+        }
+        Ok(None)
+    }
+
     pub(crate) fn queue_entries(&self) -> Result<Vec<QueueEntry>> {
         let mut out = Vec::new();
         for kv in self.queue.iter() {

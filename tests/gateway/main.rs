@@ -8,6 +8,7 @@ mod delivery;
 mod dns;
 mod durability;
 mod limits;
+mod ops;
 mod policy;
 mod quarantine;
 mod smtp_front;

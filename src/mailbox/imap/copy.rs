@@ -70,6 +70,7 @@ impl ImapCore {
                 Ok(r) => {
                     if r {
                         released += 1;
+                        self.shared.releases.inc();
                         tracing::info!(
                             id = sel.msgs[i].meta.id,
                             "quarantine entry released over IMAP"

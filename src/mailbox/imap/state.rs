@@ -52,6 +52,8 @@ pub(crate) struct View {
 /// sessions that some user's flags changed.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn QuarantineStore>,
+    /// `postern_releases_total{via="imap"}` (unregistered unless the gateway gives one).
+    pub(crate) releases: prometheus::IntCounter,
     inner: Mutex<Inner>,
     changes: broadcast::Sender<()>,
 }
@@ -134,7 +136,16 @@ fn changed_flags(old: &[String], op: FlagOp<'_>) -> Vec<String> {
 
 impl Shared {
     pub(crate) fn new(store: Arc<dyn QuarantineStore>) -> Shared {
+        Shared::counting(store, unregistered_counter())
+    }
+
+    /// Like [`Shared::new`], counting releases in `releases`.
+    pub(crate) fn counting(
+        store: Arc<dyn QuarantineStore>,
+        releases: prometheus::IntCounter,
+    ) -> Shared {
         Shared {
+            releases,
             inner: Mutex::new(Inner {
                 store_rx: store.subscribe(),
                 cache: HashMap::new(),
@@ -294,6 +305,12 @@ pub(crate) enum FlagOp<'a> {
     Replace(&'a [String]),
     Add(&'a [String]),
     Remove(&'a [String]),
+}
+
+/// A counter nobody scrapes, for cores built outside a gateway (tests, fuzzing).
+fn unregistered_counter() -> prometheus::IntCounter {
+    prometheus::IntCounter::new("postern_releases_unregistered", "not scraped")
+        .unwrap_or_else(|e| panic!("static metric: {e}"))
 }
 
 #[cfg(test)]
