@@ -86,16 +86,7 @@ impl Intake {
         let mut reason = None;
         let (answer, result) = match verdict {
             Verdict::Reject(r) | Verdict::Tempfail(r) => (r.to_bytes(), "refused"),
-            Verdict::Discard => {
-                self.metrics
-                    .messages_received
-                    .with_label_values(&[label])
-                    .inc();
-                (
-                    reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
-                    "discarded",
-                )
-            }
+            Verdict::Discard => (self.received(label, id), "discarded"),
             Verdict::Quarantine { reason: why } => {
                 let m = message();
                 let template = HeldEntry {
@@ -122,16 +113,7 @@ impl Intake {
                         tracing::error!(id = %qid, error = %e, "could not quarantine; answering 451");
                         (store_failed(), "store failed")
                     }
-                    Ok(()) => {
-                        self.metrics
-                            .messages_received
-                            .with_label_values(&[label])
-                            .inc();
-                        (
-                            reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
-                            "quarantined",
-                        )
-                    }
+                    Ok(()) => (self.received(label, id), "quarantined"),
                 }
             }
             Verdict::Accept => self.enqueue(&peer, tx, id, message()).await,
@@ -184,16 +166,19 @@ impl Intake {
             let _ = self.store.remove(id);
             return (store_failed(), "store failed");
         }
+        self.scheduler.now(id);
+        (self.received(peer.listener, id), "queued")
+    }
+
+    /// Counts a message taken in (stored, or discarded by the rules) and
+    /// makes its `250`.
+    fn received(&self, listener: &str, id: u64) -> Vec<u8> {
         self.metrics
             .messages_received
-            .with_label_values(&[peer.listener])
+            .with_label_values(&[listener])
             .inc();
-        self.scheduler.now(id);
         let qid = store::fmt_id(id);
-        (
-            reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}")),
-            "queued",
-        )
+        reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
     }
 }
 
