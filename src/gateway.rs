@@ -31,6 +31,7 @@ struct Core {
     policy: Arc<Policy>,
     scheduler: Scheduler,
     tls: tokio_rustls::TlsAcceptor,
+    signers: Arc<crate::dkim::Signers>,
 }
 
 /// Run until SIGTERM or SIGINT.
@@ -145,6 +146,19 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     })?);
     metrics.register_policy(policy.metrics())?;
     let tls = tls::acceptor(&cfg)?;
+    let signers = Arc::new(crate::dkim::Signers::load(&cfg).map_err(|problems| {
+        anyhow::anyhow!(
+            "DKIM signing keys do not load:\n{}",
+            problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?);
+    for d in &cfg.dkim_sign {
+        tracing::info!(domain = %d.domain, selector = %d.selector, "DKIM signing");
+    }
     let (scheduler, wakeups) = Scheduler::channel();
     let core = Core {
         cfg,
@@ -153,6 +167,7 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
         policy,
         scheduler,
         tls,
+        signers,
     };
     Ok((core, wakeups))
 }
@@ -176,6 +191,7 @@ async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
             scheduler: core.scheduler.clone(),
             metrics: core.metrics.clone(),
             hostname: cfg.server.hostname.clone(),
+            signers: core.signers.clone(),
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub(crate) mod delivery;
+pub mod dkim;
 pub(crate) mod dns;
 pub mod gateway;
 pub(crate) mod intake;

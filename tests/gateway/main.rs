@@ -4,6 +4,7 @@
 mod admin;
 mod common;
 mod delivery;
+mod dkim;
 #[path = "../policy/common.rs"]
 mod dns;
 mod durability;
