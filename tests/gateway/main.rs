@@ -8,6 +8,7 @@ mod delivery;
 mod dns;
 mod durability;
 mod limits;
+mod notify;
 mod policy;
 mod quarantine;
 mod smtp_front;
