@@ -99,9 +99,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let hup = tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading rules, policies and accounts");
+            crate::notify::reloading();
             // Errors are logged and counted by reload itself.
             let _ = hup_policy.reload();
             reload_accounts(&hup_cfg, &hup_mailbox);
+            crate::notify::ready();
         }
     });
     tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
@@ -110,11 +112,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
         cfg.server.hostname,
         cfg.server.data_dir.display()
     );
+    // Every listener is bound: a `Type=notify` unit counts as started now.
+    crate::notify::ready();
 
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+    crate::notify::stopping();
     for task in [watcher, purge, accounts_watch, housekeeping, hup] {
         task.abort();
     }

@@ -17,6 +17,7 @@ pub mod mail;
 pub mod mailbox;
 pub(crate) mod metrics;
 pub mod net;
+pub(crate) mod notify;
 pub mod policy;
 pub(crate) mod quarantine;
 pub mod rules_test;

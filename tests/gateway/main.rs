@@ -9,6 +9,7 @@ mod dkim;
 mod dns;
 mod durability;
 mod limits;
+mod notify;
 mod ops;
 mod policy;
 mod quarantine;
