@@ -12,3 +12,4 @@ mod ops;
 mod policy;
 mod quarantine;
 mod smtp_front;
+mod submission;
