@@ -81,8 +81,9 @@ pub struct Config {
     pub(crate) dns: DnsConfig,
     #[serde(default)]
     pub(crate) checks: ChecksConfig,
-    #[serde(default)]
-    pub(crate) dkim_sign: Option<DkimSignConfig>,
+    /// `[dkim_sign]` (one domain) or `[[dkim_sign]]` (several).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub(crate) dkim_sign: Vec<DkimSignConfig>,
     #[serde(default)]
     pub(crate) rules: RulesConfig,
     #[serde(default)]
@@ -328,6 +329,27 @@ impl Default for ChecksConfig {
             deadline: DurationStr(Duration::from_secs(10)),
         }
     }
+}
+
+/// A table or an array of tables: `[dkim_sign]` or `[[dkim_sign]]`. A
+/// visitor rather than an untagged enum, so an error inside still names
+/// its key and line.
+fn one_or_many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a table or an array of tables")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Vec<T>, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map)).map(|t| vec![t])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Vec<T>, A::Error> {
+            Vec::deserialize(SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -612,7 +634,7 @@ impl Config {
         if let Route::Maildir(p) = &cfg.delivery.route {
             cfg.delivery.route = Route::Maildir(abs(p));
         }
-        if let Some(d) = &mut cfg.dkim_sign {
+        for d in &mut cfg.dkim_sign {
             d.key = abs(&d.key);
         }
         cfg.rules.dir = abs(&cfg.rules.dir);
@@ -680,7 +702,18 @@ impl Config {
                 err("relay", "domains", format!("\"{d}\" is not a domain"));
             }
         }
-        if let Some(d) = &self.dkim_sign {
+        let mut signing = std::collections::HashSet::new();
+        for d in &self.dkim_sign {
+            if !signing.insert(d.domain.to_ascii_lowercase()) {
+                err(
+                    "dkim_sign",
+                    "domain",
+                    format!(
+                        "\"{}\" has two signing keys; give each domain one",
+                        d.domain
+                    ),
+                );
+            }
             if d.domain.is_empty() || d.domain.contains(['@', ' ']) || d.domain.ends_with('.') {
                 err(
                     "dkim_sign",

@@ -31,6 +31,7 @@ struct Core {
     policy: Arc<Policy>,
     scheduler: Scheduler,
     tls: tokio_rustls::TlsAcceptor,
+    signers: Arc<crate::dkim::Signers>,
 }
 
 /// Run until SIGTERM or SIGINT.
@@ -63,10 +64,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracker: TaskTracker::new(),
     };
     let workers = TaskTracker::new();
-    // The mailbox context first: submission AUTH shares its accounts.
+    // Metrics first: its task binds the port itself, and must have done so
+    // by READY=1 (after every listener below). Then the mailbox context:
+    // submission AUTH shares its accounts.
+    start_metrics(&core, shutdown_rx.clone()).await?;
     let mailbox = start_mailbox(&core, &server).await?;
     start_smtp(&core, &server, mailbox.clone()).await?;
-    start_metrics(&core, shutdown_rx.clone()).await?;
     let retention = cfg.quarantine.retention.0;
     let purge = tokio::spawn(crate::quarantine::purge_loop(
         core.store.clone(),
@@ -99,9 +102,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let hup = tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading rules, policies and accounts");
+            crate::notify::reloading();
             // Errors are logged and counted by reload itself.
             let _ = hup_policy.reload();
             reload_accounts(&hup_cfg, &hup_mailbox);
+            crate::notify::ready();
         }
     });
     tracing::info!(hostname = %cfg.server.hostname, "Postern is running");
@@ -110,11 +115,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
         cfg.server.hostname,
         cfg.server.data_dir.display()
     );
+    // Every listener is bound: a `Type=notify` unit counts as started now.
+    crate::notify::ready();
 
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+    crate::notify::stopping();
     for task in [watcher, purge, accounts_watch, housekeeping, hup] {
         task.abort();
     }
@@ -146,6 +154,19 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     })?);
     metrics.register_policy(policy.metrics())?;
     let tls = tls::acceptor(&cfg)?;
+    let signers = Arc::new(crate::dkim::Signers::load(&cfg).map_err(|problems| {
+        anyhow::anyhow!(
+            "DKIM signing keys do not load:\n{}",
+            problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?);
+    for d in &cfg.dkim_sign {
+        tracing::info!(domain = %d.domain, selector = %d.selector, "DKIM signing");
+    }
     let (scheduler, wakeups) = Scheduler::channel();
     let core = Core {
         cfg,
@@ -154,6 +175,7 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
         policy,
         scheduler,
         tls,
+        signers,
     };
     Ok((core, wakeups))
 }
@@ -178,6 +200,7 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
             scheduler: core.scheduler.clone(),
             metrics: core.metrics.clone(),
             hostname: cfg.server.hostname.clone(),
+            signers: core.signers.clone(),
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),

@@ -44,6 +44,8 @@ pub(crate) struct Intake {
     pub(crate) scheduler: Scheduler,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) hostname: String,
+    /// `[dkim_sign]` keys: our users' mail is signed before it is stored.
+    pub(crate) signers: Arc<crate::dkim::Signers>,
 }
 
 impl Intake {
@@ -103,9 +105,27 @@ impl Intake {
             .with_label_values(&[verdict.word(), "data"])
             .inc();
         let (from, rcpts, size) = (tx.from.clone(), tx.rcpts.len(), body.len());
+        // Only mail of our own (trusted networks, authenticated users) is
+        // signed; the signature covers the message as the client sent it.
+        let signed = if info.trusted && !self.signers.is_empty() {
+            self.signers.sign(&clean)
+        } else {
+            crate::dkim::Signed::NotOurs
+        };
+        let dkim_signed = match &signed {
+            crate::dkim::Signed::Header { domain, .. } => domain.as_str(),
+            crate::dkim::Signed::Failed(e) => {
+                tracing::error!(id = %store::fmt_id(id), error = %e, "DKIM signing failed; sending unsigned");
+                ""
+            }
+            crate::dkim::Signed::NotOurs => "",
+        };
         let message = || {
-            let mut m = Vec::with_capacity(received.len() + clean.len() + 512);
+            let mut m = Vec::with_capacity(received.len() + clean.len() + 1024);
             m.extend_from_slice(received.as_bytes());
+            if let crate::dkim::Signed::Header { header, .. } = &signed {
+                m.extend_from_slice(header.as_bytes());
+            }
             for (name, value) in &outcome.headers {
                 m.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
             }
@@ -168,6 +188,7 @@ impl Intake {
             dkim = %outcome.dkim,
             dmarc = %outcome.dmarc,
             tls = peer.tls,
+            dkim_signed,
             result,
             "message decision"
         );

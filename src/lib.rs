@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub(crate) mod delivery;
+pub mod dkim;
 pub(crate) mod dns;
 pub mod gateway;
 pub(crate) mod intake;
@@ -16,6 +17,7 @@ pub mod mail;
 pub mod mailbox;
 pub(crate) mod metrics;
 pub mod net;
+pub(crate) mod notify;
 pub mod policy;
 pub(crate) mod quarantine;
 pub mod rules_test;

@@ -33,9 +33,40 @@ enum LogFormat {
 enum Command {
     /// Read a password on stdin, print its argon2id hash for policies/users.toml.
     Passwd,
+    /// DKIM signing keys.
+    Dkim {
+        #[command(subcommand)]
+        cmd: DkimCmd,
+    },
     /// The commands that read the configuration.
     #[command(flatten)]
     WithConfig(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum DkimCmd {
+    /// Write a new signing key (PEM, mode 0600) and print the DNS TXT record.
+    Keygen {
+        /// The signing domain (d=), e.g. example.test.
+        #[arg(long)]
+        domain: String,
+        /// The selector (s=): the record goes at SELECTOR._domainkey.DOMAIN.
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa)]
+        algorithm: KeyAlgorithm,
+        /// Where to write the key (default dkim/DOMAIN.SELECTOR.pem); never over an existing file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    /// RSA-SHA256, 2048 bits (read by every verifier).
+    Rsa,
+    /// Ed25519-SHA256 (RFC 8463; not every verifier reads it yet: sign with both).
+    Ed25519,
 }
 
 #[derive(Subcommand)]
@@ -143,6 +174,15 @@ fn main() -> ExitCode {
     // `passwd` needs neither a configuration nor a runtime.
     let command = match cli.command {
         Command::Passwd => return passwd(),
+        Command::Dkim {
+            cmd:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        } => return dkim_keygen(&domain, &selector, algorithm, out),
         Command::WithConfig(c) => c,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
@@ -231,8 +271,9 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     let policy = Policy::from_config(cfg);
     let accounts = Accounts::from_config(cfg);
-    match (policy, accounts) {
-        (Ok(p), Ok(_)) => {
+    let signers = postern::dkim::Signers::load(cfg);
+    match (policy, accounts, signers) {
+        (Ok(p), Ok(_), Ok(_)) => {
             let set = p.current();
             println!(
                 "{}: ok ({} rule script(s), {} rate limit(s))",
@@ -242,12 +283,15 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        (policy, accounts) => {
+        (policy, accounts, signers) => {
             for p in policy.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
             if let Err(e) = accounts {
                 eprintln!("{e}");
+            }
+            for p in signers.err().into_iter().flatten() {
+                eprintln!("{p}");
             }
             ExitCode::FAILURE
         }
@@ -287,6 +331,50 @@ async fn admin_cmd(cfg: &Config, req: Request) -> ExitCode {
     } else {
         eprintln!("postern: {}", resp.output.trim_end());
         ExitCode::FAILURE
+    }
+}
+
+/// `postern dkim keygen`: the key file, then the record to publish.
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: KeyAlgorithm,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    use postern::dkim;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    if domain.is_empty() || !domain.contains('.') || domain.contains(['@', ' ', '/']) {
+        eprintln!("postern: \"{domain}\" is not a domain name");
+        return ExitCode::FAILURE;
+    }
+    if selector.is_empty()
+        || !selector
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        eprintln!("postern: \"{selector}\" is not a DNS label");
+        return ExitCode::FAILURE;
+    }
+    let out = out.unwrap_or_else(|| dkim::default_key_path(&domain, selector));
+    let alg = match algorithm {
+        KeyAlgorithm::Rsa => dkim::Algorithm::Rsa,
+        KeyAlgorithm::Ed25519 => dkim::Algorithm::Ed25519,
+    };
+    match dkim::keygen(&domain, selector, alg, &out) {
+        Ok((name, strings)) => {
+            eprintln!("postern: wrote {} (mode 0600)", out.display());
+            let quoted: Vec<String> = strings.iter().map(|s| format!("\"{s}\"")).collect();
+            println!("{name}. IN TXT ( {} )", quoted.join(" "));
+            eprintln!(
+                "postern: publish that record, then add to postern.toml:\n[[dkim_sign]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nkey = \"{}\"",
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("postern: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

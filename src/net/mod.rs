@@ -213,21 +213,56 @@ const BACKLOG: u32 = 1024;
 
 /// Bind every address of a listener, failing loudly on the first that cannot be bound.
 pub(crate) async fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
     let mut out = Vec::new();
     for a in addrs {
         let bind = || {
-            let sock = if a.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            sock.set_reuseaddr(true)?;
-            sock.bind(*a)?;
-            sock.listen(BACKLOG)
+            let sock = Socket::new(Domain::for_address(*a), Type::STREAM, Some(Protocol::TCP))?;
+            // `[::]:25` beside `0.0.0.0:25` (the usual dual-stack pair) must
+            // not also claim the IPv4 port, as Linux does by default.
+            if a.is_ipv6() {
+                sock.set_only_v6(true)?;
+            }
+            sock.set_reuse_address(true)?;
+            sock.set_nonblocking(true)?;
+            sock.bind(&(*a).into())?;
+            sock.listen(BACKLOG as i32)?;
+            TcpListener::from_std(std::net::TcpListener::from(sock))
         };
         let l = bind()
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))?;
         out.push(l);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_wildcards_share_a_port() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("skipping: no IPv6 on this machine");
+            return;
+        }
+        // A port free on both families.
+        let port = std::net::TcpListener::bind("[::]:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let addrs: Vec<SocketAddr> = vec![
+            format!("0.0.0.0:{port}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+            format!("[::]:{port}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ];
+        let bound = bind_all(&addrs).await;
+        assert!(bound.is_ok(), "{:?}", bound.err());
+        let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+        let v6 = tokio::net::TcpStream::connect(("::1", port)).await;
+        assert!(v4.is_ok() && v6.is_ok(), "{v4:?} {v6:?}");
+    }
 }

@@ -4,10 +4,12 @@
 mod admin;
 mod common;
 mod delivery;
+mod dkim;
 #[path = "../policy/common.rs"]
 mod dns;
 mod durability;
 mod limits;
+mod notify;
 mod ops;
 mod policy;
 mod quarantine;
