@@ -148,6 +148,9 @@ pub(crate) struct SmtpConfig {
     pub(crate) bare_newline: BareNewline,
     /// Longest command line accepted, CRLF included (RFC 5321 says at least 512).
     pub(crate) max_line_length: usize,
+    /// Name the authenticated login in `Received:` (off: a login is half a
+    /// password guess, and recipients need only `with ESMTPSA`).
+    pub(crate) received_auth_user: bool,
 }
 
 /// What a bare LF or CR in message data does (SMTP smuggling defence).
@@ -181,6 +184,7 @@ impl Default for SmtpConfig {
             session_timeout: DurationStr(Duration::from_secs(3600)),
             bare_newline: BareNewline::Reject,
             max_line_length: 2048,
+            received_auth_user: false,
         }
     }
 }

@@ -64,9 +64,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracker: TaskTracker::new(),
     };
     let workers = TaskTracker::new();
-    start_smtp(&core, &server).await?;
+    // Metrics first: its task binds the port itself, and must have done so
+    // by READY=1 (after every listener below). Then the mailbox context:
+    // submission AUTH shares its accounts.
     start_metrics(&core, shutdown_rx.clone()).await?;
     let mailbox = start_mailbox(&core, &server).await?;
+    start_smtp(&core, &server, mailbox.clone()).await?;
     let retention = cfg.quarantine.retention.0;
     let purge = tokio::spawn(crate::quarantine::purge_loop(
         core.store.clone(),
@@ -180,7 +183,7 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
 /// Bind every SMTP listener (a port conflict fails the start) and serve them
 /// over the shared connection layer, with one set of caps for all of them,
 /// so spreading over ports gains nothing.
-async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
+async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) -> Result<()> {
     let cfg = &core.cfg;
     let smtp = Arc::new(SmtpContext {
         cfg: Arc::new(SessionConfig {
@@ -189,6 +192,7 @@ async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
             max_message_size: cfg.smtp.max_message_size.0,
             max_recipients: cfg.smtp.max_recipients,
             tls_available: true,
+            received_auth_user: cfg.smtp.received_auth_user,
         }),
         tls: Some(core.tls.clone()),
         intake: Arc::new(Intake {
@@ -200,6 +204,7 @@ async fn start_smtp(core: &Core, server: &net::Server) -> Result<()> {
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),
+        logins,
         max_line_length: cfg.smtp.max_line_length,
         data_timeout: cfg.smtp.data_timeout.0,
         bare_newline: cfg.smtp.bare_newline,

@@ -10,10 +10,11 @@
 use std::sync::Arc;
 
 use crate::mail::{Enhanced, Envelope, Peer};
+use crate::mailbox::accounts::owns;
 use crate::metrics::Metrics;
 use crate::policy::{RuleSet, TxInfo, Verdict, final_verdict, strip_forged_auth_results};
 use crate::store::wake::Scheduler;
-use crate::store::{self, HeldEntry, QueueEntry, Store};
+use crate::store::{self, HeldEntry, QueueEntry, QueueState, Store};
 
 /// A complete message as the SMTP session hands it over.
 pub(crate) struct Arrival {
@@ -26,6 +27,12 @@ pub(crate) struct Arrival {
     pub(crate) envelope: Envelope,
     /// A quarantine or discard decided before DATA, with its script.
     pub(crate) sticky: Option<(Verdict, Option<String>)>,
+    /// The `hold` rate limit the transaction went over: an accepted
+    /// message is queued held, not delivered, until an admin releases it.
+    pub(crate) hold: Option<String>,
+    /// For an authenticated user: the addresses every header From address
+    /// must be one of (SPEC "Submission"); `None` otherwise.
+    pub(crate) sender_addresses: Option<Vec<String>>,
     /// The `Received:` header to prepend.
     pub(crate) received: String,
 }
@@ -60,9 +67,33 @@ impl Intake {
             mut info,
             envelope: tx,
             sticky,
+            hold,
+            sender_addresses,
             received,
         } = arrival;
         let label = peer.listener;
+        let qid = store::fmt_id(id);
+        if let Some(why) = sender_addresses
+            .as_deref()
+            .and_then(|mine| header_from_refusal(mine, &body))
+        {
+            self.metrics
+                .verdicts
+                .with_label_values(&["reject", "data"])
+                .inc();
+            tracing::info!(
+                id = %qid,
+                from = %tx.from,
+                rcpts = tx.rcpts.len(),
+                size = body.len(),
+                verdict = "reject",
+                reason = %why,
+                tls = peer.tls,
+                result = "refused",
+                "message decision"
+            );
+            return reply(553, Enhanced::new(5, 7, 1), &why);
+        }
         info.from = tx.from.clone();
         info.rcpts = tx.rcpt_addresses();
         let clean = strip_forged_auth_results(&body, &self.hostname);
@@ -73,7 +104,6 @@ impl Intake {
             .verdicts
             .with_label_values(&[verdict.word(), "data"])
             .inc();
-        let qid = store::fmt_id(id);
         let (from, rcpts, size) = (tx.from.clone(), tx.rcpts.len(), body.len());
         // Only mail of our own (trusted networks, authenticated users) is
         // signed; the signature covers the message as the client sent it.
@@ -136,7 +166,12 @@ impl Intake {
                     Ok(()) => (self.received(label, id), "quarantined"),
                 }
             }
-            Verdict::Accept => self.enqueue(&peer, tx, id, message()).await,
+            Verdict::Accept => {
+                if let Some(limit) = &hold {
+                    reason = Some(format!("rate limit {limit}"));
+                }
+                self.enqueue(&peer, tx, id, message(), hold.is_some()).await
+            }
         };
         // The one line per message decision (addresses may be logged; the
         // body never is).
@@ -160,15 +195,17 @@ impl Intake {
         answer
     }
 
-    /// Queues an accepted message: the reply, and what became of it.
+    /// Queues an accepted message (`held`: in the held state, for an admin
+    /// to release): the reply, and what became of it.
     async fn enqueue(
         &self,
         peer: &Peer,
         tx: Envelope,
         id: u64,
         body: Vec<u8>,
+        held: bool,
     ) -> (Vec<u8>, &'static str) {
-        let entry = QueueEntry::new(
+        let mut entry = QueueEntry::new(
             id,
             tx.from,
             tx.rcpts.into_iter().map(|r| r.address),
@@ -176,6 +213,9 @@ impl Intake {
             peer.ip.to_string(),
             peer.helo.clone(),
         );
+        if held {
+            entry.state = QueueState::Held;
+        }
         let stored = match self.store.enqueue(&entry, &body) {
             Ok(()) => self.store.durable().await,
             Err(e) => Err(e),
@@ -186,6 +226,9 @@ impl Intake {
             // client was told to retry.
             let _ = self.store.remove(id);
             return (store_failed(), "store failed");
+        }
+        if held {
+            return (self.received(peer.listener, id), "held");
         }
         self.scheduler.now(id);
         (self.received(peer.listener, id), "queued")
@@ -210,4 +253,70 @@ fn store_failed() -> Vec<u8> {
         Enhanced::new(4, 3, 0),
         "Temporary storage failure, try again later",
     )
+}
+
+/// Why the header From of `message` is not the authenticated user's to
+/// use, or `None` when every address in every From field is one of `mine`.
+/// No From address at all is refused too (RFC 5322 requires one), and so
+/// is a From field with no readable address: what a mail client shows as
+/// the sender must be checkable here.
+fn header_from_refusal(mine: &[String], message: &[u8]) -> Option<String> {
+    use mail_parser::{HeaderName, HeaderValue, MessageParser};
+    let Some(parsed) = MessageParser::new().parse_headers(message) else {
+        return Some("The message has no header From".into());
+    };
+    let mut seen = 0;
+    for h in parsed.headers() {
+        if h.name != HeaderName::From {
+            continue;
+        }
+        let HeaderValue::Address(list) = &h.value else {
+            return Some("The header From has no address in it".into());
+        };
+        for a in list.iter() {
+            seen += 1;
+            match a.address.as_deref() {
+                Some(addr) if owns(mine, addr) => {}
+                Some(addr) => {
+                    return Some(format!(
+                        "Header From <{}> is not one of your addresses",
+                        crate::mail::token(addr)
+                    ));
+                }
+                None => return Some("The header From has an entry without an address".into()),
+            }
+        }
+    }
+    if seen == 0 {
+        return Some("The message has no header From".into());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_from_refusal;
+
+    #[test]
+    fn header_from_binding() {
+        let mine = vec!["alice@example.test".to_string()];
+        let ok = |m: &str| header_from_refusal(&mine, m.as_bytes()).is_none();
+        assert!(ok(
+            "From: Alice <Alice+x@Example.test>\r\nSubject: hi\r\n\r\nbody\r\n"
+        ));
+        assert!(ok("Subject: hi\r\nFrom: alice@example.test\r\n\r\n"));
+        assert!(!ok("From: Boss <boss@example.test>\r\n\r\nbody\r\n"));
+        assert!(!ok("From: alice@example.test, boss@example.test\r\n\r\n"));
+        assert!(!ok(
+            "From: alice@example.test\r\nFrom: boss@example.test\r\n\r\n"
+        ));
+        assert!(!ok(
+            "From: \"alice@example.test\" <boss@example.test>\r\n\r\n"
+        ));
+        assert!(!ok("From: undisclosed\r\n\r\n"));
+        assert!(!ok("Subject: no from\r\n\r\nbody\r\n"));
+        assert!(!ok(
+            "From: team: alice@example.test, boss@example.test;\r\n\r\n"
+        ));
+    }
 }

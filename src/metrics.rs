@@ -198,7 +198,7 @@ impl Metrics {
         for res in ["ok", "tempfail", "permfail"] {
             m.delivery_attempts.with_label_values(&[res]);
         }
-        for proto in ["pop3", "imap"] {
+        for proto in ["pop3", "imap", "smtp"] {
             for res in ["ok", "fail"] {
                 m.mailbox_logins.with_label_values(&[proto, res]);
             }

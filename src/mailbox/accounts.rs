@@ -57,6 +57,26 @@ impl Account {
     }
 }
 
+/// May a user whose `addresses` these are (lower-cased, as [`Account`]
+/// keeps them) send as `address`? Case-insensitive, and a `+tag`
+/// subaddress of one of them is theirs too. The submission ports ask it of
+/// MAIL FROM and of every header From address; no role is exempt.
+pub(crate) fn owns(addresses: &[String], address: &str) -> bool {
+    let exact = address
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_lowercase();
+    if exact.is_empty() {
+        return false;
+    }
+    let base = crate::policy::normalize_address(&exact);
+    addresses.iter().any(|a| {
+        let a = a.to_lowercase();
+        a == exact || a == base
+    })
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     account: Account,
@@ -265,6 +285,18 @@ mod tests {
         assert!(!alice.can_see(&meta("bob@example.test")));
         let root = a.verify("root", "s3cret").expect("ok");
         assert!(root.can_see(&meta("bob@example.test")));
+    }
+
+    #[test]
+    fn owned_addresses() {
+        let mine = vec!["alice@example.test".to_string(), "a+b@example.test".into()];
+        assert!(owns(&mine, "Alice@EXAMPLE.test"));
+        assert!(owns(&mine, "alice+news@example.test"));
+        assert!(owns(&mine, "A+B@example.test"));
+        assert!(!owns(&mine, "a@example.test"));
+        assert!(!owns(&mine, "alice@example.test.evil"));
+        assert!(!owns(&mine, "bob@example.test"));
+        assert!(!owns(&mine, ""));
     }
 
     #[test]

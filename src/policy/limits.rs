@@ -70,6 +70,35 @@ impl Scope {
     }
 }
 
+/// What going over a limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitAction {
+    /// `450 4.7.1` with a retry hint; nothing is accepted.
+    Tempfail,
+    /// Accept the message and keep it in the queue's held state for an
+    /// admin: a compromised account sends nothing more and loses nothing.
+    Hold,
+}
+
+impl LimitAction {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "tempfail" => LimitAction::Tempfail,
+            "hold" => LimitAction::Hold,
+            _ => return None,
+        })
+    }
+}
+
+/// A limit a transaction went over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Limited {
+    /// A `tempfail` limit: refuse with this verdict.
+    Refuse(String, Verdict),
+    /// Only `hold` limits: accept, and hold the message.
+    Hold(String),
+}
+
 /// One `[[limit]]`, validated. Two equal specs share one limiter across reloads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LimitSpec {
@@ -80,6 +109,7 @@ pub struct LimitSpec {
     pub(crate) per: Duration,
     pub(crate) burst: u32,
     pub(crate) scope: Scope,
+    pub(crate) action: LimitAction,
 }
 
 type Limiter = DefaultKeyedRateLimiter<String>;
@@ -111,6 +141,7 @@ struct LimitToml {
     rate: Spanned<String>,
     burst: Option<Spanned<i64>>,
     scope: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
 }
 
 /// 1-based line of a byte offset.
@@ -217,6 +248,18 @@ fn parse_entry(
             )
         })?,
     };
+    let action = match &entry.action {
+        None => LimitAction::Tempfail,
+        Some(a) => LimitAction::parse(a.get_ref()).ok_or_else(|| {
+            at(
+                a.span(),
+                format!(
+                    "limit {name:?}: action {:?} is not one of tempfail, hold",
+                    a.get_ref()
+                ),
+            )
+        })?,
+    };
     if Quota::with_period(per / count).is_none() {
         return Err(Problem::new(
             path,
@@ -231,6 +274,7 @@ fn parse_entry(
         per,
         burst,
         scope,
+        action,
     })
 }
 
@@ -316,11 +360,13 @@ impl Limits {
         self.limits.iter().map(|l| &l.spec)
     }
 
-    /// Checks the MAIL FROM limits (every key but `recipient`). On the first
-    /// exceeded limit returns its name and the 450 answer.
-    pub(crate) fn check_mail_from(&self, tx: &TxInfo) -> Option<(String, Verdict)> {
+    /// Checks the MAIL FROM limits (every key but `recipient`): the first
+    /// exceeded `tempfail` limit refuses; else the first exceeded `hold`
+    /// limit holds (the ones after it still count the transaction).
+    pub(crate) fn check_mail_from(&self, tx: &TxInfo) -> Option<Limited> {
         let sender = normalize_address(&tx.from);
         let ip_key = format!("ip:{}", tx.conn.ip);
+        let mut held = None;
         for limit in &self.limits {
             if !limit.spec.scope.applies(tx.submission) {
                 continue;
@@ -335,34 +381,50 @@ impl Limits {
                     None => ip_key.clone(),
                 },
                 LimitKey::ClientIp => ip_key.clone(),
+                // A `<>` sender is a bounce, never a user's own mail.
+                LimitKey::AuthUser if sender.is_empty() => continue,
                 LimitKey::AuthUser => match &tx.auth_user {
                     Some(u) => u.to_lowercase(),
                     None => continue,
                 },
             };
-            if let Some(v) = limit.check(&key) {
-                return Some((limit.spec.name.clone(), v));
+            if let Some(l) = limit.exceeded(&key, &mut held) {
+                return Some(l);
             }
         }
-        None
+        held.map(Limited::Hold)
     }
 
-    /// Checks the `recipient` limits for one RCPT TO.
-    pub(crate) fn check_rcpt(&self, tx: &TxInfo, rcpt: &str) -> Option<(String, Verdict)> {
+    /// Checks the `recipient` limits for one RCPT TO, as [`Self::check_mail_from`].
+    pub(crate) fn check_rcpt(&self, tx: &TxInfo, rcpt: &str) -> Option<Limited> {
         let key = normalize_address(rcpt);
+        let mut held = None;
         for limit in &self.limits {
             if limit.spec.key != LimitKey::Recipient || !limit.spec.scope.applies(tx.submission) {
                 continue;
             }
-            if let Some(v) = limit.check(&key) {
-                return Some((limit.spec.name.clone(), v));
+            if let Some(l) = limit.exceeded(&key, &mut held) {
+                return Some(l);
             }
         }
-        None
+        held.map(Limited::Hold)
     }
 }
 
 impl Limit {
+    /// Counts `key`; over a `tempfail` limit that is the refusal, over a
+    /// `hold` limit its name goes into `held` (the first one wins).
+    fn exceeded(&self, key: &String, held: &mut Option<String>) -> Option<Limited> {
+        let verdict = self.check(key)?;
+        match self.spec.action {
+            LimitAction::Tempfail => Some(Limited::Refuse(self.spec.name.clone(), verdict)),
+            LimitAction::Hold => {
+                held.get_or_insert_with(|| self.spec.name.clone());
+                None
+            }
+        }
+    }
+
     fn check(&self, key: &String) -> Option<Verdict> {
         match self.limiter.check_key(key) {
             Ok(()) => None,
@@ -404,6 +466,36 @@ mod tests {
         assert!(parse_rate("0/1h").is_err());
         assert!(parse_rate("x/1h").is_err());
         assert!(parse_rate("10").is_err());
+    }
+
+    #[test]
+    fn actions_parse_and_hold_does_not_refuse() {
+        let src = "[[limit]]\nname = \"u\"\nkey = \"auth_user\"\nrate = \"1/1h\"\nscope = \"submission\"\naction = \"hold\"\n";
+        let specs = parse_str(Path::new("r.toml"), src).unwrap();
+        assert_eq!(specs[0].action, LimitAction::Hold);
+        let err = parse_str(Path::new("r.toml"), &src.replace("hold", "drop")).unwrap_err();
+        assert_eq!(err[0].line, Some(6), "{err:?}");
+        let limits = LimiterRegistry::default().build(specs);
+        let tx = |from: &str| TxInfo {
+            conn: crate::policy::ConnInfo {
+                ip: "192.0.2.1".parse().unwrap(),
+                port: 1,
+                tls: true,
+            },
+            helo: "h".into(),
+            from: from.into(),
+            auth_user: Some("Alice".into()),
+            rcpts: vec![],
+            submission: true,
+            trusted: true,
+        };
+        assert_eq!(limits.check_mail_from(&tx("alice@x.test")), None);
+        assert_eq!(
+            limits.check_mail_from(&tx("alice@x.test")),
+            Some(Limited::Hold("u".into()))
+        );
+        // `<>` never counts against a user.
+        assert_eq!(limits.check_mail_from(&tx("")), None);
     }
 
     #[test]

@@ -29,15 +29,24 @@ use rhai::Dynamic;
 
 pub use crate::config::Problem;
 pub use auth::{AuthOutcome, strip_forged_auth_results};
-pub use limits::{LimitKey, LimitSpec, Scope, normalize_address};
+pub use limits::{LimitAction, LimitKey, LimitSpec, Scope, normalize_address};
 pub use metrics::PolicyMetrics;
 pub use rules::{CALL_TIME_LIMIT, STAGES};
 pub use types::{ConnInfo, DataOutcome, Decided, Decision, TxInfo, Verdict, final_verdict};
 pub use watch::{spawn_housekeeping, watch, watch_every};
 
-use limits::{LimiterRegistry, Limits};
+use limits::{Limited, LimiterRegistry, Limits};
 use rules::Rules;
 use script_api::{Conn, Msg};
+
+/// What MAIL FROM and RCPT TO checks give: the decision, and the `hold`
+/// rate limit the transaction went over (the message is then accepted and
+/// kept in the queue's held state, see policies/ratelimits.toml).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    pub decision: Decision,
+    pub hold: Option<String>,
+}
 
 /// The name of the rate-limit file inside the policies directory.
 pub(crate) const RATELIMITS_FILE: &str = "ratelimits.toml";
@@ -262,30 +271,69 @@ impl RuleSet {
     /// At MAIL FROM: the rate limits (all keys but `recipient`), then the
     /// `mail_from(c)` functions.
     pub fn mail_from(&self, tx: &TxInfo) -> Decision {
-        if let Some((limit, verdict)) = self.limits.check_mail_from(tx) {
-            return self.limited(limit, verdict, "mail_from");
-        }
-        self.decide("mail_from", Dynamic::from(Conn::from_tx(tx, None)))
+        self.mail_from_checked(tx).decision
+    }
+
+    /// [`mail_from`](Self::mail_from), and the `hold` limit gone over.
+    pub fn mail_from_checked(&self, tx: &TxInfo) -> Checked {
+        let limited = self.limits.check_mail_from(tx);
+        self.after_limits(limited, "mail_from", || {
+            self.decide("mail_from", Dynamic::from(Conn::from_tx(tx, None)))
+        })
     }
 
     /// At each RCPT TO: the `recipient` rate limits, then `rcpt(c)`.
     pub fn rcpt(&self, tx: &TxInfo, rcpt: &str) -> Decision {
-        if let Some((limit, verdict)) = self.limits.check_rcpt(tx, rcpt) {
-            return self.limited(limit, verdict, "rcpt");
-        }
-        self.decide("rcpt", Dynamic::from(Conn::from_tx(tx, Some(rcpt))))
+        self.rcpt_checked(tx, rcpt).decision
     }
 
-    fn limited(&self, limit: String, verdict: Verdict, function: &str) -> Decision {
-        self.metrics
-            .ratelimited
-            .with_label_values(&[limit.as_str()])
-            .inc();
-        tracing::info!(limit = %limit, "rate limited");
-        Decision {
-            verdict: Some(verdict),
-            script: Some(format!("ratelimit:{limit}")),
-            function: Some(function.to_string()),
+    /// [`rcpt`](Self::rcpt), and the `hold` limit gone over.
+    pub fn rcpt_checked(&self, tx: &TxInfo, rcpt: &str) -> Checked {
+        let limited = self.limits.check_rcpt(tx, rcpt);
+        self.after_limits(limited, "rcpt", || {
+            self.decide("rcpt", Dynamic::from(Conn::from_tx(tx, Some(rcpt))))
+        })
+    }
+
+    /// A `tempfail` limit decides at once; a `hold` limit lets the scripts
+    /// run (one may still refuse) and rides along. Both are counted in
+    /// `postern_ratelimited_total{limit}` and logged.
+    fn after_limits(
+        &self,
+        limited: Option<Limited>,
+        function: &str,
+        scripts: impl FnOnce() -> Decision,
+    ) -> Checked {
+        let limit = match &limited {
+            Some(Limited::Refuse(l, _) | Limited::Hold(l)) => l.as_str(),
+            None => "",
+        };
+        if limited.is_some() {
+            self.metrics.ratelimited.with_label_values(&[limit]).inc();
+        }
+        match limited {
+            Some(Limited::Refuse(limit, verdict)) => {
+                tracing::info!(limit = %limit, "rate limited");
+                Checked {
+                    decision: Decision {
+                        verdict: Some(verdict),
+                        script: Some(format!("ratelimit:{limit}")),
+                        function: Some(function.to_string()),
+                    },
+                    hold: None,
+                }
+            }
+            Some(Limited::Hold(limit)) => {
+                tracing::info!(limit = %limit, "rate limited: the message will be held");
+                Checked {
+                    decision: scripts(),
+                    hold: Some(limit),
+                }
+            }
+            None => Checked {
+                decision: scripts(),
+                hold: None,
+            },
         }
     }
 
@@ -303,36 +351,63 @@ impl RuleSet {
     /// [`mail_from`](Self::mail_from) on a blocking thread when a script
     /// defines `mail_from` (the rate limits alone are cheap).
     pub async fn mail_from_async(self: &Arc<Self>, tx: &TxInfo) -> Decision {
+        self.mail_from_checked_async(tx).await.decision
+    }
+
+    /// [`mail_from_checked`](Self::mail_from_checked) as [`mail_from_async`](Self::mail_from_async).
+    pub async fn mail_from_checked_async(self: &Arc<Self>, tx: &TxInfo) -> Checked {
         if !self.rules.defines("mail_from") {
-            return self.mail_from(tx);
+            return self.mail_from_checked(tx);
         }
         let (set, tx) = (self.clone(), tx.clone());
-        self.join_decision(tokio::task::spawn_blocking(move || set.mail_from(&tx)))
-            .await
+        self.join_checked(tokio::task::spawn_blocking(move || {
+            set.mail_from_checked(&tx)
+        }))
+        .await
     }
 
     /// [`rcpt`](Self::rcpt) on a blocking thread when a script defines `rcpt`.
     pub async fn rcpt_async(self: &Arc<Self>, tx: &TxInfo, rcpt: &str) -> Decision {
+        self.rcpt_checked_async(tx, rcpt).await.decision
+    }
+
+    /// [`rcpt_checked`](Self::rcpt_checked) as [`rcpt_async`](Self::rcpt_async).
+    pub async fn rcpt_checked_async(self: &Arc<Self>, tx: &TxInfo, rcpt: &str) -> Checked {
         if !self.rules.defines("rcpt") {
-            return self.rcpt(tx, rcpt);
+            return self.rcpt_checked(tx, rcpt);
         }
         let (set, tx, rcpt) = (self.clone(), tx.clone(), rcpt.to_string());
-        self.join_decision(tokio::task::spawn_blocking(move || set.rcpt(&tx, &rcpt)))
-            .await
+        self.join_checked(tokio::task::spawn_blocking(move || {
+            set.rcpt_checked(&tx, &rcpt)
+        }))
+        .await
+    }
+
+    async fn join_checked(&self, handle: tokio::task::JoinHandle<Checked>) -> Checked {
+        match handle.await {
+            Ok(c) => c,
+            Err(e) => Checked {
+                decision: self.thread_failed(e),
+                hold: None,
+            },
+        }
     }
 
     async fn join_decision(&self, handle: tokio::task::JoinHandle<Decision>) -> Decision {
         match handle.await {
             Ok(d) => d,
-            Err(e) => {
-                tracing::error!("rule thread failed: {e}");
-                self.metrics.rule_errors.with_label_values(&["*"]).inc();
-                Decision {
-                    verdict: self.error_verdict(),
-                    script: None,
-                    function: None,
-                }
-            }
+            Err(e) => self.thread_failed(e),
+        }
+    }
+
+    /// A rule thread panicked or was cancelled: `on_error` decides.
+    fn thread_failed(&self, e: tokio::task::JoinError) -> Decision {
+        tracing::error!("rule thread failed: {e}");
+        self.metrics.rule_errors.with_label_values(&["*"]).inc();
+        Decision {
+            verdict: self.error_verdict(),
+            script: None,
+            function: None,
         }
     }
 

@@ -13,6 +13,7 @@ use super::session::{Action, Check, ListenerKind, Session, SessionConfig, reply}
 use crate::config::BareNewline;
 use crate::intake::{Arrival, Intake};
 use crate::mail::Enhanced;
+use crate::mailbox::MailboxCtx;
 use crate::metrics::Metrics;
 use crate::net::{Conn, Fill, Line, Peer};
 use crate::policy::{Policy, RuleSet};
@@ -25,6 +26,10 @@ pub(crate) struct SmtpContext {
     pub(crate) intake: Arc<Intake>,
     pub(crate) policy: Arc<Policy>,
     pub(crate) metrics: Arc<Metrics>,
+    /// AUTH checks the quarantine's accounts with its login slow-down,
+    /// CPU slots and `postern_mailbox_logins_total` (`protocol="smtp"`),
+    /// and sees its reloads of users.toml.
+    pub(crate) logins: Arc<MailboxCtx>,
     pub(crate) max_line_length: usize,
     /// The whole DATA phase of one message.
     pub(crate) data_timeout: Duration,
@@ -136,7 +141,7 @@ async fn run(
             Read::Again => continue,
             Read::End(next) => return Ok(next),
         };
-        let action = decide(session, rules, &line).await;
+        let action = decide(session, ctx, rules, &line).await;
         count_verdict(session, ctx);
         if let Some(next) = perform(conn, session, ctx, rules, action, &mut out).await? {
             return Ok(next);
@@ -181,7 +186,7 @@ enum Read {
 /// answered here (the last two flush `out` and close).
 async fn next_line(
     conn: &mut Conn,
-    session: &Session,
+    session: &mut Session,
     ctx: &SmtpContext,
     host: &str,
     out: &mut Vec<u8>,
@@ -197,7 +202,7 @@ async fn next_line(
     Ok(match line {
         Line::Data(l) => Read::Line(l),
         Line::TooLong => {
-            out.extend(reply(500, Enhanced::new(5, 5, 2), "Line too long"));
+            out.extend(session.line_too_long());
             Read::Again
         }
         Line::Eof => Read::End(Next::Gone),
@@ -224,19 +229,35 @@ async fn next_line(
 }
 
 /// The session's action for one command line, with MAIL and RCPT put to
-/// the rules first.
-async fn decide(session: &mut Session, rules: &Arc<RuleSet>, line: &[u8]) -> Action {
-    let action = session.command(line);
-    let Action::Policy(check) = action else {
-        return action;
+/// the rules first and AUTH credentials checked.
+async fn decide(
+    session: &mut Session,
+    ctx: &SmtpContext,
+    rules: &Arc<RuleSet>,
+    line: &[u8],
+) -> Action {
+    let check = match session.command(line) {
+        Action::Policy(check) => check,
+        Action::Auth(creds) => {
+            let ip = session.conn_info().ip;
+            let account =
+                crate::mailbox::check_login(&ctx.logins, ip, "smtp", creds.login, creds.password)
+                    .await;
+            return session.auth_result(account);
+        }
+        action => return action,
     };
     let info = session.tx_info(Some(&check));
-    let d = match &check {
-        Check::Mail => rules.mail_from_async(&info).await,
-        Check::Rcpt(rcpt) => rules.rcpt_async(&info, &rcpt.address).await,
+    let c = match &check {
+        Check::Mail => rules.mail_from_checked_async(&info).await,
+        Check::Rcpt(rcpt) => rules.rcpt_checked_async(&info, &rcpt.address).await,
     };
+    let d = c.decision;
     if d.verdict.is_some() {
         tracing::info!(script = ?d.script, function = ?d.function, verdict = ?d.verdict, "rule decision");
+    }
+    if let Some(limit) = c.hold {
+        session.hold(&check, limit);
     }
     session.policy_answer(check, d)
 }
@@ -276,7 +297,9 @@ async fn perform(
             }
         }
         // Answered above; a second question in a row cannot happen.
-        Action::Policy(_) => out.extend(reply(451, Enhanced::new(4, 3, 0), "Internal error")),
+        Action::Policy(_) | Action::Auth(_) => {
+            out.extend(reply(451, Enhanced::new(4, 3, 0), "Internal error"))
+        }
     }
     Ok(None)
 }
@@ -338,13 +361,15 @@ async fn receive_data(
         )));
     };
     let received = session.received_header(&crate::store::fmt_id(id), &tx, chrono::Utc::now());
-    let (envelope, sticky) = tx.into_parts();
+    let (envelope, stuck) = tx.into_parts();
     let arrival = Arrival {
         id,
         peer: session.peer(),
         info: session.tx_info(None),
         envelope,
-        sticky,
+        sticky: stuck.sticky,
+        hold: stuck.hold,
+        sender_addresses: session.sender_addresses(),
         received,
     };
     Ok(DataEnd::Reply(

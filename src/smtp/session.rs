@@ -8,10 +8,12 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use smtp_proto::{Error as ProtoError, Request};
+use base64::Engine as _;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 
 use crate::config::RelayConfig;
 use crate::mail::{self, Enhanced, Envelope, Reply};
+use crate::mailbox::accounts::{Account, owns};
 use crate::policy::relay::{self, RcptDecision};
 use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
 
@@ -47,6 +49,8 @@ pub(crate) struct SessionConfig {
     pub(crate) max_recipients: usize,
     /// STARTTLS can be offered (a certificate is loaded).
     pub(crate) tls_available: bool,
+    /// `[smtp] received_auth_user`: name the login in `Received:`.
+    pub(crate) received_auth_user: bool,
 }
 
 /// What the shell must do after a command.
@@ -63,6 +67,37 @@ pub(crate) enum Action {
     /// Ask the rules about this command ([`Session::tx_info`] says what),
     /// then hand the decision to [`Session::policy_answer`].
     Policy(Check),
+    /// Check these credentials (argon2, off the runtime), then hand the
+    /// account found, if any, to [`Session::auth_result`].
+    Auth(Credentials),
+}
+
+/// A login and password from AUTH, to be checked by the shell.
+#[derive(PartialEq, Eq)]
+pub(crate) struct Credentials {
+    pub(crate) login: String,
+    pub(crate) password: String,
+}
+
+/// Never prints the password (actions end up in test failures and logs).
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("login", &self.login)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// A SASL exchange waiting for the client's next line (RFC 4954).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sasl {
+    /// `AUTH PLAIN` without an initial response: `334 ` was sent.
+    Plain,
+    /// `AUTH LOGIN`: the username was asked for.
+    LoginUser,
+    /// `AUTH LOGIN`: the password was asked for.
+    LoginPass(String),
 }
 
 /// A command waiting for the rules' decision.
@@ -80,24 +115,44 @@ pub(crate) struct Transaction {
     pub(crate) declared_size: u64,
     /// A quarantine or discard decided before DATA, applied to the message.
     pub(crate) sticky: Option<(Verdict, Option<String>)>,
+    /// A `hold` rate limit this transaction went over: the message is
+    /// accepted and kept in the queue's held state.
+    pub(crate) hold: Option<String>,
+}
+
+/// What [`Transaction::into_parts`] hands on besides the envelope.
+pub(crate) struct Stuck {
+    /// The verdict decided before DATA that sticks to the message.
+    pub(crate) sticky: Option<(Verdict, Option<String>)>,
+    /// The `hold` limit the transaction went over.
+    pub(crate) hold: Option<String>,
 }
 
 impl Transaction {
-    /// The envelope for the intake, and the verdict that sticks to it.
-    pub(crate) fn into_parts(self) -> (Envelope, Option<(Verdict, Option<String>)>) {
+    /// The envelope for the intake, and what sticks to it.
+    pub(crate) fn into_parts(self) -> (Envelope, Stuck) {
         (
             Envelope {
                 from: self.from,
                 rcpts: self.rcpts,
                 declared_size: self.declared_size,
             },
-            self.sticky,
+            Stuck {
+                sticky: self.sticky,
+                hold: self.hold,
+            },
         )
     }
 }
 
 /// Too many protocol errors in one session and we hang up.
 const MAX_ERRORS: u32 = 20;
+/// Failed AUTHs in one session before we hang up (the per-IP slow-down
+/// in `mailbox::throttle` covers guessing across sessions).
+const MAX_AUTH_FAILURES: u32 = 3;
+/// Longest base64 text of one AUTH step: a login and a password fit many
+/// times over; anything longer is not a PLAIN or LOGIN credential.
+const MAX_AUTH_LINE: usize = 1024;
 
 pub(crate) struct Session {
     cfg: Arc<SessionConfig>,
@@ -108,7 +163,13 @@ pub(crate) struct Session {
     tls: bool,
     helo: Option<String>,
     esmtp: bool,
+    /// The login of the authenticated user.
     auth_user: Option<String>,
+    /// Their `addresses` (lower-cased): the only senders they may use.
+    addresses: Vec<String>,
+    /// A SASL exchange in progress.
+    sasl: Option<Sasl>,
+    auth_failures: u32,
     tx: Option<Transaction>,
     errors: u32,
     /// The last decision taken, as `(verdict, stage)`, for the verdict metric;
@@ -121,6 +182,18 @@ pub(crate) struct Session {
 }
 
 pub(crate) use crate::mail::reply::line as reply;
+
+/// One SASL step's base64 as UTF-8 text; `=` is the empty response
+/// (RFC 4954 4). `None` for bad base64 or text that is not UTF-8.
+fn decode(b64: &str) -> Option<String> {
+    if b64 == "=" {
+        return Some(String::new());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
 
 impl Session {
     pub(crate) fn new(
@@ -138,6 +211,9 @@ impl Session {
             helo: None,
             esmtp: false,
             auth_user: None,
+            addresses: Vec::new(),
+            sasl: None,
+            auth_failures: 0,
             tx: None,
             errors: 0,
             verdict: None,
@@ -208,6 +284,31 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.tx = None;
+        self.sasl = None;
+    }
+
+    /// The addresses the authenticated user may send as (envelope and
+    /// header From); `None` when nobody authenticated.
+    pub(crate) fn sender_addresses(&self) -> Option<Vec<String>> {
+        self.auth_user.as_ref().map(|_| self.addresses.clone())
+    }
+
+    /// The shell read a line longer than it accepts: answer it, and end a
+    /// SASL exchange it was part of (RFC 4954: 500 5.5.6).
+    pub(crate) fn line_too_long(&mut self) -> Vec<u8> {
+        if self.sasl.take().is_some() {
+            return reply(
+                500,
+                Enhanced::new(5, 5, 6),
+                "Authentication exchange line is too long",
+            );
+        }
+        reply(500, Enhanced::new(5, 5, 2), "Line too long")
+    }
+
+    /// Are we the submission service (AUTH required)?
+    fn submission(&self) -> bool {
+        self.kind != ListenerKind::Relay
     }
 
     /// The client may relay to any domain.
@@ -232,6 +333,9 @@ impl Session {
 
     /// Handle one complete command line (CRLF included).
     pub(crate) fn command(&mut self, line: &[u8]) -> Action {
+        if let Some(state) = self.sasl.take() {
+            return self.sasl_line(state, line);
+        }
         let mut it = line.iter();
         let req = match Request::parse(&mut it) {
             Ok(r) => r,
@@ -260,7 +364,11 @@ impl Session {
             Request::Help { .. } => Action::Reply(reply(
                 214,
                 Enhanced::new(2, 0, 0),
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS",
+                if self.submission() {
+                    "Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT STARTTLS"
+                } else {
+                    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS"
+                },
             )),
             Request::StartTls => {
                 if self.tls {
@@ -277,9 +385,10 @@ impl Session {
                     Action::StartTls(reply(220, Enhanced::new(2, 0, 0), "Ready to start TLS"))
                 }
             }
-            Request::Auth { .. } => {
-                self.error(reply(502, Enhanced::new(5, 5, 1), "AUTH not available"))
-            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
             Request::Bdat { .. } => {
                 self.error(reply(502, Enhanced::new(5, 5, 1), "CHUNKING not supported"))
             }
@@ -341,6 +450,10 @@ impl Session {
         if self.cfg.tls_available && !self.tls {
             caps.push("STARTTLS".into());
         }
+        // RFC 4954 14: never offer a password mechanism in the clear.
+        if self.submission() && self.tls {
+            caps.push("AUTH PLAIN LOGIN".into());
+        }
         let mut out = Vec::new();
         let n = caps.len();
         for (i, c) in caps.iter().enumerate() {
@@ -375,13 +488,226 @@ impl Session {
                 "Bad sender address syntax",
             ));
         }
+        if self.submission()
+            && let Some(refusal) = self.sender_refusal(&from)
+        {
+            return self.error(refusal);
+        }
         self.pending_mail = Some(Transaction {
             from: from.into_owned(),
             rcpts: Vec::new(),
             declared_size: size,
             sticky: self.session_sticky.clone(),
+            hold: None,
         });
         Action::Policy(Check::Mail)
+    }
+
+    /// On the submission ports: TLS, then AUTH, then only the user's own
+    /// addresses (SPEC "Submission"); trusted networks get no pass here.
+    fn sender_refusal(&self, from: &str) -> Option<Vec<u8>> {
+        if !self.tls {
+            return Some(reply(
+                530,
+                Enhanced::new(5, 7, 0),
+                "Must issue a STARTTLS command first",
+            ));
+        }
+        if self.auth_user.is_none() {
+            return Some(reply(
+                530,
+                Enhanced::new(5, 7, 0),
+                "Authentication required",
+            ));
+        }
+        // Users do not send bounces; only Postern does (straight into its queue).
+        if from.is_empty() {
+            return Some(reply(
+                553,
+                Enhanced::new(5, 7, 1),
+                "The null sender <> is not for authenticated users",
+            ));
+        }
+        if !owns(&self.addresses, from) {
+            return Some(reply(
+                553,
+                Enhanced::new(5, 7, 1),
+                &format!("Sender address <{}> is not one of yours", mail::token(from)),
+            ));
+        }
+        None
+    }
+
+    /// `AUTH mechanism [initial-response]` (RFC 4954), PLAIN and LOGIN only.
+    fn auth(&mut self, mechanism: u64, initial: &str) -> Action {
+        if !self.submission() {
+            return self.error(reply(
+                502,
+                Enhanced::new(5, 5, 1),
+                "AUTH not available on this port; use submission",
+            ));
+        }
+        if !self.tls {
+            return self.error(reply(
+                538,
+                Enhanced::new(5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if self.auth_user.is_some() {
+            return self.error(reply(503, Enhanced::new(5, 5, 1), "Already authenticated"));
+        }
+        if self.tx.is_some() {
+            return self.error(reply(
+                503,
+                Enhanced::new(5, 5, 1),
+                "AUTH not allowed during a transaction",
+            ));
+        }
+        if !self.esmtp {
+            return self.error(reply(503, Enhanced::new(5, 5, 1), "Send EHLO first"));
+        }
+        if initial.len() > MAX_AUTH_LINE {
+            return self.error(reply(
+                500,
+                Enhanced::new(5, 5, 6),
+                "Authentication exchange line is too long",
+            ));
+        }
+        match mechanism {
+            AUTH_PLAIN if initial.is_empty() => {
+                self.sasl = Some(Sasl::Plain);
+                Action::Reply(b"334 \r\n".to_vec())
+            }
+            AUTH_PLAIN => self.plain(initial),
+            AUTH_LOGIN if initial.is_empty() => {
+                self.sasl = Some(Sasl::LoginUser);
+                Action::Reply(b"334 VXNlcm5hbWU6\r\n".to_vec())
+            }
+            AUTH_LOGIN => self.login_user(initial),
+            _ => self.error(reply(
+                504,
+                Enhanced::new(5, 5, 4),
+                "Unrecognized authentication type; use PLAIN or LOGIN",
+            )),
+        }
+    }
+
+    /// A client line inside a SASL exchange (`state` is what we asked for).
+    fn sasl_line(&mut self, state: Sasl, line: &[u8]) -> Action {
+        let text = line.strip_suffix(b"\r\n").unwrap_or(line).trim_ascii();
+        if text.len() > MAX_AUTH_LINE {
+            return self.error(reply(
+                500,
+                Enhanced::new(5, 5, 6),
+                "Authentication exchange line is too long",
+            ));
+        }
+        if text == b"*" {
+            return self.error(reply(
+                501,
+                Enhanced::new(5, 7, 0),
+                "Authentication cancelled",
+            ));
+        }
+        let Ok(text) = std::str::from_utf8(text) else {
+            return self.bad_base64();
+        };
+        match state {
+            Sasl::Plain => self.plain(text),
+            Sasl::LoginUser => self.login_user(text),
+            Sasl::LoginPass(login) => match decode(text) {
+                Some(password) => Action::Auth(Credentials { login, password }),
+                None => self.bad_base64(),
+            },
+        }
+    }
+
+    /// A PLAIN message: `authzid NUL authcid NUL password` (RFC 4616).
+    fn plain(&mut self, b64: &str) -> Action {
+        let Some(msg) = decode(b64) else {
+            return self.bad_base64();
+        };
+        let mut parts = msg.split('\0');
+        let (Some(authz), Some(login), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.error(reply(
+                501,
+                Enhanced::new(5, 5, 2),
+                "Malformed PLAIN credentials",
+            ));
+        };
+        // Acting for another identity is not something users may do here.
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(login) {
+            return self.auth_result(None);
+        }
+        Action::Auth(Credentials {
+            login: login.to_string(),
+            password: password.to_string(),
+        })
+    }
+
+    /// The username of AUTH LOGIN; asks for the password.
+    fn login_user(&mut self, b64: &str) -> Action {
+        let Some(login) = decode(b64) else {
+            return self.bad_base64();
+        };
+        self.sasl = Some(Sasl::LoginPass(login));
+        Action::Reply(b"334 UGFzc3dvcmQ6\r\n".to_vec())
+    }
+
+    fn bad_base64(&mut self) -> Action {
+        self.error(reply(
+            501,
+            Enhanced::new(5, 5, 2),
+            "Invalid base64 data in AUTH",
+        ))
+    }
+
+    /// The shell checked the credentials of [`Action::Auth`]: `account` is
+    /// who they belong to, `None` for a wrong login or password.
+    pub(crate) fn auth_result(&mut self, account: Option<Account>) -> Action {
+        match account {
+            Some(a) => {
+                self.auth_user = Some(a.login);
+                self.addresses = a.addresses;
+                Action::Reply(reply(
+                    235,
+                    Enhanced::new(2, 7, 0),
+                    "Authentication successful",
+                ))
+            }
+            None => {
+                self.auth_failures += 1;
+                let refused = reply(
+                    535,
+                    Enhanced::new(5, 7, 8),
+                    "Authentication credentials invalid",
+                );
+                if self.auth_failures >= MAX_AUTH_FAILURES {
+                    let mut b = refused;
+                    b.extend(reply(
+                        421,
+                        Enhanced::new(4, 7, 0),
+                        "Too many failed authentications, closing connection",
+                    ));
+                    return Action::Close(b);
+                }
+                Action::Reply(refused)
+            }
+        }
+    }
+
+    /// Notes that the transaction went over a `hold` rate limit at `check`.
+    pub(crate) fn hold(&mut self, check: &Check, limit: String) {
+        let tx = match check {
+            Check::Mail => self.pending_mail.as_mut(),
+            Check::Rcpt(_) => self.tx.as_mut(),
+        };
+        if let Some(tx) = tx {
+            tx.hold.get_or_insert(limit);
+        }
     }
 
     fn rcpt(&mut self, to: Cow<'_, str>) -> Action {
@@ -562,8 +888,19 @@ impl Session {
             [one] => format!("\r\n\tfor <{}>", mail::token(&one.address)),
             _ => String::new(),
         };
+        // Hidden by default: the login is half a password guess.
+        let auth = match &self.auth_user {
+            Some(login) if self.cfg.received_auth_user => {
+                let safe: String = mail::token(login)
+                    .chars()
+                    .map(|c| if "()\\".contains(c) { '?' } else { c })
+                    .collect();
+                format!("\r\n\t(authenticated as {safe})")
+            }
+            _ => String::new(),
+        };
         format!(
-            "Received: from {helo} ([{ip}])\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
+            "Received: from {helo} ([{ip}]){auth}\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
             self.cfg.hostname,
             self.protocol(),
             now.to_rfc2822()
@@ -589,6 +926,7 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 2,
             tls_available: true,
+            received_auth_user: false,
         };
         Session::new(
             Arc::new(cfg),
@@ -612,6 +950,7 @@ mod tests {
                 String::from_utf8(b).unwrap()
             }
             Action::Policy(c) => format!("policy {c:?}"),
+            Action::Auth(c) => format!("auth {c:?}"),
         }
     }
 
@@ -688,6 +1027,7 @@ mod policy_tests {
             max_message_size: 1000,
             max_recipients: 5,
             tls_available: false,
+            received_auth_user: false,
         };
         Session::new(
             Arc::new(cfg),
@@ -782,5 +1122,166 @@ mod policy_tests {
         assert!(
             matches!(tx.sticky, Some((Verdict::Quarantine { .. }, Some(ref sc))) if sc == "50-x.rhai")
         );
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use crate::mailbox::accounts::Role;
+
+    fn session(kind: ListenerKind, tls: bool, show_login: bool) -> Session {
+        let cfg = SessionConfig {
+            hostname: "mx.test".into(),
+            relay: RelayConfig {
+                domains: vec!["local.test".into()],
+                networks: vec!["127.0.0.0/8".parse().unwrap()],
+            },
+            max_message_size: 1000,
+            max_recipients: 5,
+            tls_available: true,
+            received_auth_user: show_login,
+        };
+        Session::new(Arc::new(cfg), kind, "127.0.0.1:4000".parse().unwrap(), tls)
+    }
+
+    fn text(a: Action) -> String {
+        match a {
+            Action::Reply(b) | Action::Close(b) => String::from_utf8(b).unwrap(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn alice() -> Account {
+        Account {
+            login: "alice@local.test".into(),
+            addresses: vec!["alice@local.test".into()],
+            role: Role::User,
+        }
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn before_tls_no_auth_and_no_mail() {
+        let mut s = session(ListenerKind::Submission, false, false);
+        let ehlo = text(s.command(b"EHLO c\r\n"));
+        assert!(
+            ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+            "{ehlo}"
+        );
+        assert!(text(s.command(b"AUTH PLAIN AGEAYg==\r\n")).starts_with("538 5.7.11"));
+        // Trusted network or not: 530.
+        assert!(text(s.command(b"MAIL FROM:<a@local.test>\r\n")).starts_with("530 5.7.0"));
+        s.tls_started();
+        let ehlo = text(s.command(b"EHLO c\r\n"));
+        assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+        assert!(
+            text(s.command(b"MAIL FROM:<a@local.test>\r\n")).contains("Authentication required")
+        );
+    }
+
+    #[test]
+    fn plain_login_binding_and_errors() {
+        let mut s = session(ListenerKind::Submissions, true, false);
+        assert!(
+            text(s.command(b"AUTH PLAIN\r\n")).starts_with("503"),
+            "EHLO first"
+        );
+        s.command(b"EHLO c\r\n");
+        assert!(text(s.command(b"AUTH X-UNKNOWN\r\n")).starts_with("504 5.5.4"));
+        assert!(text(s.command(b"AUTH PLAIN %%%\r\n")).starts_with("501 5.5.2"));
+        assert!(text(s.command(b"AUTH PLAIN =\r\n")).starts_with("501 5.5.2"));
+        assert_eq!(text(s.command(b"AUTH LOGIN\r\n")), "334 VXNlcm5hbWU6\r\n");
+        assert!(text(s.command(b"*\r\n")).starts_with("501"));
+        let long = format!("AUTH PLAIN {}\r\n", "A".repeat(MAX_AUTH_LINE + 4));
+        assert!(text(s.command(long.as_bytes())).starts_with("500 5.5.6"));
+        // PLAIN in a continuation; the password never shows in Debug.
+        assert_eq!(text(s.command(b"AUTH PLAIN\r\n")), "334 \r\n");
+        let line = format!("{}\r\n", b64("\0alice@local.test\0s3cret"));
+        let a = s.command(line.as_bytes());
+        assert!(!format!("{a:?}").contains("s3cret"));
+        assert_eq!(
+            a,
+            Action::Auth(Credentials {
+                login: "alice@local.test".into(),
+                password: "s3cret".into()
+            })
+        );
+        assert!(text(s.auth_result(Some(alice()))).starts_with("235 2.7.0"));
+        assert!(text(s.command(b"AUTH LOGIN\r\n")).starts_with("503 5.5.1"));
+        assert!(text(s.command(b"MAIL FROM:<bob@local.test>\r\n")).starts_with("553 5.7.1"));
+        assert!(text(s.command(b"MAIL FROM:<>\r\n")).starts_with("553 5.7.1"));
+        assert!(matches!(
+            s.command(b"MAIL FROM:<ALICE+x@local.test>\r\n"),
+            Action::Policy(Check::Mail)
+        ));
+        assert_eq!(s.protocol(), "ESMTPSA");
+        assert_eq!(
+            s.sender_addresses(),
+            Some(vec!["alice@local.test".to_string()])
+        );
+    }
+
+    #[test]
+    fn login_with_initial_response_and_three_failures_close() {
+        let mut s = session(ListenerKind::Submission, true, false);
+        s.command(b"EHLO c\r\n");
+        for i in 0..MAX_AUTH_FAILURES {
+            let line = format!("AUTH LOGIN {}\r\n", b64("alice@local.test"));
+            assert_eq!(text(s.command(line.as_bytes())), "334 UGFzc3dvcmQ6\r\n");
+            let pw = format!("{}\r\n", b64("wrong"));
+            assert!(matches!(s.command(pw.as_bytes()), Action::Auth(_)));
+            match s.auth_result(None) {
+                Action::Reply(r) if i + 1 < MAX_AUTH_FAILURES => {
+                    assert!(r.starts_with(b"535 5.7.8"))
+                }
+                Action::Close(r) => {
+                    assert_eq!(i + 1, MAX_AUTH_FAILURES);
+                    assert!(String::from_utf8(r).unwrap().contains("421 4.7.0"));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_line_ends_the_exchange() {
+        let mut s = session(ListenerKind::Submission, true, false);
+        s.command(b"EHLO c\r\n");
+        s.command(b"AUTH LOGIN\r\n");
+        assert!(s.line_too_long().starts_with(b"500 5.5.6"));
+        // The next line is a command again, not a SASL answer.
+        assert!(text(s.command(b"NOOP\r\n")).starts_with("250"));
+    }
+
+    #[test]
+    fn relay_port_never_authenticates() {
+        let mut s = session(ListenerKind::Relay, true, false);
+        let ehlo = text(s.command(b"EHLO c\r\n"));
+        assert!(!ehlo.contains("AUTH"), "{ehlo}");
+        assert!(text(s.command(b"AUTH PLAIN AGEAYg==\r\n")).starts_with("502"));
+    }
+
+    #[test]
+    fn received_hides_the_login_unless_asked() {
+        for show in [false, true] {
+            let mut s = session(ListenerKind::Submission, true, show);
+            s.command(b"EHLO c\r\n");
+            s.auth_result(Some(alice()));
+            let tx = Transaction {
+                from: "alice@local.test".into(),
+                ..Transaction::default()
+            };
+            let h = s.received_header("ID", &tx, chrono::Utc::now());
+            assert!(h.contains("with ESMTPSA"), "{h}");
+            assert_eq!(
+                h.contains("(authenticated as alice@local.test)"),
+                show,
+                "{h}"
+            );
+        }
     }
 }

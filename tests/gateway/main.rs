@@ -14,3 +14,4 @@ mod ops;
 mod policy;
 mod quarantine;
 mod smtp_front;
+mod submission;
