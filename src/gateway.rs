@@ -64,9 +64,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tracker: TaskTracker::new(),
     };
     let workers = TaskTracker::new();
-    // Metrics first: its task binds the port itself, and must have done so
-    // by READY=1 (after every listener below). Then the mailbox context:
-    // submission AUTH shares its accounts.
+    // Every port is bound before READY=1 (sent below). The mailbox context
+    // comes before SMTP: submission AUTH shares its accounts.
     start_metrics(&core, shutdown_rx.clone()).await?;
     let mailbox = start_mailbox(&core, &server).await?;
     start_smtp(&core, &server, mailbox.clone()).await?;
@@ -269,14 +268,15 @@ async fn start_metrics(core: &Core, shutdown: watch::Receiver<bool>) -> Result<(
     let Some(addr) = core.cfg.metrics.listen else {
         return Ok(());
     };
-    let listener_check = tokio::net::TcpListener::bind(addr)
+    // Bound here, before READY=1, and served from this very socket.
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-    drop(listener_check);
+    tracing::info!(%addr, token = !core.cfg.metrics.token.is_empty(), "metrics listening");
     let (m, s) = (core.metrics.clone(), core.store.clone());
     let token = core.cfg.metrics.token.clone();
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(addr, token, m, s, shutdown).await {
+        if let Err(e) = metrics::serve(listener, token, m, s, shutdown).await {
             tracing::error!(error = %e, "metrics endpoint failed");
         }
     });

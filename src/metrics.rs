@@ -5,7 +5,6 @@
 //! which `policy::PolicyMetrics` defines and [`Metrics::register_policy`]
 //! adds to the same registry. Each stage increments its metric where it decides.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
@@ -279,7 +278,7 @@ fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
 /// Serve `GET /metrics` until `shutdown` fires; with a `token`, only to
 /// requests that carry it.
 pub(crate) async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     token: String,
     metrics: Arc<Metrics>,
     store: Store,
@@ -291,8 +290,6 @@ pub(crate) async fn serve(
         response::IntoResponse,
         routing::get,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, token = !token.is_empty(), "metrics listening");
     let token = Arc::new(token);
     let app = Router::new().route(
         "/metrics",

@@ -270,7 +270,17 @@ print(sent)
 #[tokio::test(flavor = "multi_thread")]
 async fn implicit_tls_listener_speaks_tls() {
     let sink = Sink::start(false).await;
-    let gw = Gateway::start(Opts::sink(sink.port)).await;
+    // Submission wants AUTH: a user to log in as.
+    let gw = Gateway::start(Opts {
+        users: vec![(
+            "py@local.test".into(),
+            "py-pw".into(),
+            vec!["py@local.test".into()],
+            "user".into(),
+        )],
+        ..Opts::sink(sink.port)
+    })
+    .await;
     let port = gw.submissions.to_string();
     let script = r#"
 import smtplib, ssl, sys
@@ -280,7 +290,8 @@ ctx.verify_mode = ssl.CERT_NONE
 s = smtplib.SMTP_SSL('127.0.0.1', int(sys.argv[1]), context=ctx, timeout=10)
 code, caps = s.ehlo('py.test')
 assert b'STARTTLS' not in caps, caps
-s.sendmail('py@local.test', ['bob@local.test'], b'Subject: tls\r\n\r\nover 465\r\n')
+s.login('py@local.test', 'py-pw')
+s.sendmail('py@local.test', ['bob@local.test'], b'From: py@local.test\r\nSubject: tls\r\n\r\nover 465\r\n')
 s.quit()
 print('ok')
 "#;
