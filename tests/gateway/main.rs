@@ -9,6 +9,7 @@ mod dns;
 mod durability;
 mod limits;
 mod ops;
+mod outbound;
 mod policy;
 mod quarantine;
 mod smtp_front;
