@@ -365,6 +365,11 @@ fn show_queue(e: &QueueEntry, body: &[u8]) -> String {
             r.address,
             r.last_reply.as_deref().unwrap_or("")
         ));
+        // What the session that answered for this recipient used.
+        if let Some(tls) = &r.tls {
+            let via = r.remote.as_deref().unwrap_or("");
+            s.push_str(&format!("  tls:     {tls} ({via})\n"));
+        }
     }
     s.push('\n');
     s.push_str(&header_block(body));

@@ -78,6 +78,8 @@ pub struct Config {
     #[serde(default)]
     pub(crate) delivery: DeliveryConfig,
     #[serde(default)]
+    pub(crate) outbound_tls: OutboundTlsConfig,
+    #[serde(default)]
     pub(crate) dns: DnsConfig,
     #[serde(default)]
     pub(crate) checks: ChecksConfig,
@@ -283,6 +285,9 @@ pub(crate) struct DeliveryConfig {
     pub(crate) timeout: DurationStr,
     /// Port of the MX hosts (25; tests point it at a loopback sink).
     pub(crate) mx_port: u16,
+    /// Connections in flight to one destination (an MX domain or a route),
+    /// so one slow domain cannot take every one of `concurrency`.
+    pub(crate) per_destination: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -298,7 +303,74 @@ impl Default for DeliveryConfig {
             max_age: DurationStr(Duration::from_secs(5 * 86400)),
             timeout: DurationStr(Duration::from_secs(60)),
             mx_port: 25,
+            per_destination: 8,
         }
+    }
+}
+
+/// How much TLS a next hop must give (`[outbound_tls]`), weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, any certificate; plain when not offered, and
+    /// once in plain text after a failed handshake (RFC 7435 opportunistic).
+    May,
+    /// STARTTLS required, any certificate; never plain.
+    Encrypt,
+    /// STARTTLS required with a certificate valid for the host name.
+    Verify,
+}
+
+impl TlsLevel {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+        }
+    }
+}
+
+/// `[outbound_tls]`: TLS towards the next hop (route, smarthost and MX).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct OutboundTlsConfig {
+    pub(crate) default: TlsLevel,
+    /// Per recipient domain (MX delivery) or route host name; lower-cased at load.
+    pub(crate) domains: std::collections::BTreeMap<String, TlsLevel>,
+    /// Honour a domain's MTA-STS policy (RFC 8461) on MX delivery.
+    pub(crate) mta_sts: bool,
+    /// DANE-TLSA (RFC 7672): not implemented; `true` is a config error.
+    pub(crate) dane: bool,
+    /// Extra trust anchors (PEM) besides the system roots; empty = none.
+    pub(crate) ca: PathBuf,
+    /// Port of the MTA-STS policy host (443; a test knob like `mx_port`).
+    pub(crate) mta_sts_port: u16,
+}
+
+impl Default for OutboundTlsConfig {
+    fn default() -> Self {
+        OutboundTlsConfig {
+            default: TlsLevel::May,
+            domains: Default::default(),
+            mta_sts: true,
+            dane: false,
+            ca: PathBuf::new(),
+            mta_sts_port: 443,
+        }
+    }
+}
+
+impl OutboundTlsConfig {
+    /// The configured level for a recipient domain or a route's host.
+    pub(crate) fn level_for(&self, name: &str) -> TlsLevel {
+        self.domains
+            .get(&name.trim_end_matches('.').to_ascii_lowercase())
+            .copied()
+            .unwrap_or(self.default)
     }
 }
 
@@ -637,6 +709,13 @@ impl Config {
         for d in &mut cfg.dkim_sign {
             d.key = abs(&d.key);
         }
+        if !cfg.outbound_tls.ca.as_os_str().is_empty() {
+            cfg.outbound_tls.ca = abs(&cfg.outbound_tls.ca);
+        }
+        cfg.outbound_tls.domains = std::mem::take(&mut cfg.outbound_tls.domains)
+            .into_iter()
+            .map(|(d, l)| (d.trim_end_matches('.').to_ascii_lowercase(), l))
+            .collect();
         cfg.rules.dir = abs(&cfg.rules.dir);
         cfg.policies.dir = abs(&cfg.policies.dir);
 
@@ -682,6 +761,25 @@ impl Config {
         }
         if self.delivery.concurrency == 0 {
             err("delivery", "concurrency", "must be at least 1".into());
+        }
+        if self.delivery.per_destination == 0 {
+            err("delivery", "per_destination", "must be at least 1".into());
+        }
+        if self.outbound_tls.dane {
+            err(
+                "outbound_tls",
+                "dane",
+                "DANE is not implemented (no DNSSEC-validated answers to trust); set dane = false"
+                    .into(),
+            );
+        }
+        let ca = &self.outbound_tls.ca;
+        if !ca.as_os_str().is_empty() && !ca.is_file() {
+            err(
+                "outbound_tls",
+                "ca",
+                format!("{} is not a readable file", ca.display()),
+            );
         }
         if self.smtp.max_recipients == 0 {
             err("smtp", "max_recipients", "must be at least 1".into());
@@ -799,6 +897,43 @@ mod tests {
         );
         // Shown together, one per line.
         assert_eq!(e.to_string().lines().count(), 5);
+    }
+
+    #[test]
+    fn outbound_tls_levels_and_overrides() {
+        let t = "[outbound_tls]\ndefault = \"encrypt\"\nmta_sts = false\n[outbound_tls.domains]\n\"Bank.Test\" = \"verify\"\n\"old.test\" = \"none\"\n";
+        let c = Config::from_str(t, Path::new("x.toml")).unwrap();
+        let o = &c.outbound_tls;
+        assert!(!o.mta_sts);
+        assert_eq!(o.level_for("bank.test"), TlsLevel::Verify);
+        assert_eq!(o.level_for("BANK.test."), TlsLevel::Verify);
+        assert_eq!(o.level_for("old.test"), TlsLevel::None);
+        assert_eq!(o.level_for("other.test"), TlsLevel::Encrypt);
+        let d = Config::from_str("", Path::new("x.toml")).unwrap();
+        assert_eq!(d.outbound_tls.default, TlsLevel::May);
+        assert!(d.outbound_tls.mta_sts && !d.outbound_tls.dane);
+        let e = Config::from_str(
+            "[outbound_tls]\ndefault = \"always\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("x.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn dane_is_refused_until_it_is_honest() {
+        let t = "[outbound_tls]\ndane = true\nca = \"nope.pem\"\n";
+        let e = Config::from_str(t, Path::new("/tmp/x.toml")).unwrap_err();
+        let shown: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert!(
+            shown[0].starts_with("/tmp/x.toml:2: [outbound_tls] dane: DANE is not implemented"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with("/tmp/x.toml:3: [outbound_tls] ca: /tmp/nope.pem"),
+            "{shown:?}"
+        );
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl Metrics {
             delivery_attempts: counter(
                 &r,
                 "postern_delivery_attempts_total",
-                "Delivery attempts per recipient group, by result.",
-                &["result"],
+                "Delivery attempts per recipient group, by result and whether the session used TLS.",
+                &["result", "tls"],
             ),
             delivery_seconds: histogram(
                 &r,
@@ -195,7 +195,9 @@ impl Metrics {
             m.queue_messages.with_label_values(&[s.as_str()]).set(0);
         }
         for res in ["ok", "tempfail", "permfail"] {
-            m.delivery_attempts.with_label_values(&[res]);
+            for tls in ["yes", "no"] {
+                m.delivery_attempts.with_label_values(&[res, tls]);
+            }
         }
         for proto in ["pop3", "imap", "smtp"] {
             for res in ["ok", "fail"] {

@@ -4,16 +4,27 @@
 //! when the server offers PIPELINING, MAIL, every RCPT and DATA go out in
 //! one write (RFC 2920). LMTP answers once per accepted recipient after the
 //! final dot (RFC 2033), so each recipient gets its own result.
+//!
+//! After EHLO the client upgrades with STARTTLS (RFC 3207) as the hop's
+//! [`TlsLevel`] asks, and says EHLO again over TLS; a pooled connection is
+//! kept under a key that names its level, so a session opened under `may`
+//! is never reused where `verify` is required.
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
 use smtp_proto::Response;
 use smtp_proto::response::parser::ResponseReceiver;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::tls::{Channel, OutboundTls, TlsInfo, Verdict};
+use crate::config::TlsLevel;
 use crate::mail::{Enhanced, Reply};
 use crate::smtp::data::DotStuffer;
 
@@ -43,70 +54,244 @@ pub(crate) enum ClientError {
     /// The server refused the session itself (greeting or EHLO).
     #[error("{0}")]
     Refused(Reply),
+    /// The hop's TLS requirement was not met; nothing was sent.
+    #[error("{0}")]
+    Tls(TlsFailure),
+}
+
+/// Why a session could not be secured as required.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TlsFailure {
+    #[error("STARTTLS not offered")]
+    NotOffered,
+    #[error("STARTTLS refused: {0}")]
+    Refused(Reply),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("certificate not valid for {name}: {why}")]
+    Certificate { name: String, why: String },
+}
+
+/// The socket under a connection: plain TCP, or TLS after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What a session to one hop must be: the protocol, our name, the
+/// timeout, and how much TLS, checked against which host name.
+pub(crate) struct Want<'a> {
+    pub(crate) lmtp: bool,
+    pub(crate) helo_name: &'a str,
+    pub(crate) timeout: Duration,
+    pub(crate) level: TlsLevel,
+    /// SNI, and the name the certificate must carry under `verify`.
+    pub(crate) host: &'a str,
+    pub(crate) tls: &'a OutboundTls,
 }
 
 /// A live connection to a next hop.
 pub(crate) struct Conn {
-    stream: BufWriter<TcpStream>,
+    stream: BufWriter<Stream>,
     rbuf: Vec<u8>,
     rpos: usize,
     receiver: ResponseReceiver,
     lmtp: bool,
     pipelining: bool,
+    /// The last EHLO offered STARTTLS.
+    starttls: bool,
     timeout: Duration,
+    /// How this connection is carried (plain, or the TLS it negotiated).
+    pub(crate) channel: Channel,
     /// Messages sent on this connection (for logging and limits).
     pub(crate) sent: u32,
 }
 
 impl Conn {
-    /// Connect, read the greeting, say EHLO (or LHLO).
+    /// Connect, read the greeting, say EHLO (or LHLO), and secure the
+    /// session as `want.level` asks; `plain` skips STARTTLS (the one plain
+    /// retry after a failed handshake under `may`).
     pub(crate) async fn connect(
         addr: std::net::SocketAddr,
-        lmtp: bool,
-        helo_name: &str,
-        timeout: Duration,
+        want: &Want<'_>,
+        plain: bool,
     ) -> Result<Conn, ClientError> {
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(want.timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout)??;
         let _ = tcp.set_nodelay(true);
-        let mut c = Conn {
-            stream: BufWriter::with_capacity(64 * 1024, tcp),
-            rbuf: Vec::with_capacity(4096),
-            rpos: 0,
-            receiver: ResponseReceiver::default(),
-            lmtp,
-            pipelining: false,
-            timeout,
-            sent: 0,
-        };
+        let mut c = Conn::over(Stream::Plain(tcp), want, Channel::Plain);
         let greeting = c.read_reply().await?;
         if greeting.code != 220 {
             return Err(ClientError::Refused(greeting));
         }
-        let verb = if lmtp { "LHLO" } else { "EHLO" };
-        c.send(format!("{verb} {helo_name}\r\n").as_bytes()).await?;
+        c.hello(want).await?;
+        if want.level == TlsLevel::None || plain {
+            return Ok(c);
+        }
+        let required = want.level >= TlsLevel::Encrypt;
+        if !c.starttls {
+            if required {
+                c.quit().await;
+                return Err(ClientError::Tls(TlsFailure::NotOffered));
+            }
+            return Ok(c);
+        }
+        c.send(b"STARTTLS\r\n").await?;
         c.flush().await?;
-        let ehlo_raw = c.read_response().await?;
+        let r = c.read_reply().await?;
+        if r.code != 220 {
+            if required {
+                c.quit().await;
+                return Err(ClientError::Tls(TlsFailure::Refused(r)));
+            }
+            // `may`: the session goes on in plain text (RFC 3207 4.1).
+            return Ok(c);
+        }
+        c.upgrade(want).await
+    }
+
+    fn over(stream: Stream, want: &Want<'_>, channel: Channel) -> Conn {
+        Conn {
+            stream: BufWriter::with_capacity(64 * 1024, stream),
+            rbuf: Vec::with_capacity(4096),
+            rpos: 0,
+            receiver: ResponseReceiver::default(),
+            lmtp: want.lmtp,
+            pipelining: false,
+            starttls: false,
+            timeout: want.timeout,
+            channel,
+            sent: 0,
+        }
+    }
+
+    /// EHLO (LHLO), or HELO for a server that does not speak ESMTP; notes
+    /// what the server offers.
+    async fn hello(&mut self, want: &Want<'_>) -> Result<(), ClientError> {
+        let verb = if self.lmtp { "LHLO" } else { "EHLO" };
+        self.send(format!("{verb} {}\r\n", want.helo_name).as_bytes())
+            .await?;
+        self.flush().await?;
+        let ehlo_raw = self.read_response().await?;
         let ehlo = reply_of(&ehlo_raw);
         if !is_ok(&ehlo) {
-            if lmtp {
+            if self.lmtp {
                 return Err(ClientError::Refused(ehlo));
             }
-            // A server that does not speak ESMTP: fall back to HELO.
-            c.send(format!("HELO {helo_name}\r\n").as_bytes()).await?;
-            c.flush().await?;
-            let helo = c.read_reply().await?;
+            self.send(format!("HELO {}\r\n", want.helo_name).as_bytes())
+                .await?;
+            self.flush().await?;
+            let helo = self.read_reply().await?;
             if !is_ok(&helo) {
                 return Err(ClientError::Refused(helo));
             }
+            self.pipelining = false;
+            self.starttls = false;
         } else {
             // From the raw reply: the sanitised text is capped in length.
-            c.pipelining = ehlo_raw
-                .message
-                .split_whitespace()
-                .any(|w| w.eq_ignore_ascii_case("PIPELINING"));
+            let has = |kw: &str| {
+                ehlo_raw
+                    .message
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .any(|w| w.eq_ignore_ascii_case(kw))
+            };
+            self.pipelining = has("PIPELINING");
+            self.starttls = has("STARTTLS");
         }
+        Ok(())
+    }
+
+    /// The TLS handshake after the server's `220` to STARTTLS, then EHLO
+    /// again (RFC 3207 4.2: what was said before TLS is forgotten).
+    async fn upgrade(self, want: &Want<'_>) -> Result<Conn, ClientError> {
+        // Bytes after the 220 were sent before TLS: a server (or someone
+        // on the path) injecting commands. Never carry them over.
+        if self.rpos < self.rbuf.len() {
+            return Err(ClientError::Protocol(
+                "data after the STARTTLS reply".into(),
+            ));
+        }
+        let Stream::Plain(tcp) = self.stream.into_inner() else {
+            return Err(ClientError::Protocol("STARTTLS twice".into()));
+        };
+        let verify = want.level == TlsLevel::Verify;
+        let name = ServerName::try_from(want.host.trim_end_matches('.').to_string())
+            .map_err(|e| ClientError::Tls(TlsFailure::Handshake(e.to_string())))?;
+        let handshake = want.tls.connector(verify).connect(name.clone(), tcp);
+        let tls = match tokio::time::timeout(want.timeout, handshake).await {
+            Err(_) => return Err(ClientError::Tls(TlsFailure::Handshake("timed out".into()))),
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let cert = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                        )
+                    });
+                return Err(ClientError::Tls(if verify && cert {
+                    TlsFailure::Certificate {
+                        name: want.host.to_string(),
+                        why: e.to_string(),
+                    }
+                } else {
+                    TlsFailure::Handshake(e.to_string())
+                }));
+            }
+        };
+        let verdict = if verify {
+            Verdict::Verified
+        } else {
+            want.tls.verdict(tls.get_ref().1, &name)
+        };
+        let info = TlsInfo::of(tls.get_ref().1, verdict);
+        let mut c = Conn::over(Stream::Tls(Box::new(tls)), want, Channel::Tls(info));
+        c.hello(want).await?;
         Ok(c)
     }
 
@@ -303,6 +488,8 @@ impl Conn {
     pub(crate) async fn quit(mut self) {
         let _ = self.send(b"QUIT\r\n").await;
         let _ = self.flush().await;
+        // Over TLS this sends close_notify, so the server sees a clean end.
+        let _ = tokio::time::timeout(self.timeout, self.stream.shutdown()).await;
     }
 }
 
@@ -311,6 +498,9 @@ fn is_8bit(body: &[u8]) -> bool {
 }
 
 /// Idle connections per destination, reused by the next message to the same place.
+/// At most [`MAX_IDLE_PER_KEY`] per destination; expired ones are closed
+/// whenever the pool is used, so a destination never used again does not
+/// keep its sockets.
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
@@ -320,17 +510,17 @@ pub(crate) struct Pool {
 const IDLE_KEEP: Duration = Duration::from_secs(20);
 /// Messages per connection before it is closed and a fresh one opened.
 const MAX_PER_CONN: u32 = 1000;
+/// Idle connections kept per destination (a burst's extra ones are closed).
+pub(crate) const MAX_IDLE_PER_KEY: usize = 8;
 
 impl Pool {
     pub(crate) fn take(&self, key: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(key)?;
-        while let Some((c, at)) = list.pop() {
-            if at.elapsed() < IDLE_KEEP {
-                return Some(c);
-            }
-        }
-        None
+        let stale = Self::sweep(&mut idle);
+        let found = idle.get_mut(key).and_then(Vec::pop).map(|(c, _)| c);
+        drop(idle);
+        close_all(stale);
+        found
     }
 
     pub(crate) fn put(&self, key: &str, conn: Conn) {
@@ -338,11 +528,31 @@ impl Pool {
             tokio::spawn(conn.quit());
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.entry(key.to_string())
-                .or_default()
-                .push((conn, Instant::now()));
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let mut stale = Self::sweep(&mut idle);
+        let list = idle.entry(key.to_string()).or_default();
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push((conn, Instant::now()));
+        } else {
+            stale.push(conn);
         }
+        drop(idle);
+        close_all(stale);
+    }
+
+    /// Takes out every connection idle longer than [`IDLE_KEEP`].
+    fn sweep(idle: &mut HashMap<String, Vec<(Conn, Instant)>>) -> Vec<Conn> {
+        let mut stale = Vec::new();
+        for list in idle.values_mut() {
+            let (keep, old): (Vec<_>, Vec<_>) =
+                list.drain(..).partition(|(_, at)| at.elapsed() < IDLE_KEEP);
+            *list = keep;
+            stale.extend(old.into_iter().map(|(c, _)| c));
+        }
+        idle.retain(|_, l| !l.is_empty());
+        stale
     }
 
     /// Close everything idle (shutdown).
@@ -357,39 +567,66 @@ impl Pool {
     }
 }
 
+/// Says QUIT on each, off the caller's path (when inside the runtime).
+fn close_all(conns: Vec<Conn>) {
+    if conns.is_empty() {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            for c in conns {
+                c.quit().await;
+            }
+        });
+    }
+}
+
 /// Deliver one message to the next hop called `key`, at one of `addrs`,
-/// reusing a pooled connection when there is one. An `Err` means nothing
-/// was delivered (connection-level failure).
-#[allow(clippy::too_many_arguments)]
+/// reusing a pooled connection when there is one. Returns each
+/// recipient's reply and how the session was carried. An `Err` means
+/// nothing was delivered (no session, or not one secured as required).
 pub(crate) async fn deliver(
     pool: &Pool,
     key: &str,
     addrs: &[std::net::SocketAddr],
-    lmtp: bool,
-    helo_name: &str,
-    timeout: Duration,
+    want: &Want<'_>,
     from: &str,
     rcpts: &[String],
     body: &[u8],
-) -> Result<Vec<Reply>, ClientError> {
+) -> Result<(Vec<Reply>, Channel), ClientError> {
+    // The level is part of the key: a `may` session (perhaps plain) is
+    // never reused where `encrypt` or `verify` is required.
+    let key = format!("{key} tls={} host={}", want.level.as_str(), want.host);
     // A pooled connection may have been closed by the server while idle:
     // if it fails, go on with a fresh one.
-    if let Some(mut c) = pool.take(key)
+    if let Some(mut c) = pool.take(&key)
         && let Ok(r) = c.transaction(from, rcpts, body).await
     {
-        pool.put(key, c);
-        return Ok(r);
+        let channel = c.channel.clone();
+        pool.put(&key, c);
+        return Ok((r, channel));
     }
     let mut last = ClientError::Protocol("no address to connect to".into());
     for &a in addrs {
-        match Conn::connect(a, lmtp, helo_name, timeout).await {
+        let conn = match Conn::connect(a, want, false).await {
+            // `may` only: one retry in plain text after a failed handshake
+            // (the server offered TLS it could not finish).
+            Err(ClientError::Tls(TlsFailure::Handshake(why))) if want.level == TlsLevel::May => {
+                tracing::info!(host = want.host, %a, error = %why, "TLS handshake failed; retrying once in plain text");
+                Conn::connect(a, want, true).await
+            }
+            other => other,
+        };
+        match conn {
             Ok(mut c) => {
                 let r = c.transaction(from, rcpts, body).await?;
-                pool.put(key, c);
-                return Ok(r);
+                let channel = c.channel.clone();
+                pool.put(&key, c);
+                return Ok((r, channel));
             }
-            // A refusal in the greeting is an answer from that host: stop there.
-            Err(e @ ClientError::Refused(_)) => return Err(e),
+            // A refusal in the greeting, or TLS not as required, is an
+            // answer from that host: stop there.
+            Err(e @ (ClientError::Refused(_) | ClientError::Tls(_))) => return Err(e),
             Err(e) => last = e,
         }
     }

@@ -102,6 +102,7 @@ mod tests {
             status: RcptStatus::Failed,
             last_reply: None,
             remote: Some("mx.y.test".into()),
+            tls: None,
         };
         let dsn = build(
             "gw.test",

@@ -5,12 +5,18 @@
 //! A dispatcher task keeps the timers (when each deferred message is due) and
 //! starts one delivery task per due message, at most `[delivery] concurrency`
 //! at a time. Each attempt groups the pending recipients by next hop and
-//! sends one transaction per hop over a pooled connection.
+//! sends one transaction per hop over a pooled connection; an MX domain
+//! gets at most `[delivery] per_destination` of those at once
+//! ([`slots`]). Every SMTP/LMTP hop is secured as `[outbound_tls]` and the
+//! domain's MTA-STS policy ask ([`tls`], [`mta_sts`]).
 
 pub(crate) mod client;
 pub(crate) mod dsn;
 pub(crate) mod maildir;
+pub(crate) mod mta_sts;
 pub(crate) mod mx;
+pub(crate) mod slots;
+pub(crate) mod tls;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,7 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, Route};
+use crate::config::{Config, Route, TlsLevel};
 use crate::dns::DnsError;
 use crate::mail::{Enhanced, Reply};
 use crate::metrics::Metrics;
@@ -29,6 +35,22 @@ use crate::policy::relay;
 use crate::store::wake::{Scheduler, Wakeups};
 use crate::store::{self, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_ms, now_unix};
 use client::Pool;
+use mta_sts::MtaSts;
+use slots::Slots;
+use tls::{Channel, OutboundTls};
+
+/// How long a message whose destination was full waits at most before it
+/// looks again by itself (normally a freed slot wakes it sooner).
+const BUSY_FALLBACK: Duration = Duration::from_secs(30);
+
+/// Why delivery could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeliveryInitError {
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+}
 
 /// What every delivery task shares.
 pub(crate) struct Delivery {
@@ -38,6 +60,9 @@ pub(crate) struct Delivery {
     pub(crate) scheduler: Scheduler,
     pub(crate) resolver: TokioResolver,
     pub(crate) pool: Pool,
+    tls: OutboundTls,
+    sts: MtaSts,
+    slots: Arc<Slots>,
     in_flight: Mutex<HashSet<u64>>,
 }
 
@@ -58,12 +83,16 @@ impl std::fmt::Display for Hop {
 }
 
 /// Why a recipient was deferred. The MX loop moves on to the next host
-/// only for [`Reason::ConnectFailed`]: any answer from a host is final for
-/// this attempt.
+/// only for [`Reason::ConnectFailed`] and [`Reason::Tls`]: any answer from
+/// a host is final for this attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reason {
     /// No session with the next hop (refused, timed out, dropped).
     ConnectFailed,
+    /// The hop could not be secured as `[outbound_tls]` or MTA-STS require
+    /// (no STARTTLS, a failed handshake, a bad certificate, an MX host
+    /// outside the policy); nothing was sent.
+    Tls,
     /// A DNS lookup failed temporarily.
     Dns,
     /// Our side failed (Maildir write, a misconfigured route).
@@ -97,11 +126,13 @@ impl Outcome {
     }
 }
 
-/// One recipient's outcome and the host that gave it.
+/// One recipient's outcome, the host that gave it and how that session
+/// was carried.
 #[derive(Debug, Clone)]
 struct RcptOutcome {
     outcome: Outcome,
     remote: Option<String>,
+    channel: Channel,
 }
 
 /// What one attempt collected across its hops.
@@ -111,11 +142,27 @@ struct Tally {
     failed_now: Vec<(usize, Reply)>,
     /// The deferral of each recipient still pending, for expiry.
     deferred: HashMap<usize, Reply>,
+    /// Hops attempted.
+    tried: usize,
+    /// A hop was skipped: its destination had no free slot.
+    busy: bool,
 }
 
-/// The same outcome for every recipient of a hop.
+/// The same outcome for every recipient of a hop (no session gave it).
 fn for_all(rcpts: &[String], outcome: Outcome, remote: Option<String>) -> Vec<RcptOutcome> {
-    vec![RcptOutcome { outcome, remote }; rcpts.len()]
+    vec![
+        RcptOutcome {
+            outcome,
+            remote,
+            channel: Channel::NoSession,
+        };
+        rcpts.len()
+    ]
+}
+
+/// A deferral because TLS was not as required (4.7.5, cryptographic failure).
+fn tls_later(text: String) -> Outcome {
+    later(Reason::Tls, Enhanced::new(4, 7, 5), text)
 }
 
 /// A deferral (451) for `reason`.
@@ -129,15 +176,25 @@ impl Delivery {
         store: Store,
         metrics: Arc<Metrics>,
         scheduler: Scheduler,
-    ) -> Result<Arc<Delivery>, DnsError> {
+    ) -> Result<Arc<Delivery>, DeliveryInitError> {
         let resolver = crate::dns::resolver(&cfg.dns)?;
+        let tls = OutboundTls::new(&cfg.outbound_tls.ca)?;
+        tracing::info!(
+            default = cfg.outbound_tls.default.as_str(),
+            mta_sts = cfg.outbound_tls.mta_sts,
+            trust_anchors = tls.anchors,
+            "outbound TLS"
+        );
         Ok(Arc::new(Delivery {
+            sts: MtaSts::new(cfg.outbound_tls.mta_sts_port),
+            slots: Slots::new(cfg.delivery.per_destination, scheduler.clone()),
             cfg,
             store,
             metrics,
             scheduler,
             resolver,
             pool: Pool::default(),
+            tls,
             in_flight: Mutex::default(),
         }))
     }
@@ -182,14 +239,20 @@ impl Delivery {
         if let Ok(mut f) = self.in_flight.lock() {
             f.remove(&id);
         }
+        // A freed slot woke this message while it was in flight: go again.
+        if self.slots.is_woken(id) {
+            self.scheduler.now(id);
+        }
     }
 
     async fn attempt_inner(self: &Arc<Self>, id: u64) -> store::Result<()> {
+        // Woken by a freed destination slot: due now, whatever its timer says.
+        let woken = self.slots.take_woken(id);
         let Some(mut entry) = self.store.entry(id)? else {
             return Ok(());
         };
         // Held, or rescheduled for later since this timer was set.
-        if entry.state == QueueState::Held || entry.next_attempt_ms > now_ms() + 50 {
+        if entry.state == QueueState::Held || (entry.next_attempt_ms > now_ms() + 50 && !woken) {
             return Ok(());
         }
         let Some(body) = self.store.body(id)? else {
@@ -202,6 +265,9 @@ impl Delivery {
             self.attempt_hop(id, &mut entry, &hop, &idx, &body, &mut tally)
                 .await;
         }
+        if tally.tried == 0 && tally.busy {
+            return self.wait_for_slot(id, &mut entry);
+        }
         entry.attempts += 1;
         self.expire_if_old(&mut entry, &mut tally);
         if !tally.failed_now.is_empty() {
@@ -211,7 +277,21 @@ impl Delivery {
             self.store.remove(id)?;
             return Ok(());
         }
-        self.reschedule(id, &mut entry)
+        self.reschedule(id, &mut entry, tally.busy)
+    }
+
+    /// Every hop of this message was full: nothing was tried, so this is
+    /// not an attempt. A freed slot wakes it; the timer is a fallback.
+    fn wait_for_slot(&self, id: u64, entry: &mut QueueEntry) -> store::Result<()> {
+        let due = now_ms() + BUSY_FALLBACK.as_millis() as i64;
+        if entry.next_attempt_ms < due {
+            entry.next_attempt_ms = due;
+            if !self.store.update(entry)? {
+                return Ok(());
+            }
+        }
+        self.scheduler.at(id, entry.next_attempt_ms);
+        Ok(())
     }
 
     /// The indices of the pending recipients, grouped by next hop.
@@ -236,6 +316,20 @@ impl Delivery {
         body: &sled::IVec,
         tally: &mut Tally,
     ) {
+        // MX domains share the per-destination cap; the mailbox backend and
+        // a smarthost are one destination each and may use all workers.
+        let _slot = match hop {
+            Hop::Mx(_) => match self.slots.acquire(&hop.to_string(), id) {
+                Some(g) => Some(g),
+                None => {
+                    tracing::debug!(id = %fmt_id(id), hop = %hop, "destination busy; waiting for a slot");
+                    tally.busy = true;
+                    return;
+                }
+            },
+            Hop::Route(_) => None,
+        };
+        tally.tried += 1;
         let rcpts: Vec<String> = idx
             .iter()
             .map(|&i| entry.recipients[i].address.clone())
@@ -245,9 +339,14 @@ impl Delivery {
         let elapsed = started.elapsed();
         self.metrics.delivery_seconds.observe(elapsed.as_secs_f64());
         let mut result = "ok";
-        // What the attempt line reports: the host that answered and the
-        // worst reply (a failure over a deferral over a success).
+        // What the attempt line reports: the host that answered, the worst
+        // reply (a failure over a deferral over a success), the TLS used.
         let (mut host, mut worst) = (None, (0u8, String::new()));
+        let channel = outcomes
+            .iter()
+            .map(|o| o.channel.clone())
+            .find(|c| *c != Channel::NoSession)
+            .unwrap_or_default();
         for (&i, o) in idx.iter().zip(outcomes) {
             let r = &mut entry.recipients[i];
             let reply = o.outcome.reply().to_string();
@@ -264,6 +363,7 @@ impl Delivery {
                 host.clone_from(&o.remote);
             }
             r.remote = o.remote;
+            r.tls = o.channel.record();
             match o.outcome {
                 Outcome::Delivered(reply) => {
                     r.status = RcptStatus::Delivered;
@@ -285,20 +385,21 @@ impl Delivery {
                 }
             }
         }
+        let tls = channel.is_tls();
         self.metrics
             .delivery_attempts
-            .with_label_values(&[result])
+            .with_label_values(&[result, if tls { "yes" } else { "no" }])
             .inc();
         let host = host.unwrap_or_else(|| hop.to_string());
-        // One line per attempt (per message and next hop). Outbound TLS
-        // does not exist yet, so `tls` is false on every attempt.
+        // One line per attempt (per message and next hop).
         tracing::info!(
             id = %fmt_id(id),
             host = %host,
             rcpts = rcpts.len(),
             result,
             reply = %worst.1,
-            tls = false,
+            tls,
+            tls_detail = %channel.record().unwrap_or_else(|| "no session".into()),
             duration_ms = elapsed.as_millis() as u64,
             "delivery attempt"
         );
@@ -334,10 +435,14 @@ impl Delivery {
     }
 
     /// Stores the attempt's results and sets the next attempt by the retry
-    /// schedule; an admin change made meanwhile keeps its state.
-    fn reschedule(&self, id: u64, entry: &mut QueueEntry) -> store::Result<()> {
+    /// schedule (sooner when a hop waits for a slot: `busy`); an admin
+    /// change made meanwhile keeps its state.
+    fn reschedule(&self, id: u64, entry: &mut QueueEntry, busy: bool) -> store::Result<()> {
         let steps = &self.cfg.delivery.retry;
-        let step = steps[(entry.attempts as usize - 1).min(steps.len() - 1)].0;
+        let mut step = steps[(entry.attempts as usize - 1).min(steps.len() - 1)].0;
+        if busy {
+            step = step.min(BUSY_FALLBACK);
+        }
         entry.next_attempt_ms = now_ms() + step.as_millis() as i64;
         entry.state = QueueState::Deferred;
         if !self.store.update(entry)? {
@@ -469,6 +574,7 @@ impl Delivery {
                 .map(|outcome| RcptOutcome {
                     outcome,
                     remote: None,
+                    channel: Channel::NoSession,
                 })
                 .collect(),
             Err(e) => for_all(
@@ -483,7 +589,8 @@ impl Delivery {
         }
     }
 
-    /// Sends over SMTP or LMTP to the fixed `host:port` of a route.
+    /// Sends over SMTP or LMTP to the fixed `host:port` of a route, with
+    /// the TLS level configured for that host name (else the default).
     async fn to_route(
         &self,
         hp: &str,
@@ -508,13 +615,27 @@ impl Delivery {
             }
         };
         let key = format!("{}://{hp}", if lmtp { "lmtp" } else { "smtp" });
-        let timeout = self.cfg.delivery.timeout.0;
-        self.send(&key, &addrs, lmtp, from, rcpts, body, timeout, hp)
-            .await
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let want = self.want(lmtp, self.cfg.outbound_tls.level_for(host), host);
+        self.send(&key, &addrs, &want, from, rcpts, body, hp).await
+    }
+
+    fn want<'a>(&'a self, lmtp: bool, level: TlsLevel, host: &'a str) -> client::Want<'a> {
+        client::Want {
+            lmtp,
+            helo_name: &self.cfg.server.hostname,
+            timeout: self.cfg.delivery.timeout.0,
+            level,
+            host,
+            tls: &self.tls,
+        }
     }
 
     /// Sends to the MX hosts of `domain` in order, moving on only when a
-    /// host could not be reached; a null or missing domain fails at once.
+    /// host could not be reached or not secured as required; a null or
+    /// missing domain fails at once. An MTA-STS `enforce` policy skips
+    /// hosts outside its `mx` patterns and requires verified TLS; `testing`
+    /// logs what enforce would have refused and delivers as configured.
     async fn to_mx(
         &self,
         domain: &str,
@@ -543,28 +664,56 @@ impl Delivery {
                 );
             }
         };
+        let policy = if self.cfg.outbound_tls.mta_sts {
+            self.sts.policy(&self.resolver, &self.tls, domain).await
+        } else {
+            None
+        };
+        let mode = policy.as_ref().map_or(mta_sts::Mode::None, |p| p.mode);
+        let level = match mode {
+            mta_sts::Mode::Enforce => TlsLevel::Verify,
+            _ => self.cfg.outbound_tls.level_for(domain),
+        };
         let none = format!("No MX host of {domain} answered");
         let mut last = for_all(
             rcpts,
             later(Reason::ConnectFailed, Enhanced::new(4, 4, 1), none),
             None,
         );
-        let timeout = self.cfg.delivery.timeout.0;
         let port = self.cfg.delivery.mx_port;
         for h in hosts {
+            if let Some(p) = policy.as_ref().filter(|p| !p.allows(&h)) {
+                match p.mode {
+                    mta_sts::Mode::Enforce => {
+                        tracing::warn!(domain, host = %h, "MTA-STS enforce: MX host outside the policy; not used");
+                        let text = format!("MX host {h} is not in the MTA-STS policy of {domain}");
+                        last = for_all(rcpts, tls_later(text), Some(h.clone()));
+                        continue;
+                    }
+                    mta_sts::Mode::Testing => {
+                        tracing::warn!(domain, host = %h, "MTA-STS testing: MX host outside the policy (enforce would not use it)");
+                    }
+                    mta_sts::Mode::None => {}
+                }
+            }
             let addrs = match mx::resolve_host(&self.resolver, &h, port).await {
                 Ok(a) if !a.is_empty() => a,
                 Ok(_) | Err(_) => continue,
             };
             let key = format!("smtp://{h}:{port}");
-            let out = self
-                .send(&key, &addrs, false, from, rcpts, body, timeout, &h)
-                .await;
-            // Only a connection-level failure moves on to the next MX.
-            let conn_failed = out
-                .iter()
-                .all(|o| matches!(o.outcome, Outcome::Deferred(Reason::ConnectFailed, _)));
-            if !conn_failed {
+            let want = self.want(false, level, &h);
+            let out = self.send(&key, &addrs, &want, from, rcpts, body, &h).await;
+            if mode == mta_sts::Mode::Testing {
+                sts_testing_report(domain, &h, &out);
+            }
+            // Only a failure before any transaction moves on to the next MX.
+            let next = out.iter().all(|o| {
+                matches!(
+                    o.outcome,
+                    Outcome::Deferred(Reason::ConnectFailed | Reason::Tls, _)
+                )
+            });
+            if !next {
                 return out;
             }
             last = out;
@@ -577,47 +726,32 @@ impl Delivery {
         &self,
         key: &str,
         addrs: &[std::net::SocketAddr],
-        lmtp: bool,
+        want: &client::Want<'_>,
         from: &str,
         rcpts: &[String],
         body: &[u8],
-        timeout: Duration,
         remote: &str,
     ) -> Vec<RcptOutcome> {
         let remote = Some(remote.to_string());
-        let each = |outcome: Outcome| {
-            vec![
-                RcptOutcome {
-                    outcome,
-                    remote: remote.clone()
-                };
-                rcpts.len()
-            ]
-        };
-        match client::deliver(
-            &self.pool,
-            key,
-            addrs,
-            lmtp,
-            &self.cfg.server.hostname,
-            timeout,
-            from,
-            rcpts,
-            body,
-        )
-        .await
-        {
-            Ok(replies) => replies
+        let each = |outcome: Outcome| for_all(rcpts, outcome, remote.clone());
+        match client::deliver(&self.pool, key, addrs, want, from, rcpts, body).await {
+            Ok((replies, channel)) => replies
                 .into_iter()
                 .map(|reply| RcptOutcome {
                     outcome: Outcome::answered(reply),
                     remote: remote.clone(),
+                    channel: channel.clone(),
                 })
                 .collect(),
             // Refused in the greeting or EHLO: an answer, not a lost
             // connection, but never a delivery.
             Err(client::ClientError::Refused(r)) if r.is_permanent() => each(Outcome::Failed(r)),
             Err(client::ClientError::Refused(r)) => each(Outcome::Deferred(Reason::Remote, r)),
+            Err(client::ClientError::Tls(f)) => each(tls_later(format!(
+                "TLS to {} ({}) not as required: {f}",
+                want.host,
+                want.level.as_str()
+            ))),
             Err(e) => each(Outcome::Deferred(
                 Reason::ConnectFailed,
                 Reply::new(
@@ -628,6 +762,28 @@ impl Delivery {
             )),
         }
     }
+}
+
+/// Under an MTA-STS `testing` policy: says what `enforce` would have
+/// refused in this delivery (RFC 8461 5: deliver, and report).
+fn sts_testing_report(domain: &str, host: &str, out: &[RcptOutcome]) {
+    let Some(o) = out.first() else {
+        return;
+    };
+    let why = match &o.channel {
+        Channel::Tls(t) => match &t.verdict {
+            tls::Verdict::Verified => return,
+            tls::Verdict::NotVerified(why) => format!("certificate not verified: {why}"),
+        },
+        Channel::Plain => "no TLS".to_string(),
+        Channel::NoSession => return,
+    };
+    tracing::warn!(
+        domain,
+        host,
+        why,
+        "MTA-STS testing: enforce would have refused this delivery"
+    );
 }
 
 /// Run the dispatcher until shutdown; in-flight attempts finish (bounded by

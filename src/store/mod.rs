@@ -88,6 +88,11 @@ pub(crate) struct Recipient {
     /// The host that gave `last_reply`.
     #[serde(default)]
     pub(crate) remote: Option<String>,
+    /// The TLS of the session that gave `last_reply` ("TLSv1.3 ..." or
+    /// "none"); absent when there was no SMTP/LMTP session (Maildir, no
+    /// connection) and in records written before outbound TLS existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tls: Option<String>,
 }
 
 /// A queued message's envelope and delivery state.
@@ -133,6 +138,7 @@ impl QueueEntry {
                     status: RcptStatus::Pending,
                     last_reply: None,
                     remote: None,
+                    tls: None,
                 })
                 .collect(),
             state: QueueState::Queued,
@@ -552,6 +558,7 @@ mod tests {
                 status: RcptStatus::Pending,
                 last_reply: None,
                 remote: None,
+                tls: None,
             }],
             state: QueueState::Queued,
             created: now_unix(),
@@ -584,6 +591,17 @@ mod tests {
         s.remove(id).unwrap();
         assert_eq!(s.counts()[&QueueState::Queued], 0);
         assert!(s.body(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_record_from_before_outbound_tls_still_loads() {
+        let old = r#"{"id":1,"sender":"a@b.test","recipients":[{"address":"c@d.test","status":{"status":"delivered"},"last_reply":"250 ok","remote":"mx.d.test"}],"state":"queued","created":0,"next_attempt_ms":0,"attempts":1,"size":3}"#;
+        let e: QueueEntry = serde_json::from_str(old).unwrap();
+        assert_eq!(e.recipients[0].tls, None);
+        let mut e = e;
+        e.recipients[0].tls = Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into());
+        let back: QueueEntry = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back.recipients[0].tls, e.recipients[0].tls);
     }
 
     #[test]

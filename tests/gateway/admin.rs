@@ -247,7 +247,7 @@ async fn metrics_endpoint_counts_what_happened() {
         "postern_messages_received_total{listener=\"relay\"} 1",
         "postern_verdicts_total{stage=\"data\",verdict=\"accept\"} 1",
         "postern_verdicts_total{stage=\"rcpt\",verdict=\"reject\"} 1",
-        "postern_delivery_attempts_total{result=\"ok\"} 1",
+        "postern_delivery_attempts_total{result=\"ok\",tls=\"no\"} 1",
         "postern_queue_messages{state=\"deferred\"} 0",
         "postern_delivery_seconds_count 1",
     ] {

@@ -61,6 +61,8 @@ pub struct Got {
     pub from: String,
     pub rcpts: Vec<String>,
     pub body: Vec<u8>,
+    /// It came over TLS (after STARTTLS).
+    pub tls: bool,
 }
 
 /// A real SMTP (or LMTP) server standing in for the mailbox backend.
@@ -75,7 +77,17 @@ pub struct Sink {
     /// Connections accepted so far.
     pub connections: Arc<AtomicUsize>,
     pub lmtp: bool,
+    /// Offer STARTTLS with this certificate (None: no STARTTLS).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Offer STARTTLS, answer 220, then fail the handshake (garbage, close).
+    pub break_tls: bool,
+    /// TLS handshakes completed.
+    pub tls_sessions: Arc<AtomicUsize>,
 }
+
+/// What a sink's session reads from and writes to (plain TCP or TLS).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Sink {
     pub async fn start(lmtp: bool) -> Sink {
@@ -84,7 +96,29 @@ impl Sink {
 
     /// Listen on a given port (0: any), e.g. one a gateway was configured with earlier.
     pub async fn start_on(port: u16, lmtp: bool) -> Sink {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        Sink::listen(std::net::Ipv4Addr::LOCALHOST, port, lmtp, None, false).await
+    }
+
+    /// An SMTP sink on `ip:port` (any loopback address; port 0: any) that
+    /// offers STARTTLS when `tls` is set, or offers it and then breaks
+    /// the handshake when `break_tls` is.
+    pub async fn start_at(
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        break_tls: bool,
+    ) -> Sink {
+        Sink::listen(ip, port, false, tls, break_tls).await
+    }
+
+    async fn listen(
+        ip: std::net::Ipv4Addr,
+        port: u16,
+        lmtp: bool,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        break_tls: bool,
+    ) -> Sink {
+        let listener = TcpListener::bind((ip, port)).await.unwrap();
         let sink = Sink {
             port: listener.local_addr().unwrap().port(),
             got: Arc::default(),
@@ -92,6 +126,9 @@ impl Sink {
             reject: Arc::default(),
             connections: Arc::default(),
             lmtp,
+            tls,
+            break_tls,
+            tls_sessions: Arc::default(),
         };
         let s = sink.clone();
         tokio::spawn(async move {
@@ -115,20 +152,45 @@ impl Sink {
     }
 
     async fn session(&self, tcp: TcpStream) -> std::io::Result<()> {
-        let (r, mut w) = tcp.into_split();
-        let mut r = BufReader::new(r);
-        w.write_all(b"220 sink.test ESMTP\r\n").await?;
+        let mut r: BufReader<Box<dyn Io>> = BufReader::new(Box::new(tcp));
+        r.get_mut().write_all(b"220 sink.test ESMTP\r\n").await?;
         let mut from = String::new();
         let mut rcpts: Vec<String> = Vec::new();
+        let mut secure = false;
         loop {
             let mut line = String::new();
             if r.read_line(&mut line).await? == 0 {
                 return Ok(());
             }
+            let w = r.get_mut();
             let upper = line.to_ascii_uppercase();
+            let offer_tls = !secure && (self.tls.is_some() || self.break_tls);
             let reply: String = if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
-                "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-                    .into()
+                format!(
+                    "250-sink.test\r\n250-PIPELINING\r\n{}250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
+                    if offer_tls { "250-STARTTLS\r\n" } else { "" }
+                )
+            } else if upper.starts_with("STARTTLS") && offer_tls {
+                w.write_all(b"220 2.0.0 go ahead\r\n").await?;
+                if self.break_tls {
+                    // Wait for the ClientHello, then answer nonsense.
+                    let mut hello = [0u8; 512];
+                    let _ = tokio::io::AsyncReadExt::read(w, &mut hello).await?;
+                    w.write_all(b"this is not a TLS server hello\r\n").await?;
+                    return Ok(());
+                }
+                let Some(acceptor) = self.tls.clone() else {
+                    return Ok(());
+                };
+                // What was buffered before TLS is dropped (RFC 3207).
+                let plain = std::mem::replace(&mut r, BufReader::new(Box::new(tokio::io::empty())));
+                let tls = acceptor.accept(plain.into_inner()).await?;
+                self.tls_sessions.fetch_add(1, Ordering::SeqCst);
+                r = BufReader::new(Box::new(tls));
+                secure = true;
+                from.clear();
+                rcpts.clear();
+                continue;
             } else if upper.starts_with("HELO") {
                 "250 sink.test\r\n".into()
             } else if upper.starts_with("MAIL FROM:") {
@@ -172,6 +234,7 @@ impl Sink {
                                 from: from.clone(),
                                 rcpts: ok_rcpts,
                                 body,
+                                tls: secure,
                             });
                         }
                         out
@@ -182,6 +245,7 @@ impl Sink {
                             from: from.clone(),
                             rcpts: rcpts.clone(),
                             body,
+                            tls: secure,
                         });
                         "250 2.0.0 queued\r\n".into()
                     }
@@ -195,7 +259,7 @@ impl Sink {
             } else {
                 "500 5.5.2 what?\r\n".into()
             };
-            w.write_all(reply.as_bytes()).await?;
+            r.get_mut().write_all(reply.as_bytes()).await?;
         }
     }
 }
@@ -251,6 +315,8 @@ pub struct Opts {
     pub smtp_extra: String,
     /// More keys for the `[quarantine]` table.
     pub quarantine_extra: String,
+    /// More keys for the `[delivery]` table (e.g. `per_destination = 2`).
+    pub delivery_extra: String,
     pub extra: String,
 }
 
@@ -274,6 +340,7 @@ impl Default for Opts {
             dns: None,
             smtp_extra: String::new(),
             quarantine_extra: String::new(),
+            delivery_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -354,6 +421,7 @@ retry = {retry}
 max_age = "{max_age}"
 timeout = "5s"
 mx_port = {mx_port}
+{delivery_extra}
 
 [dns]
 nameservers = ["{dns}"]
@@ -411,6 +479,7 @@ listen = "127.0.0.1:{metrics}"
             mx_port = opts.mx_port.unwrap_or(25),
             smtp_extra = opts.smtp_extra,
             quarantine_extra = opts.quarantine_extra,
+            delivery_extra = opts.delivery_extra,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();

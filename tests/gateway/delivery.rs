@@ -85,11 +85,11 @@ async fn backend_tempfail_then_accept_delivers_everything_once() {
     assert_eq!(sink.tempfail_data.load(Ordering::SeqCst), 0);
     let m = gw.metrics_text().await;
     assert!(
-        m.contains("postern_delivery_attempts_total{result=\"tempfail\"} 4"),
+        m.contains("postern_delivery_attempts_total{result=\"tempfail\",tls=\"no\"} 4"),
         "{m}"
     );
     assert!(
-        m.contains("postern_delivery_attempts_total{result=\"ok\"} 6"),
+        m.contains("postern_delivery_attempts_total{result=\"ok\",tls=\"no\"} 6"),
         "{m}"
     );
     // Nothing left in the queue.

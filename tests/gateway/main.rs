@@ -11,6 +11,7 @@ mod durability;
 mod limits;
 mod notify;
 mod ops;
+mod outbound;
 mod policy;
 mod quarantine;
 mod smtp_front;

@@ -185,7 +185,7 @@ async fn first_scrape_has_every_family_at_zero_and_traffic_moves_them() {
         ("postern_quarantine_messages", vec![]),
         (
             "postern_delivery_attempts_total",
-            vec![("result", "permfail")],
+            vec![("result", "permfail"), ("tls", "no")],
         ),
         ("postern_delivery_seconds_count", vec![]),
         ("postern_bounces_total", vec![]),
@@ -311,7 +311,11 @@ async fn first_scrape_has_every_family_at_zero_and_traffic_moves_them() {
         5.0,
     );
     at_least("postern_ratelimited_total", &[("limit", "per-sender")], 1.0);
-    at_least("postern_delivery_attempts_total", &[("result", "ok")], 4.0);
+    at_least(
+        "postern_delivery_attempts_total",
+        &[("result", "ok"), ("tls", "no")],
+        4.0,
+    );
     at_least("postern_releases_total", &[("via", "cli")], 1.0);
     assert_eq!(value(&s, "postern_quarantine_messages", &[]), Some(0.0));
     promtool_check(&text);
