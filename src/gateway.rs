@@ -133,6 +133,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// A start-up error listing every problem, one per line.
+fn problems(what: &str, list: &[crate::config::Problem]) -> anyhow::Error {
+    let lines: Vec<String> = list.iter().map(|p| format!("  {p}")).collect();
+    anyhow::anyhow!("{what}:\n{}", lines.join("\n"))
+}
+
 /// Open the store, load the policy, make the TLS acceptor and the wake-up channel.
 fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     let cfg = Arc::new(cfg);
@@ -141,28 +147,15 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let store = Store::open(&data_dir.join("store"))?;
     let metrics = Metrics::new();
-    let policy = Arc::new(Policy::from_config(&cfg).map_err(|problems| {
-        anyhow::anyhow!(
-            "rules or policies do not load:\n{}",
-            problems
-                .iter()
-                .map(|p| format!("  {p}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?);
+    let policy = Arc::new(
+        Policy::from_config(&cfg).map_err(|p| problems("rules or policies do not load", &p))?,
+    );
     metrics.register_policy(policy.metrics())?;
     let tls = tls::acceptor(&cfg)?;
-    let signers = Arc::new(crate::dkim::Signers::load(&cfg).map_err(|problems| {
-        anyhow::anyhow!(
-            "DKIM signing keys do not load:\n{}",
-            problems
-                .iter()
-                .map(|p| format!("  {p}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?);
+    let signers = Arc::new(
+        crate::dkim::Signers::load(&cfg)
+            .map_err(|p| problems("DKIM signing keys do not load", &p))?,
+    );
     for d in &cfg.dkim_sign {
         tracing::info!(domain = %d.domain, selector = %d.selector, "DKIM signing");
     }

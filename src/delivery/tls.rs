@@ -38,7 +38,7 @@ pub(crate) struct OutboundTls {
     strict: Arc<ClientConfig>,
     https: Arc<ClientConfig>,
     /// The chain check itself, for the after-the-handshake verdict.
-    check: Arc<Strict>,
+    check: Arc<Checker>,
     /// Trust anchors loaded (system roots plus `ca`).
     pub(crate) anchors: usize,
 }
@@ -85,11 +85,12 @@ impl OutboundTls {
                     .map_err(|e| TlsErr::General(e.to_string()))?,
             )
         };
-        let check = Arc::new(Strict {
-            inner,
+        let check = Arc::new(Checker {
+            strict: Some(inner),
             algs: provider.signature_verification_algorithms,
         });
-        let any = Arc::new(Opportunistic {
+        let any = Arc::new(Checker {
+            strict: None,
             algs: provider.signature_verification_algorithms,
         });
         let build = |v: Arc<dyn ServerCertVerifier>, provider: &Arc<CryptoProvider>| {
@@ -144,56 +145,17 @@ impl OutboundTls {
     }
 }
 
-/// Accepts any certificate, checks the handshake signature (the peer must
-/// hold the key of the certificate it sent).
+/// The certificate check of one connector. Both kinds check the handshake
+/// signature (the peer must hold the key of the certificate it sent).
 #[derive(Debug)]
-struct Opportunistic {
+struct Checker {
+    /// `None`: any certificate (opportunistic TLS, RFC 7435). `Some(None)`:
+    /// no trust anchors at all, so nothing verifies. `Some(Some(v))`: WebPKI.
+    strict: Option<Option<Arc<WebPkiServerVerifier>>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for Opportunistic {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsErr> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsErr> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsErr> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// The WebPKI verifier, or (no trust anchors at all) one that refuses.
-#[derive(Debug)]
-struct Strict {
-    inner: Option<Arc<WebPkiServerVerifier>>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Strict {
+impl ServerCertVerifier for Checker {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -202,9 +164,12 @@ impl ServerCertVerifier for Strict {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsErr> {
-        match &self.inner {
-            Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
-            None => Err(TlsErr::InvalidCertificate(
+        match &self.strict {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(Some(v)) => {
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            }
+            Some(None) => Err(TlsErr::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             )),
         }

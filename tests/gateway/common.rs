@@ -545,6 +545,26 @@ listen = "127.0.0.1:{metrics}"
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log without ANSI colour codes, so fields read `k=v`.
+    pub fn log_plain(&self) -> String {
+        let raw = self.log_text();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ parameters, ending in a letter.
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

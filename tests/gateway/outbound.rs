@@ -169,25 +169,6 @@ fn rcpt_lines(show: &str, addr: &str) -> String {
     format!("{}\n{}", lines[i], lines.get(i + 1).unwrap_or(&""))
 }
 
-/// The gateway's log without terminal colour codes, so fields read `k=v`.
-fn log_plain(gw: &Gateway) -> String {
-    let raw = gw.log_text();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -321,7 +302,7 @@ async fn starttls_when_offered_plain_when_not_and_encrypt_never_plain() {
         e.contains("[delivered]") && e.contains("TLSv1.3") && e.contains("(mx2.failover.test)"),
         "{show}"
     );
-    let log = log_plain(&gw);
+    let log = gw.log_plain();
     assert!(
         log.lines().any(|l| l.contains("delivery attempt")
             && l.contains("host=mx.tls.test")
@@ -535,7 +516,7 @@ async fn mta_sts_enforce_and_testing() {
     );
     // The outside MX was never contacted: the secure sink had one session.
     assert_eq!(secure.connections.load(Ordering::SeqCst), 1);
-    let log = log_plain(&gw);
+    let log = gw.log_plain();
     assert!(
         log.contains("MTA-STS testing: enforce would have refused this delivery")
             && log.contains("no TLS"),

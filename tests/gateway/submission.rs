@@ -77,26 +77,6 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in the scrape"))
 }
 
-/// The gateway's log without ANSI colour codes.
-fn log_of(gw: &Gateway) -> String {
-    let raw = gw.log_text();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, ending in a letter.
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn users() -> Vec<(String, String, Vec<String>, String)> {
     vec![
         (
@@ -254,7 +234,7 @@ except smtplib.SMTPServerDisconnected:
         5.0
     );
     // Logged without the password.
-    let log = log_of(&gw);
+    let log = gw.log_plain();
     assert!(log.contains("protocol=\"smtp\""), "{log}");
     assert!(
         !log.contains("wrong again") && !log.contains(ALICE_PW),
@@ -469,7 +449,7 @@ s.quit()
         metric(&m, "postern_ratelimited_total{limit=\"per-user\"}"),
         1.0
     );
-    let log = log_of(&gw);
+    let log = gw.log_plain();
     assert!(
         log.lines().any(|l| l.contains("message decision")
             && l.contains("result=\"held\"")
