@@ -20,6 +20,8 @@
 #            DNS (stub: bench/dns_stub.py on 127.0.0.1:DNS_PORT (5355) answers NXDOMAIN at once;
 #                 discard: nameservers = ["127.0.0.1:9"], nothing answers, so with CHECKS=true every
 #                 message waits postern's [checks] deadline (20 s): use it only with CHECKS=false)
+#            CLIENT (trusted: load from [relay] networks, checks skipped; outside: 127.0.0.1 untrusted,
+#                    SPF/DKIM/DMARC run, per-IP caps raised)
 #            RULES_DIR (repo rules/) POLICIES_DIR (an empty temp dir: no rate limits)
 #            POSTERN (repo target/release/postern) PEERS_SH (../shared/bench/peers.sh)
 #            DEADLINE (600 s per wait) KEEP (0|1: keep the temp dir) SKIP_INSTALL (0|1)
@@ -122,6 +124,15 @@ start_postern() {
     discard) ns="127.0.0.1:9" ;;
     *) die "DNS must be stub or discard" ;;
   esac
+  case "${CLIENT:-trusted}" in
+    # trusted: the load comes from [relay] networks, so SPF/DKIM/DMARC are skipped.
+    trusted) networks='"127.0.0.0/8"'; per_ip="" ;;
+    # outside: 127.0.0.1 is not trusted, so the checks run as for any MX client; the
+    # per-IP caps are raised because all the load comes from one address.
+    outside) networks='"192.0.2.0/24"'
+             per_ip=$'max_connections_per_ip = 1000\nconnection_rate_per_ip = "1000000/1m"' ;;
+    *) die "CLIENT must be trusted or outside" ;;
+  esac
   cat >"$T/postern.toml" <<EOF
 # written by bench/throughput.sh
 [server]
@@ -133,10 +144,11 @@ relay       = ["127.0.0.1:$RELAY_PORT"]
 submission  = []
 submissions = []
 max_connections = 10000
+$per_ip
 
 [relay]
 domains  = ["example.net"]          # the recipients' domain (smtp-source -t rcpt@example.net)
-networks = ["127.0.0.0/8"]
+networks = [$networks]               # CLIENT=${CLIENT:-trusted}
 
 [delivery]
 route    = "smtp://127.0.0.1:$SINK_PORT"
