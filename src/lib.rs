@@ -23,6 +23,8 @@ pub(crate) mod quarantine;
 pub mod rules_test;
 pub(crate) mod smtp;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod tls;
 pub(crate) mod watch;
 

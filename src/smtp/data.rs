@@ -755,47 +755,10 @@ mod tests {
         assert_eq!(out, whole, "byte by byte");
     }
 
-    // Properties over random inputs, from a fixed-seed xorshift generator.
-    // `POSTERN_PROPTEST_SCALE=N` runs N times as many cases, each scale from
-    // its own seed (a long soak in place of a fuzzer: `cargo test --release
-    // --lib smtp::data::tests::property`).
-
-    /// (rounds, seed) for a property with `base` rounds and `seed`.
-    fn scaled(base: usize, seed: u64) -> (usize, u64) {
-        let n: usize = std::env::var("POSTERN_PROPTEST_SCALE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        (base * n.max(1), seed ^ (n as u64).wrapping_mul(0x9e37_79b9))
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn pick(&mut self, from: &[u8]) -> u8 {
-            from[self.below(from.len())]
-        }
-
-        /// Up to three ascending cut offsets into `len` bytes.
-        fn cuts(&mut self, len: usize) -> Vec<usize> {
-            let mut c: Vec<usize> = (0..self.below(4)).map(|_| self.below(len + 1)).collect();
-            c.sort_unstable();
-            c
-        }
-    }
+    // Properties over random inputs (`crate::testing`: a fixed-seed
+    // generator; `POSTERN_PROPTEST_SCALE=N` soaks N times as long:
+    // `cargo test --release --lib smtp::data::tests::property`).
+    use crate::testing::{Rng, scaled};
 
     fn has_bare_newline(s: &[u8]) -> bool {
         s.iter().enumerate().any(|(i, &b)| {

@@ -1284,4 +1284,92 @@ mod auth_tests {
             );
         }
     }
+
+    /// Random command lines (AUTH in every form, with random base64 and
+    /// raw bytes, mixed with the other commands) never panic the session,
+    /// and every reply is a well-formed SMTP reply.
+    #[test]
+    fn property_random_commands_and_auth_exchanges() {
+        use crate::testing::{Rng, scaled};
+        let (rounds, seed) = scaled(3000, 0x5eed_a07d_0000_0001);
+        let mut rng = Rng(seed);
+        let words: [&[u8]; 14] = [
+            b"EHLO c",
+            b"HELO c",
+            b"AUTH PLAIN",
+            b"AUTH LOGIN",
+            b"AUTH CRAM-MD5",
+            b"AUTH",
+            b"MAIL FROM:<alice@local.test>",
+            b"MAIL FROM:<>",
+            b"RCPT TO:<x@far.test>",
+            b"RCPT TO:<bob@local.test>",
+            b"RSET",
+            b"NOOP",
+            b"*",
+            b"DATA",
+        ];
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for round in 0..rounds {
+            let kind = [
+                ListenerKind::Relay,
+                ListenerKind::Submission,
+                ListenerKind::Submissions,
+            ][rng.below(3)];
+            let mut s = session(kind, rng.below(2) == 0, rng.below(2) == 0);
+            for _ in 0..rng.below(12) {
+                let mut line: Vec<u8> = match rng.below(4) {
+                    0 => words[rng.below(words.len())].to_vec(),
+                    1 => {
+                        // A word plus a base64 argument of random bytes.
+                        let raw: Vec<u8> = (0..rng.below(40))
+                            .map(|_| rng.pick(b"\0a@.:\xff "))
+                            .collect();
+                        let mut l = words[rng.below(words.len())].to_vec();
+                        l.push(b' ');
+                        l.extend_from_slice(base64::Engine::encode(&b64, raw).as_bytes());
+                        l
+                    }
+                    2 => {
+                        // A bare SASL answer: base64 of user\0pass shapes, or junk.
+                        let raw: Vec<u8> = (0..rng.below(30))
+                            .map(|_| rng.pick(b"\0alice@local.test"))
+                            .collect();
+                        base64::Engine::encode(&b64, raw).into_bytes()
+                    }
+                    _ => (0..rng.below(60))
+                        .map(|_| rng.pick(b"AUTH PLAIN=+/\0\r\n\xff:<>@"))
+                        .collect(),
+                };
+                line.extend_from_slice(b"\r\n");
+                let action = s.command(&line);
+                let action = match action {
+                    Action::Auth(_) => {
+                        let who = (rng.below(2) == 0).then(alice);
+                        s.auth_result(who)
+                    }
+                    Action::Policy(check) => s.policy_answer(check, Decision::default()),
+                    other => other,
+                };
+                match action {
+                    Action::Reply(r) | Action::Close(r) | Action::StartTls(r) | Action::Data(r) => {
+                        let ok = r.len() >= 5
+                            && r[..3].iter().all(u8::is_ascii_digit)
+                            && (r[3] == b' ' || r[3] == b'-')
+                            && r.ends_with(b"\r\n");
+                        assert!(
+                            ok,
+                            "round {round}: {:?} -> {:?}",
+                            String::from_utf8_lossy(&line),
+                            String::from_utf8_lossy(&r)
+                        );
+                    }
+                    Action::Auth(_) | Action::Policy(_) => {}
+                }
+                if rng.below(8) == 0 {
+                    let _ = s.line_too_long();
+                }
+            }
+        }
+    }
 }
