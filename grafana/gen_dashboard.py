@@ -135,6 +135,9 @@ ROWS = [
           (quantile(0.99, "postern_delivery_seconds"), "p99")], {"w": 8, "unit": "s"}),
         ("ts", "Bounces (DSN) /s", "rate(postern_bounces_total): DSNs made for permanent failures and expired messages.",
          [(rate("postern_bounces_total"), "bounces")], {"w": 8, "unit": "reqps"}),
+        ("ts", "Delivery TLS share", "Share of delivery attempts whose session used STARTTLS (postern_delivery_attempts_total tls=\"yes\"), per instance; [outbound_tls] and MTA-STS decide.",
+         [(div(rate("postern_delivery_attempts_total", 'tls="yes"', by="instance"), rate("postern_delivery_attempts_total", by="instance")), "{{instance}}")],
+         {"w": 8, "unit": "percentunit", "max": 1}),
     ]),
     ("Quarantine", [
         ("ts", "Quarantine held", "postern_quarantine_messages: held copies, one per recipient.",
@@ -143,7 +146,7 @@ ROWS = [
          [(rate("postern_releases_total", by="via", fn="increase"), "{{via}}")], {"w": 8, "unit": "short"}),
         ("ts", "Digests sent", "increase(postern_digests_sent_total): quarantine digest mails.",
          [(rate("postern_digests_sent_total", fn="increase"), "digests")], {"w": 8, "unit": "short"}),
-        ("ts", "Mailbox logins /s by protocol and result", "rate(postern_mailbox_logins_total): POP3 and IMAP logins, ok and failed.",
+        ("ts", "Mailbox logins /s by protocol and result", "rate(postern_mailbox_logins_total): POP3, IMAP and SMTP AUTH logins, ok and failed.",
          [(rate("postern_mailbox_logins_total", by="protocol, result"), "{{protocol}} {{result}}")], {"w": 12, "unit": "reqps"}),
         ("ts", "Mailbox login failure share", "Failed logins over all logins, per protocol (a password-guessing run shows here).",
          [(div(rate("postern_mailbox_logins_total", 'result="fail"', by="protocol"), rate("postern_mailbox_logins_total", by="protocol")), "{{protocol}}")],
