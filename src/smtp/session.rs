@@ -195,6 +195,30 @@ fn decode(b64: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// Every NOTIFY= keyword smtp-proto flags.
+const RCPT_NOTIFY_ANY: u64 = smtp_proto::RCPT_NOTIFY_SUCCESS
+    | smtp_proto::RCPT_NOTIFY_FAILURE
+    | smtp_proto::RCPT_NOTIFY_DELAY
+    | smtp_proto::RCPT_NOTIFY_NEVER;
+
+fn dsn_not_offered() -> Vec<u8> {
+    reply(
+        555,
+        Enhanced::new(5, 5, 4),
+        "DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not supported",
+    )
+}
+
+/// Whether a RCPT line's path is `<>` (after `RCPT TO:` and any spaces).
+fn null_path(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let rest = &line[colon + 1..];
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    rest[start..].starts_with(b"<>")
+}
+
 impl Session {
     pub(crate) fn new(
         cfg: Arc<SessionConfig>,
@@ -347,6 +371,25 @@ impl Session {
             Request::Lhlo { .. } => {
                 self.error(reply(500, Enhanced::new(5, 5, 1), "This is SMTP, not LMTP"))
             }
+            // DSN (RFC 3461) is not advertised: its parameters are ones we
+            // cannot implement, which RFC 5321 4.1.1.11 answers with 555.
+            Request::Mail { from }
+                if from.env_id.is_some()
+                    || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS)
+                        != 0 =>
+            {
+                self.error(dsn_not_offered())
+            }
+            Request::Rcpt { to } if to.orcpt.is_some() || to.flags & RCPT_NOTIFY_ANY != 0 => {
+                self.error(dsn_not_offered())
+            }
+            // smtp-proto reads `<>` and `<postmaster>` both as "": only the
+            // second is a recipient (RFC 5321 4.1.1.3 needs a forward-path).
+            Request::Rcpt { to } if to.address.is_empty() && null_path(line) => self.error(reply(
+                501,
+                Enhanced::new(5, 1, 3),
+                "A null path <> is not a recipient",
+            )),
             Request::Mail { from } => self.mail(from.address, from.size as u64),
             Request::Rcpt { to } => self.rcpt(to.address),
             Request::Data => self.data(),
@@ -1370,6 +1413,50 @@ mod auth_tests {
                     let _ = s.line_too_long();
                 }
             }
+        }
+    }
+
+    #[test]
+    fn null_recipient_and_dsn_parameters_are_refused() {
+        let mut s = session(ListenerKind::Relay, false, false);
+        s.command(b"EHLO c\r\n");
+        assert!(matches!(
+            s.command(b"MAIL FROM:<a@far.test>\r\n"),
+            Action::Policy(Check::Mail)
+        ));
+        s.policy_answer(Check::Mail, Decision::default());
+        // RFC 5321 4.1.1.3: a forward-path is never null.
+        assert!(text(s.command(b"RCPT TO:<>\r\n")).starts_with("501 5.1.3"));
+        assert!(text(s.command(b"RCPT TO: <>\r\n")).starts_with("501 5.1.3"));
+        // <postmaster> is a recipient.
+        assert!(matches!(
+            s.command(b"RCPT TO:<postmaster>\r\n"),
+            Action::Policy(Check::Rcpt(_))
+        ));
+        // DSN is not advertised: 555 for its parameters (RFC 5321 4.1.1.11).
+        for line in [
+            &b"RCPT TO:<bob@local.test> NOTIFY=SUCCESS,FAILURE\r\n"[..],
+            b"RCPT TO:<bob@local.test> NOTIFY=NEVER\r\n",
+            b"RCPT TO:<bob@local.test> ORCPT=rfc822;bob@local.test\r\n",
+        ] {
+            let r = text(s.command(line));
+            assert!(
+                r.starts_with("555 5.5.4"),
+                "{}: {r}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        s.command(b"RSET\r\n");
+        for line in [
+            &b"MAIL FROM:<a@far.test> RET=HDRS\r\n"[..],
+            b"MAIL FROM:<a@far.test> ENVID=QQ314159\r\n",
+        ] {
+            let r = text(s.command(line));
+            assert!(
+                r.starts_with("555 5.5.4"),
+                "{}: {r}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 }
