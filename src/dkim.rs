@@ -100,21 +100,32 @@ impl Signers {
         self.0.is_empty()
     }
 
-    /// Signs `message` with the key of its header From domain, if we have one.
-    pub(crate) fn sign(&self, message: &[u8]) -> Signed {
-        let Some(domain) = from_domain(message) else {
-            return Signed::NotOurs;
-        };
-        let Some(k) = self.0.iter().find(|k| k.domain == domain) else {
+    /// Which key signs `message`: the one of its header From domain. Cheap
+    /// (a header parse), so the caller can skip the signing work when none.
+    pub(crate) fn key_for(&self, message: &[u8]) -> Option<usize> {
+        let domain = from_domain(message)?;
+        self.0.iter().position(|k| k.domain == domain)
+    }
+
+    /// Signs `message` with key `key` (from [`Signers::key_for`]).
+    pub(crate) fn sign_with(&self, key: usize, message: &[u8]) -> Signed {
+        let Some(k) = self.0.get(key) else {
             return Signed::NotOurs;
         };
         match k.signer.sign(message) {
             Ok(s) => Signed::Header {
-                domain,
+                domain: k.domain.clone(),
                 header: s.to_header(),
             },
             Err(e) => Signed::Failed(e.to_string()),
         }
+    }
+
+    /// Signs `message` with the key of its header From domain, if we have one.
+    #[cfg(test)]
+    fn sign(&self, message: &[u8]) -> Signed {
+        self.key_for(message)
+            .map_or(Signed::NotOurs, |k| self.sign_with(k, message))
     }
 }
 

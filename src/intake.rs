@@ -105,12 +105,22 @@ impl Intake {
             .with_label_values(&[verdict.word(), "data"])
             .inc();
         let (from, rcpts, size) = (tx.from.clone(), tx.rcpts.len(), body.len());
-        // Only mail of our own (trusted networks, authenticated users) is
-        // signed; the signature covers the message as the client sent it.
-        let signed = if info.trusted && !self.signers.is_empty() {
-            self.signers.sign(&clean)
-        } else {
-            crate::dkim::Signed::NotOurs
+        // Only mail of our own (trusted networks, authenticated users) that
+        // will be stored is signed; the signature covers the message as the
+        // client sent it. RSA signing takes a millisecond or more of CPU, so
+        // it runs on the blocking pool, not on a runtime worker.
+        let stored = matches!(verdict, Verdict::Accept | Verdict::Quarantine { .. });
+        let key = (stored && info.trusted && !self.signers.is_empty())
+            .then(|| self.signers.key_for(&clean))
+            .flatten();
+        let signed = match key {
+            Some(key) => {
+                let (signers, copy) = (self.signers.clone(), clean.to_vec());
+                tokio::task::spawn_blocking(move || signers.sign_with(key, &copy))
+                    .await
+                    .unwrap_or_else(|e| crate::dkim::Signed::Failed(e.to_string()))
+            }
+            None => crate::dkim::Signed::NotOurs,
         };
         let dkim_signed = match &signed {
             crate::dkim::Signed::Header { domain, .. } => domain.as_str(),
