@@ -371,14 +371,31 @@ fn show_queue(e: &QueueEntry, body: &[u8]) -> String {
             s.push_str(&format!("  tls:     {tls} ({via})\n"));
         }
     }
+    s.push_str(&trace_block(e.trace.as_ref()));
     s.push('\n');
     s.push_str(&header_block(body));
     s
 }
 
+/// The decision trace (SPEC "Rules"): what each stage and script said.
+fn trace_block(trace: Option<&crate::policy::Trace>) -> String {
+    match trace {
+        None => String::new(),
+        Some(t) => {
+            let mut s = String::from("trace:\n");
+            for line in t.lines() {
+                s.push_str("  ");
+                s.push_str(&line);
+                s.push('\n');
+            }
+            s
+        }
+    }
+}
+
 fn show_held(e: &HeldEntry, body: &[u8]) -> String {
     format!(
-        "id:        {}\nsender:    {}\nrecipient: {}\nreason:    {}\nscript:    {}\nsize:      {}\nage:       {}\nclient:    {} ({})\n\n{}",
+        "id:        {}\nsender:    {}\nrecipient: {}\nreason:    {}\nscript:    {}\nsize:      {}\nage:       {}\nclient:    {} ({})\n{}\n{}",
         fmt_id(e.id),
         sender_or_null(&e.sender),
         e.recipient,
@@ -388,6 +405,7 @@ fn show_held(e: &HeldEntry, body: &[u8]) -> String {
         age(e.received),
         e.client_ip,
         e.helo,
+        trace_block(e.trace.as_ref()),
         header_block(body)
     )
 }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use crate::mail::{Enhanced, Envelope, Peer};
 use crate::mailbox::accounts::owns;
 use crate::metrics::Metrics;
-use crate::policy::{RuleSet, TxInfo, Verdict, final_verdict, strip_forged_auth_results};
+use crate::policy::{
+    CheckResults, DataInputs, RuleSet, StageTrace, Trace, TxInfo, Verdict, final_verdict,
+    strip_forged_auth_results,
+};
 use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, Store};
 
@@ -30,6 +33,8 @@ pub(crate) struct Arrival {
     /// The `hold` rate limit the transaction went over: an accepted
     /// message is queued held, not delivered, until an admin releases it.
     pub(crate) hold: Option<String>,
+    /// The stages before DATA, for the decision trace.
+    pub(crate) trace: Vec<StageTrace>,
     /// For an authenticated user: the addresses every header From address
     /// must be one of (SPEC "Submission"); `None` otherwise.
     pub(crate) sender_addresses: Option<Vec<String>>,
@@ -68,6 +73,7 @@ impl Intake {
             envelope: tx,
             sticky,
             hold,
+            trace: mut stages,
             sender_addresses,
             received,
         } = arrival;
@@ -97,9 +103,27 @@ impl Intake {
         info.from = tx.from.clone();
         info.rcpts = tx.rcpt_addresses();
         let clean = strip_forged_auth_results(&body, &self.hostname);
-        let outcome = rules.data(&info, &clean).await;
+        let inputs = DataInputs::default();
+        let lists = inputs.lists;
+        let outcome = rules.data_with(&info, &clean, inputs).await;
         let (verdict, script) =
             final_verdict((outcome.verdict.clone(), outcome.script.clone()), sticky);
+        stages.push(outcome.trace.clone());
+        let trace = Trace {
+            stages,
+            checks: CheckResults {
+                spf: outcome.spf.clone(),
+                dkim: outcome.dkim.clone(),
+                dmarc: outcome.dmarc.clone(),
+                dmarc_policy: outcome.dmarc_policy.clone(),
+            },
+            scan: outcome.scan.clone(),
+            lists,
+            hold: hold.clone(),
+            score: outcome.score,
+            verdict: verdict.word().to_string(),
+            decided_by: decided_by(script.as_deref(), outcome.by_score && script.is_none()),
+        };
         self.metrics
             .verdicts
             .with_label_values(&[verdict.word(), "data"])
@@ -143,6 +167,7 @@ impl Intake {
             m
         };
         let word = verdict.word();
+        let deciding = trace.decided_by.clone();
         let mut reason = None;
         let (answer, result) = match verdict {
             Verdict::Reject(r) | Verdict::Tempfail(r) => (r.to_bytes(), "refused"),
@@ -160,6 +185,7 @@ impl Intake {
                     size: m.len() as u64,
                     client_ip: peer.ip.to_string(),
                     helo: peer.helo.clone(),
+                    trace: Some(trace.clone()),
                 };
                 reason = Some(template.reason.clone());
                 let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
@@ -180,7 +206,8 @@ impl Intake {
                 if let Some(limit) = &hold {
                     reason = Some(format!("rate limit {limit}"));
                 }
-                self.enqueue(&peer, tx, id, message(), hold.is_some()).await
+                self.enqueue(&peer, tx, id, message(), hold.is_some(), trace.clone())
+                    .await
             }
         };
         // The one line per message decision (addresses may be logged; the
@@ -192,6 +219,7 @@ impl Intake {
             size,
             verdict = word,
             script = script.as_deref().unwrap_or(""),
+            decided_by = %deciding,
             reason = reason.as_deref().unwrap_or(""),
             score = outcome.score,
             spf = %outcome.spf,
@@ -214,6 +242,7 @@ impl Intake {
         id: u64,
         body: Vec<u8>,
         held: bool,
+        trace: Trace,
     ) -> (Vec<u8>, &'static str) {
         let mut entry = QueueEntry::new(
             id,
@@ -226,6 +255,7 @@ impl Intake {
         if held {
             entry.state = QueueState::Held;
         }
+        entry.trace = Some(trace);
         let stored = match self.store.enqueue(&entry, &body) {
             Ok(()) => self.store.durable().await,
             Err(e) => Err(e),
@@ -253,6 +283,16 @@ impl Intake {
             .inc();
         let qid = store::fmt_id(id);
         reply(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {qid}"))
+    }
+}
+
+/// Who decided, for the trace: the script (or `ratelimit:<name>`), `score`
+/// when the total score quarantined, or `default` when nothing objected.
+fn decided_by(script: Option<&str>, by_score: bool) -> String {
+    match script {
+        Some(s) => s.to_string(),
+        None if by_score => "score".into(),
+        None => "default".into(),
     }
 }
 

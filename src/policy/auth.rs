@@ -29,6 +29,48 @@ pub struct AuthOutcome {
     pub(crate) header: String,
 }
 
+/// The words a check result may be given as (suite cases, replays).
+pub(crate) const RESULT_WORDS: [&str; 10] = [
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "temperror",
+    "permerror",
+    "policy",
+    "reject",
+    "quarantine",
+];
+
+/// `word` as one of [`RESULT_WORDS`], `none` when it is not one.
+pub(crate) fn result_word(word: &str) -> &'static str {
+    let w = word.trim().to_ascii_lowercase();
+    RESULT_WORDS
+        .iter()
+        .find(|r| **r == w)
+        .copied()
+        .unwrap_or("none")
+}
+
+impl AuthOutcome {
+    /// Results given in advance, with the header they would have made.
+    pub(crate) fn fixed(hostname: &str, c: &crate::policy::CheckResults) -> Self {
+        let (spf, dkim, dmarc) = (
+            result_word(&c.spf),
+            result_word(&c.dkim),
+            result_word(&c.dmarc),
+        );
+        AuthOutcome {
+            spf,
+            dkim,
+            dmarc,
+            dmarc_policy: result_word(&c.dmarc_policy),
+            header: format!("{hostname}; spf={spf}; dkim={dkim}; dmarc={dmarc}"),
+        }
+    }
+}
+
 fn spf_word(r: SpfResult) -> &'static str {
     match r {
         SpfResult::Pass => "pass",

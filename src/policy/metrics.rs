@@ -157,10 +157,15 @@ impl PolicyMetrics {
 
     /// The series of the script `name`, created at 0 if new.
     pub(crate) fn script(&self, name: &str) -> ScriptMetrics {
+        let shadow = if name.ends_with(crate::policy::rules::SHADOW_SUFFIX) {
+            "true"
+        } else {
+            "false"
+        };
         ScriptMetrics {
             seconds: self.rule_seconds.with_label_values(&[name]),
             verdicts: SCRIPT_VERDICTS
-                .map(|v| self.rule_verdicts.with_label_values(&[name, v, "false"])),
+                .map(|v| self.rule_verdicts.with_label_values(&[name, v, shadow])),
             errors: self.rule_errors.with_label_values(&[name]),
         }
     }

@@ -6,6 +6,7 @@
 //! that set while a reload swaps in a new one.
 
 mod auth;
+mod evaluate;
 mod limits;
 mod metrics;
 mod rules;
@@ -29,20 +30,24 @@ use rhai::Dynamic;
 
 pub use crate::config::Problem;
 pub use auth::{AuthOutcome, strip_forged_auth_results};
+pub use evaluate::{Case, Evaluation};
 pub use limits::{LimitAction, LimitKey, LimitSpec, Scope, normalize_address};
 pub use metrics::PolicyMetrics;
 pub use rules::{CALL_TIME_LIMIT, STAGES};
-pub use types::{ConnInfo, DataOutcome, Decided, Decision, TxInfo, Verdict, final_verdict};
+pub use types::{
+    Call, CheckResults, ConnInfo, DataInputs, DataOutcome, Decided, Decision, ListHits,
+    ScanResults, StageTrace, Trace, TxInfo, Verdict, final_verdict,
+};
 pub use watch::{spawn_housekeeping, watch, watch_every};
 
 use limits::{Limited, LimiterRegistry, Limits};
-use rules::Rules;
+use rules::{Rules, StageArg};
 use script_api::{Conn, Msg};
 
 /// What MAIL FROM and RCPT TO checks give: the decision, and the `hold`
 /// rate limit the transaction went over (the message is then accepted and
 /// kept in the queue's held state, see policies/ratelimits.toml).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Checked {
     pub decision: Decision,
     pub hold: Option<String>,
@@ -251,21 +256,35 @@ impl RuleSet {
         self.limits.specs().map(|s| s.name.clone()).collect()
     }
 
-    fn decide(&self, function: &str, arg: Dynamic) -> Decision {
+    fn decide(&self, function: &str, stage: String, arg: Dynamic) -> Decision {
         if !self.rules.defines(function) {
-            return Decision::pass();
+            return Decision {
+                trace: StageTrace {
+                    stage,
+                    calls: Vec::new(),
+                },
+                ..Decision::pass()
+            };
         }
-        let r = self.rules.run_stage(function, &arg);
+        let r = self.rules.run_stage(function, &StageArg::Conn(arg));
         Decision {
             function: r.verdict.as_ref().map(|_| function.to_string()),
             verdict: r.verdict,
             script: r.script,
+            trace: StageTrace {
+                stage,
+                calls: r.calls,
+            },
         }
     }
 
     /// After the client connects: the `connect(c)` functions.
     pub fn connect(&self, conn: &ConnInfo) -> Decision {
-        self.decide("connect", Dynamic::from(Conn::from_conn(conn)))
+        self.decide(
+            "connect",
+            "connect".into(),
+            Dynamic::from(Conn::from_conn(conn)),
+        )
     }
 
     /// At MAIL FROM: the rate limits (all keys but `recipient`), then the
@@ -278,7 +297,11 @@ impl RuleSet {
     pub fn mail_from_checked(&self, tx: &TxInfo) -> Checked {
         let limited = self.limits.check_mail_from(tx);
         self.after_limits(limited, "mail_from", || {
-            self.decide("mail_from", Dynamic::from(Conn::from_tx(tx, None)))
+            self.decide(
+                "mail_from",
+                "mail_from".into(),
+                Dynamic::from(Conn::from_tx(tx, None)),
+            )
         })
     }
 
@@ -291,7 +314,11 @@ impl RuleSet {
     pub fn rcpt_checked(&self, tx: &TxInfo, rcpt: &str) -> Checked {
         let limited = self.limits.check_rcpt(tx, rcpt);
         self.after_limits(limited, "rcpt", || {
-            self.decide("rcpt", Dynamic::from(Conn::from_tx(tx, Some(rcpt))))
+            self.decide(
+                "rcpt",
+                format!("rcpt {rcpt}"),
+                Dynamic::from(Conn::from_tx(tx, Some(rcpt))),
+            )
         })
     }
 
@@ -305,28 +332,44 @@ impl RuleSet {
         scripts: impl FnOnce() -> Decision,
     ) -> Checked {
         let limit = match &limited {
-            Some(Limited::Refuse(l, _) | Limited::Hold(l)) => l.as_str(),
-            None => "",
+            Some(Limited::Refuse(l, _) | Limited::Hold(l)) => l.clone(),
+            None => String::new(),
         };
         if limited.is_some() {
-            self.metrics.ratelimited.with_label_values(&[limit]).inc();
+            self.metrics.ratelimited.with_label_values(&[&limit]).inc();
         }
+        let limit_call = |verdict: &str, detail: String| Call {
+            script: format!("ratelimit:{limit}"),
+            verdict: verdict.into(),
+            detail,
+            ..Call::default()
+        };
         match limited {
             Some(Limited::Refuse(limit, verdict)) => {
                 tracing::info!(limit = %limit, "rate limited");
+                let call = limit_call("refuse", rules::verdict_detail(&verdict));
                 Checked {
                     decision: Decision {
                         verdict: Some(verdict),
                         script: Some(format!("ratelimit:{limit}")),
                         function: Some(function.to_string()),
+                        trace: StageTrace {
+                            stage: function.to_string(),
+                            calls: vec![call],
+                        },
                     },
                     hold: None,
                 }
             }
             Some(Limited::Hold(limit)) => {
                 tracing::info!(limit = %limit, "rate limited: the message will be held");
+                let mut decision = scripts();
+                decision
+                    .trace
+                    .calls
+                    .insert(0, limit_call("hold", String::new()));
                 Checked {
-                    decision: scripts(),
+                    decision,
                     hold: Some(limit),
                 }
             }
@@ -406,8 +449,7 @@ impl RuleSet {
         self.metrics.rule_errors.with_label_values(&["*"]).inc();
         Decision {
             verdict: self.error_verdict(),
-            script: None,
-            function: None,
+            ..Decision::default()
         }
     }
 
@@ -428,8 +470,75 @@ impl RuleSet {
     /// received (strip forged `Authentication-Results` first with
     /// [`strip_forged_auth_results`]).
     pub async fn data(&self, tx: &TxInfo, message: &[u8]) -> DataOutcome {
+        self.data_with(tx, message, DataInputs::default()).await
+    }
+
+    /// [`data`](Self::data) with the list hits the gateway looked up, and
+    /// any check or scanner results fixed in advance (those are then not
+    /// asked of DNS or the scanners, nor counted in the check metrics).
+    pub async fn data_with(&self, tx: &TxInfo, message: &[u8], inputs: DataInputs) -> DataOutcome {
         let started = Instant::now();
-        let auth = self.authenticate(tx, message).await;
+        let auth = match &inputs.checks {
+            Some(fixed) => AuthOutcome::fixed(&self.dns.hostname, fixed),
+            None => {
+                let auth = self.authenticate(tx, message).await;
+                self.count_checks(&auth);
+                auth
+            }
+        };
+        let scan = match inputs.scan {
+            Some(fixed) => fixed,
+            None => self.scan(tx, message).await,
+        };
+        let lists = inputs.lists;
+        let mut outcome = if self.rules.defines("data") {
+            let rules = self.rules.clone();
+            let tx = tx.clone();
+            let message = message.to_vec();
+            let joined = tokio::task::spawn_blocking(move || {
+                decide_data(&rules, &tx, &message, auth, scan, lists)
+            })
+            .await;
+            match joined {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::error!("rule thread failed: {e}");
+                    self.metrics.rule_errors.with_label_values(&["*"]).inc();
+                    DataOutcome {
+                        verdict: self.error_verdict().unwrap_or(Verdict::Accept),
+                        ..DataOutcome::new(AuthOutcome::fixed(
+                            &self.dns.hostname,
+                            &CheckResults::default(),
+                        ))
+                    }
+                }
+            }
+        } else {
+            decide_data(&self.rules, tx, message, auth, scan, lists)
+        };
+        outcome.elapsed = started.elapsed();
+        outcome
+    }
+
+    /// The DATA stage with every input fixed, on the calling thread: no
+    /// DNS, no scanners, no runtime (suites and replays). Checks not given
+    /// are `none`.
+    pub fn data_offline(&self, tx: &TxInfo, message: &[u8], inputs: DataInputs) -> DataOutcome {
+        let started = Instant::now();
+        let auth = AuthOutcome::fixed(&self.dns.hostname, &inputs.checks.unwrap_or_default());
+        let mut outcome = decide_data(
+            &self.rules,
+            tx,
+            message,
+            auth,
+            inputs.scan.unwrap_or_default(),
+            inputs.lists,
+        );
+        outcome.elapsed = started.elapsed();
+        outcome
+    }
+
+    fn count_checks(&self, auth: &AuthOutcome) {
         for (method, result, enabled) in [
             ("spf", auth.spf, self.dns.checks.spf),
             ("dkim", auth.dkim, self.dns.checks.dkim),
@@ -442,59 +551,12 @@ impl RuleSet {
                     .inc();
             }
         }
+    }
 
-        let mut outcome = DataOutcome {
-            verdict: Verdict::Accept,
-            script: None,
-            score: 0.0,
-            headers: vec![("Authentication-Results".to_string(), auth.header.clone())],
-            spf: auth.spf.to_string(),
-            dkim: auth.dkim.to_string(),
-            dmarc: auth.dmarc.to_string(),
-            elapsed: Duration::ZERO,
-        };
-
-        if self.rules.defines("data") {
-            let rules = self.rules.clone();
-            let tx = tx.clone();
-            let message = message.to_vec();
-            let joined = tokio::task::spawn_blocking(move || {
-                let msg = Msg::build(&tx, &message, &auth);
-                let result = rules.run_stage("data", &Dynamic::from(msg.clone()));
-                (result, msg.effects())
-            })
-            .await;
-            match joined {
-                Ok((result, effects)) => {
-                    outcome.score = effects.score;
-                    outcome.headers.extend(effects.headers);
-                    match result.verdict {
-                        Some(v) => {
-                            outcome.verdict = v;
-                            outcome.script = result.script;
-                        }
-                        None if effects.score >= self.rules.config.quarantine_score => {
-                            outcome.verdict = Verdict::Quarantine {
-                                reason: format!(
-                                    "score {} >= {}: {}",
-                                    effects.score,
-                                    self.rules.config.quarantine_score,
-                                    effects.reasons.join(", ")
-                                ),
-                            };
-                        }
-                        None => {}
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("rule thread failed: {e}");
-                    self.metrics.rule_errors.with_label_values(&["*"]).inc();
-                    outcome.verdict = self.error_verdict().unwrap_or(Verdict::Accept);
-                }
-            }
-        }
-        outcome.elapsed = started.elapsed();
-        outcome
+    /// What the configured content scanners say of `message` (nothing
+    /// configured: empty results).
+    async fn scan(&self, _tx: &TxInfo, _message: &[u8]) -> ScanResults {
+        ScanResults::default()
     }
 
     async fn authenticate(&self, tx: &TxInfo, message: &[u8]) -> AuthOutcome {
@@ -544,4 +606,67 @@ impl RuleSet {
             }
         }
     }
+}
+
+impl DataOutcome {
+    /// Accept, with the checks' header and words, nothing else yet.
+    fn new(auth: AuthOutcome) -> Self {
+        DataOutcome {
+            verdict: Verdict::Accept,
+            script: None,
+            score: 0.0,
+            headers: vec![("Authentication-Results".to_string(), auth.header.clone())],
+            spf: auth.spf.to_string(),
+            dkim: auth.dkim.to_string(),
+            dmarc: auth.dmarc.to_string(),
+            dmarc_policy: auth.dmarc_policy.to_string(),
+            scan: ScanResults::default(),
+            trace: StageTrace {
+                stage: "data".into(),
+                calls: Vec::new(),
+            },
+            by_score: false,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
+/// The `data(m)` functions and the score, on the calling thread.
+fn decide_data(
+    rules: &Rules,
+    tx: &TxInfo,
+    message: &[u8],
+    auth: AuthOutcome,
+    scan: ScanResults,
+    lists: ListHits,
+) -> DataOutcome {
+    let mut outcome = DataOutcome::new(auth.clone());
+    if rules.defines("data") {
+        let msg = Msg::build(tx, message, &auth, &scan, lists);
+        let result = rules.run_stage("data", &StageArg::Msg(msg.clone()));
+        let effects = msg.effects();
+        outcome.score = effects.score;
+        outcome.headers.extend(effects.headers);
+        outcome.trace.calls = result.calls;
+        match result.verdict {
+            Some(v) => {
+                outcome.verdict = v;
+                outcome.script = result.script;
+            }
+            None if effects.score >= rules.config.quarantine_score => {
+                outcome.by_score = true;
+                outcome.verdict = Verdict::Quarantine {
+                    reason: format!(
+                        "score {} >= {}: {}",
+                        effects.score,
+                        rules.config.quarantine_score,
+                        effects.reasons.join(", ")
+                    ),
+                };
+            }
+            None => {}
+        }
+    }
+    outcome.scan = scan;
+    outcome
 }

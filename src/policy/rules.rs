@@ -9,8 +9,8 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::{OnError, Problem, RulesConfig};
 use crate::policy::metrics::{PolicyMetrics, ScriptMetrics};
-use crate::policy::script_api::{self, ScriptVerdict};
-use crate::policy::types::Verdict;
+use crate::policy::script_api::{self, Msg, ScriptVerdict};
+use crate::policy::types::{Call, Verdict};
 
 /// The stage functions, in the order of an SMTP transaction.
 pub const STAGES: [&str; 4] = ["connect", "mail_from", "rcpt", "data"];
@@ -30,6 +30,8 @@ pub(crate) struct Script {
     ast: AST,
     /// Which of [`STAGES`] it defines.
     stages: [bool; 4],
+    /// `*.shadow.rhai`: its verdicts are counted and traced, never applied.
+    pub(crate) shadow: bool,
     /// Its time and verdict series.
     metrics: ScriptMetrics,
 }
@@ -51,13 +53,25 @@ pub(crate) struct Rules {
 }
 
 /// How one stage ended.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub(crate) struct StageResult {
     pub(crate) verdict: Option<Verdict>,
     pub(crate) script: Option<String>,
     /// The error, when the verdict comes from `on_error`.
     pub(crate) error: Option<String>,
+    /// Every call made, shadow scripts included, for the trace.
+    pub(crate) calls: Vec<Call>,
 }
+
+/// What a stage function gets: `c`, or `m` (whose score and added headers
+/// a shadow script must not touch).
+pub(crate) enum StageArg {
+    Conn(Dynamic),
+    Msg(Msg),
+}
+
+/// The shadow-script suffix.
+pub(crate) const SHADOW_SUFFIX: &str = ".shadow.rhai";
 
 /// The sandboxed engine: no modules, no eval, output to tracing, bounded.
 pub(crate) fn new_engine(config: &RulesConfig) -> Engine {
@@ -157,6 +171,7 @@ impl Rules {
             if !bad {
                 scripts.push(Script {
                     metrics: metrics.script(&name),
+                    shadow: name.ends_with(SHADOW_SUFFIX),
                     name,
                     ast,
                     stages,
@@ -205,44 +220,99 @@ impl Rules {
     }
 
     /// Runs `function` of every script that defines it, in file-name order,
-    /// until one returns a verdict. Errors take the `on_error` path.
-    pub(crate) fn run_stage(&self, function: &str, arg: &Dynamic) -> StageResult {
+    /// until one returns a verdict. Errors take the `on_error` path. A
+    /// shadow script runs at its place and is traced and counted, but its
+    /// verdict, score and headers are never applied.
+    pub(crate) fn run_stage(&self, function: &str, arg: &StageArg) -> StageResult {
         let mut out = StageResult::default();
         for script in self.scripts.iter().filter(|s| s.defines(function)) {
+            // Live calls share `m`'s effects; a shadow call gets its own.
+            let (value, msg) = match arg {
+                StageArg::Conn(c) => (c.clone(), None),
+                StageArg::Msg(m) if script.shadow => {
+                    let own = m.detached();
+                    (Dynamic::from(own.clone()), Some(own))
+                }
+                StageArg::Msg(m) => (Dynamic::from(m.clone()), Some(m.clone())),
+            };
+            let before = msg.as_ref().map(Msg::effects_mark);
             let started = Instant::now();
-            let result = self.call(script, function, arg.clone());
-            let seconds = started.elapsed().as_secs_f64();
-            match result {
-                Ok(None) => script.metrics.observe(seconds, "none"),
+            let result = self.call(script, function, value);
+            let elapsed = started.elapsed();
+            let mut call = Call {
+                script: script.name.clone(),
+                shadow: script.shadow,
+                micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                ..Call::default()
+            };
+            if let (Some(m), Some(mark)) = (&msg, before) {
+                (call.score, call.headers) = m.effects_since(mark);
+            }
+            let seconds = elapsed.as_secs_f64();
+            let decided = match result {
+                Ok(None) => {
+                    script.metrics.observe(seconds, "none");
+                    call.verdict = "none".into();
+                    None
+                }
                 Ok(Some(verdict)) => {
                     script.metrics.observe(seconds, verdict.word());
-                    out.verdict = Some(verdict);
-                    out.script = Some(script.name.clone());
-                    break;
+                    call.verdict = verdict.word().into();
+                    call.detail = verdict_detail(&verdict);
+                    Some((verdict, None))
                 }
                 Err(error) => {
                     script.metrics.observe(seconds, "error");
+                    call.verdict = "error".into();
+                    call.detail = error.clone();
                     tracing::warn!(
                         script = %script.name,
                         function,
+                        shadow = script.shadow,
                         on_error = ?self.config.on_error,
                         "rule error in {}: {error}",
                         script.name
                     );
-                    let verdict = match self.config.on_error {
-                        OnError::Accept => continue,
-                        OnError::Tempfail => Verdict::local_tempfail(),
-                        OnError::Quarantine => Verdict::Quarantine {
-                            reason: format!("rule error in {}", script.name),
-                        },
-                    };
-                    out.verdict = Some(verdict);
-                    out.script = Some(script.name.clone());
-                    out.error = Some(error);
-                    break;
+                    match self.config.on_error {
+                        OnError::Accept => None,
+                        OnError::Tempfail => Some((Verdict::local_tempfail(), Some(error))),
+                        OnError::Quarantine => Some((
+                            Verdict::Quarantine {
+                                reason: format!("rule error in {}", script.name),
+                            },
+                            Some(error),
+                        )),
+                    }
                 }
+            };
+            out.calls.push(call);
+            if script.shadow {
+                if let Some((verdict, _)) = &decided {
+                    tracing::info!(
+                        script = %script.name,
+                        function,
+                        verdict = verdict.word(),
+                        "shadow verdict (not applied)"
+                    );
+                }
+                continue;
+            }
+            if let Some((verdict, error)) = decided {
+                out.verdict = Some(verdict);
+                out.script = Some(script.name.clone());
+                out.error = error;
+                break;
             }
         }
         out
+    }
+}
+
+/// The reply or reason a verdict carries, for the trace.
+pub(crate) fn verdict_detail(v: &Verdict) -> String {
+    match v {
+        Verdict::Reject(r) | Verdict::Tempfail(r) => r.to_string(),
+        Verdict::Quarantine { reason } => reason.clone(),
+        Verdict::Accept | Verdict::Discard => String::new(),
     }
 }

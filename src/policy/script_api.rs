@@ -8,7 +8,7 @@ use rhai::{Array, Dynamic, Engine, EvalAltResult, FLOAT, INT, ImmutableString};
 
 use crate::mail::{Enhanced, Reply};
 use crate::policy::auth::AuthOutcome;
-use crate::policy::types::{ConnInfo, TxInfo, Verdict};
+use crate::policy::types::{ConnInfo, ListHits, ScanResults, TxInfo, Verdict};
 
 /// Longest body text handed to scripts (bytes); the rest is cut off.
 pub(crate) const MAX_BODY_TEXT: usize = 1 << 20;
@@ -84,6 +84,12 @@ pub(crate) struct MsgData {
     pub(crate) dkim: ImmutableString,
     pub(crate) dmarc: ImmutableString,
     pub(crate) dmarc_policy: ImmutableString,
+    pub(crate) virus: ImmutableString,
+    pub(crate) rspamd_score: FLOAT,
+    pub(crate) rspamd_action: ImmutableString,
+    pub(crate) rspamd_symbols: Array,
+    pub(crate) allowed: bool,
+    pub(crate) blocked: bool,
 }
 
 /// `m` in `data(m)`. Clones share the effects, so `m.score(..)` inside a
@@ -106,7 +112,13 @@ fn unfold(raw: &str) -> String {
 
 impl Msg {
     /// Parses `message` (mail-parser) and gathers what scripts may read.
-    pub(crate) fn build(tx: &TxInfo, message: &[u8], auth: &AuthOutcome) -> Self {
+    pub(crate) fn build(
+        tx: &TxInfo,
+        message: &[u8],
+        auth: &AuthOutcome,
+        scan: &ScanResults,
+        lists: ListHits,
+    ) -> Self {
         let from_domain = tx
             .from
             .rsplit_once('@')
@@ -125,6 +137,16 @@ impl Msg {
             dkim: auth.dkim.into(),
             dmarc: auth.dmarc.into(),
             dmarc_policy: auth.dmarc_policy.into(),
+            virus: scan.virus.as_str().into(),
+            rspamd_score: scan.rspamd_score,
+            rspamd_action: scan.rspamd_action.as_str().into(),
+            rspamd_symbols: scan
+                .rspamd_symbols
+                .iter()
+                .map(|s| Dynamic::from(ImmutableString::from(s.as_str())))
+                .collect(),
+            allowed: lists.allowed,
+            blocked: lists.blocked,
             ..MsgData::default()
         };
         if let Some(parsed) = MessageParser::default().parse(message) {
@@ -150,6 +172,30 @@ impl Msg {
             data: Arc::new(data),
             effects: Arc::new(Mutex::new(Effects::default())),
         }
+    }
+
+    /// The same message with effects of its own (for a shadow script).
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            data: self.data.clone(),
+            effects: Arc::new(Mutex::new(Effects::default())),
+        }
+    }
+
+    /// Where the effects stand now: (score, headers added so far).
+    pub(crate) fn effects_mark(&self) -> (f64, usize) {
+        let fx = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        (fx.score, fx.headers.len())
+    }
+
+    /// The score and headers added since `mark`.
+    pub(crate) fn effects_since(&self, mark: (f64, usize)) -> (f64, Vec<String>) {
+        let fx = self.effects.lock().unwrap_or_else(PoisonError::into_inner);
+        let headers = fx.headers[mark.1.min(fx.headers.len())..]
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
+        (fx.score - mark.0, headers)
     }
 
     pub(crate) fn effects(&self) -> Effects {
@@ -291,6 +337,14 @@ pub(crate) fn register(engine: &mut Engine) {
     engine.register_get("dkim", |m: &mut Msg| m.data.dkim.clone());
     engine.register_get("dmarc", |m: &mut Msg| m.data.dmarc.clone());
     engine.register_get("dmarc_policy", |m: &mut Msg| m.data.dmarc_policy.clone());
+    engine.register_get("virus", |m: &mut Msg| m.data.virus.clone());
+    engine.register_get("rspamd_score", |m: &mut Msg| m.data.rspamd_score);
+    engine.register_get("rspamd_action", |m: &mut Msg| m.data.rspamd_action.clone());
+    engine.register_get("rspamd_symbols", |m: &mut Msg| {
+        m.data.rspamd_symbols.clone()
+    });
+    engine.register_get("allowed", |m: &mut Msg| m.data.allowed);
+    engine.register_get("blocked", |m: &mut Msg| m.data.blocked);
     engine.register_fn("header", |m: &mut Msg, name: &str| m.header(name));
     engine.register_fn("headers", |m: &mut Msg, name: &str| m.headers(name));
     engine.register_fn("add_header", |m: &mut Msg, name: &str, value: &str| {

@@ -3,6 +3,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::mail::{Enhanced, Reply};
 
 /// What is known about a client when it connects.
@@ -70,13 +72,15 @@ impl Verdict {
 
 /// The answer at connect, MAIL FROM and RCPT TO. `verdict == None` means no
 /// rule or limit objected: carry on.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     pub verdict: Option<Verdict>,
     /// The script (file name) or `ratelimit:<name>` that decided.
     pub script: Option<String>,
     /// The function (`connect`, `mail_from`, `rcpt`) that decided.
     pub function: Option<String>,
+    /// What each script (and limit) said at this stage, for the trace.
+    pub trace: StageTrace,
 }
 
 impl Decision {
@@ -100,8 +104,219 @@ pub struct DataOutcome {
     pub spf: String,
     pub dkim: String,
     pub dmarc: String,
+    pub dmarc_policy: String,
+    /// What the scanners said (empty when none is configured).
+    pub scan: ScanResults,
+    /// The `data` stage for the trace: every script call, shadow ones too.
+    pub trace: StageTrace,
+    /// True when the total score, not a script, quarantined.
+    pub by_score: bool,
     /// Time spent in checks and rules.
     pub(crate) elapsed: Duration,
+}
+
+/// SPF, DKIM and DMARC results given in advance (a suite case, a replayed
+/// message, a copy kept by `keep_recent`) instead of asked of DNS. Words as
+/// in Authentication-Results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResults {
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    /// The From domain's DMARC policy: `reject`, `quarantine` or `none`.
+    #[serde(default = "none_word")]
+    pub dmarc_policy: String,
+}
+
+fn none_word() -> String {
+    "none".into()
+}
+
+impl Default for CheckResults {
+    fn default() -> Self {
+        CheckResults {
+            spf: none_word(),
+            dkim: none_word(),
+            dmarc: none_word(),
+            dmarc_policy: none_word(),
+        }
+    }
+}
+
+/// What the content scanners said (the rules' `m.virus`, `m.rspamd_*`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScanResults {
+    /// clamd's signature name, `""` when clean or not asked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub virus: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rspamd_score: f64,
+    /// Rspamd's action (`no action`, `add header`, `reject`, ...), `""` when not asked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rspamd_action: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rspamd_symbols: Vec<String>,
+    /// Scanners that could not answer, with why (`clamd: timeout`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl ScanResults {
+    pub fn is_empty(&self) -> bool {
+        *self == ScanResults::default()
+    }
+}
+
+/// The envelope sender on an allow or block list of a recipient or the site.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListHits {
+    #[serde(default)]
+    pub allowed: bool,
+    #[serde(default)]
+    pub blocked: bool,
+}
+
+/// The DATA stage's inputs besides the message and the envelope. The
+/// gateway fills `lists` and leaves the rest to be asked live; suites and
+/// replays fix all of them.
+#[derive(Debug, Clone, Default)]
+pub struct DataInputs {
+    /// Fixed check results instead of DNS.
+    pub checks: Option<CheckResults>,
+    /// Fixed scanner results instead of asking the scanners.
+    pub scan: Option<ScanResults>,
+    pub lists: ListHits,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One script call (or limit) in a message's decision trace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// The script file name, or `ratelimit:<name>`.
+    pub script: String,
+    /// `none`, `error`, or a verdict word; for a limit `refuse` or `hold`.
+    pub verdict: String,
+    /// The reply, quarantine reason or error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// A `*.shadow.rhai` script: said, never applied.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+    /// Points this call added with `m.score()`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub score: f64,
+    /// Headers this call added (`Name: value`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    #[serde(default)]
+    pub micros: u64,
+}
+
+/// The calls of one stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTrace {
+    /// `connect`, `mail_from`, `rcpt <address>` or `data`.
+    pub stage: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<Call>,
+}
+
+/// How a message was decided, kept with it in the queue or quarantine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    pub stages: Vec<StageTrace>,
+    #[serde(default)]
+    pub checks: CheckResults,
+    #[serde(default, skip_serializing_if = "ScanResults::is_empty")]
+    pub scan: ScanResults,
+    #[serde(default)]
+    pub lists: ListHits,
+    /// A `hold` rate limit the transaction went over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub score: f64,
+    /// The verdict applied, as a word.
+    pub verdict: String,
+    /// What decided: a script, `ratelimit:<name>`, `score`, or `default`
+    /// (nothing objected).
+    pub decided_by: String,
+}
+
+impl Trace {
+    /// The trace as lines for `queue show` / `quarantine show`.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "decision: {} by {}{}",
+            self.verdict,
+            self.decided_by,
+            if self.score != 0.0 {
+                format!(" (score {})", self.score)
+            } else {
+                String::new()
+            }
+        )];
+        let c = &self.checks;
+        out.push(format!(
+            "checks:   spf={} dkim={} dmarc={} (policy {})",
+            c.spf, c.dkim, c.dmarc, c.dmarc_policy
+        ));
+        if !self.scan.is_empty() {
+            let s = &self.scan;
+            let mut line = format!(
+                "scan:     virus={}",
+                if s.virus.is_empty() { "none" } else { &s.virus }
+            );
+            if !s.rspamd_action.is_empty() {
+                line.push_str(&format!(
+                    " rspamd={} score={} symbols={}",
+                    s.rspamd_action,
+                    s.rspamd_score,
+                    s.rspamd_symbols.join(",")
+                ));
+            }
+            for e in &s.errors {
+                line.push_str(&format!(" error=\"{e}\""));
+            }
+            out.push(line);
+        }
+        if self.lists.allowed || self.lists.blocked {
+            out.push(format!(
+                "lists:    allowed={} blocked={}",
+                self.lists.allowed, self.lists.blocked
+            ));
+        }
+        if let Some(h) = &self.hold {
+            out.push(format!("limit:    {h} (held)"));
+        }
+        for st in &self.stages {
+            for c in &st.calls {
+                let mut line = format!("  {:<18} {:<22} {}", st.stage, c.script, c.verdict);
+                if c.shadow {
+                    line.push_str(" (shadow, not applied)");
+                }
+                if !c.detail.is_empty() {
+                    line.push_str(&format!(": {}", c.detail));
+                }
+                if c.score != 0.0 {
+                    line.push_str(&format!(" score {:+}", c.score));
+                }
+                for h in &c.headers {
+                    line.push_str(&format!(" [+{h}]"));
+                }
+                line.push_str(&format!(" {}µs", c.micros));
+                out.push(line);
+            }
+        }
+        out
+    }
 }
 
 /// A verdict with what decided it (a script name, `ratelimit:<name>`, or a

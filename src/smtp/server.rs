@@ -369,6 +369,7 @@ async fn receive_data(
         envelope,
         sticky: stuck.sticky,
         hold: stuck.hold,
+        trace: stuck.trace,
         sender_addresses: session.sender_addresses(),
         received,
     };

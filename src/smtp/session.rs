@@ -15,7 +15,7 @@ use crate::config::RelayConfig;
 use crate::mail::{self, Enhanced, Envelope, Reply};
 use crate::mailbox::accounts::{Account, owns};
 use crate::policy::relay::{self, RcptDecision};
-use crate::policy::{ConnInfo, Decision, TxInfo, Verdict};
+use crate::policy::{ConnInfo, Decision, StageTrace, TxInfo, Verdict};
 
 pub(crate) use crate::mail::Rcpt;
 
@@ -118,6 +118,8 @@ pub(crate) struct Transaction {
     /// A `hold` rate limit this transaction went over: the message is
     /// accepted and kept in the queue's held state.
     pub(crate) hold: Option<String>,
+    /// What the rules said at connect, MAIL and each RCPT (the decision trace).
+    pub(crate) trace: Vec<StageTrace>,
 }
 
 /// What [`Transaction::into_parts`] hands on besides the envelope.
@@ -126,6 +128,8 @@ pub(crate) struct Stuck {
     pub(crate) sticky: Option<(Verdict, Option<String>)>,
     /// The `hold` limit the transaction went over.
     pub(crate) hold: Option<String>,
+    /// The stages before DATA, for the decision trace.
+    pub(crate) trace: Vec<StageTrace>,
 }
 
 impl Transaction {
@@ -140,6 +144,7 @@ impl Transaction {
             Stuck {
                 sticky: self.sticky,
                 hold: self.hold,
+                trace: self.trace,
             },
         )
     }
@@ -179,6 +184,8 @@ pub(crate) struct Session {
     pending_mail: Option<Transaction>,
     /// A quarantine or discard decided at connect: applies to every message.
     session_sticky: Option<(Verdict, Option<String>)>,
+    /// What the `connect` functions said, the first stage of every trace.
+    connect_trace: Option<StageTrace>,
 }
 
 pub(crate) use crate::mail::reply::line as reply;
@@ -243,6 +250,7 @@ impl Session {
             verdict: None,
             pending_mail: None,
             session_sticky: None,
+            connect_trace: None,
         }
     }
 
@@ -279,6 +287,9 @@ impl Session {
     /// The rules decided at connect: greet, or refuse and close. A
     /// quarantine or discard sticks to every message of the session.
     pub(crate) fn connected(&mut self, d: Decision) -> Action {
+        if !d.trace.calls.is_empty() {
+            self.connect_trace = Some(d.trace.clone());
+        }
         match d.verdict {
             Some(Verdict::Reject(r)) => {
                 self.verdict = Some(("reject", "connect"));
@@ -542,6 +553,7 @@ impl Session {
             declared_size: size,
             sticky: self.session_sticky.clone(),
             hold: None,
+            trace: self.connect_trace.iter().cloned().collect(),
         });
         Action::Policy(Check::Mail)
     }
@@ -850,6 +862,15 @@ impl Session {
             Check::Mail => "mail",
             Check::Rcpt(_) => "rcpt",
         };
+        if !d.trace.calls.is_empty() {
+            let tx = match check {
+                Check::Mail => self.pending_mail.as_mut(),
+                Check::Rcpt(_) => self.tx.as_mut(),
+            };
+            if let Some(tx) = tx {
+                tx.trace.push(d.trace.clone());
+            }
+        }
         match d.verdict {
             Some(Verdict::Reject(r)) | Some(Verdict::Tempfail(r)) => {
                 self.verdict = Some((if r.code >= 500 { "reject" } else { "tempfail" }, stage));
@@ -1087,6 +1108,7 @@ mod policy_tests {
             verdict: Some(v),
             script: Some("00-x.rhai".into()),
             function: Some("connect".into()),
+            ..Decision::default()
         };
         assert!(
             matches!(s.connected(Decision::pass()), Action::Reply(g) if g.starts_with(b"220 mx.test"))
@@ -1132,6 +1154,7 @@ mod policy_tests {
             ))),
             script: None,
             function: None,
+            ..Decision::default()
         };
         assert_eq!(
             s.policy_answer(c, d),
@@ -1158,6 +1181,7 @@ mod policy_tests {
             }),
             script: Some("50-x.rhai".into()),
             function: Some("rcpt".into()),
+            ..Decision::default()
         };
         assert!(matches!(s.policy_answer(c, d), Action::Reply(r) if r.starts_with(b"250")));
         let tx = s.tx.as_ref().unwrap();

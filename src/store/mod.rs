@@ -115,6 +115,9 @@ pub(crate) struct QueueEntry {
     pub(crate) helo: String,
     #[serde(default)]
     pub(crate) last_error: Option<String>,
+    /// How the message was decided (absent in records from before traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) trace: Option<crate::policy::Trace>,
 }
 
 impl QueueEntry {
@@ -149,6 +152,7 @@ impl QueueEntry {
             client_ip,
             helo,
             last_error: None,
+            trace: None,
         }
     }
 
@@ -178,6 +182,9 @@ pub(crate) struct HeldEntry {
     pub(crate) client_ip: String,
     #[serde(default)]
     pub(crate) helo: String,
+    /// How the message was decided (absent in records from before traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) trace: Option<crate::policy::Trace>,
 }
 
 pub(crate) fn id_key(id: u64) -> [u8; 8] {
@@ -478,7 +485,7 @@ impl Store {
             return Ok(None);
         };
         let qid = self.next_id()?;
-        let entry = QueueEntry::new(
+        let mut entry = QueueEntry::new(
             qid,
             e.sender.clone(),
             [e.recipient.clone()],
@@ -486,6 +493,7 @@ impl Store {
             e.client_ip.clone(),
             e.helo.clone(),
         );
+        entry.trace = e.trace;
         self.enqueue(&entry, &body)?;
         Ok(Some(qid))
     }
@@ -568,6 +576,7 @@ mod tests {
             client_ip: String::new(),
             helo: String::new(),
             last_error: None,
+            trace: None,
         }
     }
 
@@ -625,6 +634,7 @@ pub(crate) fn test_held_template() -> HeldEntry {
         size: 4,
         client_ip: String::new(),
         helo: String::new(),
+        trace: None,
     }
 }
 
