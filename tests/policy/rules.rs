@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use postern::config::{OnError, RulesConfig};
 use postern::mail::{Enhanced, Reply};
-use postern::policy::{Decision, Verdict, watch};
+use postern::policy::{Verdict, watch};
 
 const STAGES: &str = r#"
 fn pick(word) {
@@ -74,8 +74,14 @@ async fn every_verdict_at_every_stage() {
             assert_eq!(d.script.as_deref(), Some("50-stages.rhai"));
             assert_eq!(d.function.as_deref(), Some("connect"));
         } else {
-            assert_eq!(d, Decision::pass());
+            assert_eq!(d.script, None);
+            assert_eq!(d.function, None);
         }
+        // The trace has the one call, whatever it said.
+        assert_eq!(d.trace.stage, "connect");
+        assert_eq!(d.trace.calls.len(), 1);
+        assert_eq!(d.trace.calls[0].script, "50-stages.rhai");
+        assert_eq!(d.trace.calls[0].verdict, *word);
     }
     for word in words {
         let from = format!("{word}@x.test");
