@@ -94,11 +94,15 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum RulesCmd {
-    /// Run the whole rule set on a message offline and print what it decided.
+    /// Run the whole rule set on a message offline and print what it
+    /// decided, or run a rule suite (`--suite DIR`).
     Test {
         /// The message (RFC 5322, as it would arrive after DATA).
+        #[arg(long, required_unless_present = "suite", conflicts_with = "suite")]
+        message: Option<PathBuf>,
+        /// Run every `DIR/*.toml` case (SPEC "Rule suites"); exit 1 on any mismatch.
         #[arg(long)]
-        message: PathBuf,
+        suite: Option<PathBuf>,
         /// Envelope sender (default: the null sender <>).
         #[arg(long, default_value = "")]
         from: String,
@@ -230,12 +234,19 @@ fn main() -> ExitCode {
                 cmd:
                     RulesCmd::Test {
                         message,
+                        suite,
                         from,
                         rcpt,
                         ip,
                         helo,
                     },
-            } => postern::rules_test::run(&cfg, &message, &from, &rcpt, ip, &helo).await,
+            } => match (message, suite) {
+                (_, Some(dir)) => postern::rules_test::suite(&cfg, &dir),
+                (Some(message), None) => {
+                    postern::rules_test::run(&cfg, &message, &from, &rcpt, ip, &helo).await
+                }
+                (None, None) => ExitCode::FAILURE,
+            },
             ConfigCommand::Queue { cmd } => {
                 admin_cmd(
                     &cfg,
@@ -275,8 +286,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     match (policy, accounts, signers) {
         (Ok(p), Ok(_), Ok(_)) => {
             let set = p.current();
+            let cases = p.suite_cases();
             println!(
-                "{}: ok ({} rule script(s), {} rate limit(s))",
+                "{}: ok ({} rule script(s), {} rate limit(s), {cases} rule suite case(s) passed)",
                 path.display(),
                 set.script_names().len(),
                 set.limit_names().len()

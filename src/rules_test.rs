@@ -30,6 +30,80 @@ fn verdict_text(v: &Verdict) -> String {
     }
 }
 
+/// `rules test --suite DIR`: every case, a table, exit 1 on any mismatch
+/// (or on a case file that does not read).
+pub fn suite(cfg: &Config, dir: &Path) -> ExitCode {
+    let policy = match Policy::from_config_suite(cfg, false) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let cases = match crate::policy::suite::load(dir, policy.local_domain()) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let set = policy.current();
+    let started = Instant::now();
+    let results = crate::policy::suite::run(&set, &cases);
+    let elapsed = started.elapsed();
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<10}  {:<10}  {:<24}  result",
+        "case", "expect", "got", "decided by"
+    );
+    for r in &results {
+        let expect = match &r.expect_script {
+            Some(s) => format!("{} by {s}", r.expect),
+            None => r.expect.clone(),
+        };
+        let mut line = format!(
+            "{:<width$}  {:<10}  {:<10}  {:<24}  {}",
+            r.name,
+            r.expect,
+            r.got,
+            r.decided_by,
+            if r.passed { "ok" } else { "FAIL" }
+        );
+        if !r.passed {
+            line.push_str(&format!(" (expected {expect}"));
+            if !r.detail.is_empty() {
+                line.push_str(&format!("; {}", r.detail));
+            }
+            line.push(')');
+        }
+        println!("{line}");
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    println!(
+        "{} cases: {} passed, {failed} failed ({:.1} ms)",
+        results.len(),
+        results.len() - failed,
+        elapsed.as_secs_f64() * 1000.0
+    );
+    if failed == 0 && !results.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        if results.is_empty() {
+            eprintln!("postern: {}: no *.toml cases", dir.display());
+        }
+        ExitCode::FAILURE
+    }
+}
+
 /// Run connect, MAIL, each RCPT and DATA as the gateway would, and print each decision.
 pub async fn run(
     cfg: &Config,

@@ -11,6 +11,7 @@ mod limits;
 mod metrics;
 mod rules;
 mod script_api;
+pub mod suite;
 mod types;
 mod watch;
 
@@ -53,6 +54,12 @@ pub struct Checked {
     pub hold: Option<String>,
 }
 
+/// A suite case's default recipient domain when no relay domain is configured.
+const DEFAULT_LOCAL_DOMAIN: &str = "example.test";
+
+/// The rule-suite directory inside the rules directory (SPEC "Rule suites").
+pub const SUITE_DIR: &str = "tests";
+
 /// The name of the rate-limit file inside the policies directory.
 pub(crate) const RATELIMITS_FILE: &str = "ratelimits.toml";
 
@@ -60,6 +67,10 @@ pub(crate) const RATELIMITS_FILE: &str = "ratelimits.toml";
 struct Dns {
     checks: ChecksConfig,
     hostname: String,
+    /// The first relay domain: a suite case's default recipient is there.
+    local_domain: String,
+    /// Whether loading runs `rules/tests/` (a failing case refuses the set).
+    run_suite: bool,
     config: DnsConfig,
     /// Built on first use, inside the runtime.
     resolver: OnceLock<Result<MessageAuthenticator, crate::dns::DnsError>>,
@@ -98,12 +109,24 @@ impl Policy {
     /// The rules and policies `cfg` names (what `serve`, `check` and
     /// `rules test` load).
     pub fn from_config(cfg: &Config) -> Result<Policy, Vec<Problem>> {
-        Policy::load(
+        Policy::from_config_suite(cfg, true)
+    }
+
+    /// [`from_config`](Self::from_config); `run_suite: false` leaves
+    /// `rules/tests/` out (for `rules test --suite`, which reports each case).
+    pub fn from_config_suite(cfg: &Config, run_suite: bool) -> Result<Policy, Vec<Problem>> {
+        Policy::load_for(
             cfg.rules.clone(),
             &cfg.policies.dir,
             cfg.checks.clone(),
             cfg.dns.clone(),
             cfg.server.hostname.clone(),
+            cfg.relay
+                .domains
+                .first()
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_LOCAL_DOMAIN.into()),
+            run_suite,
         )
     }
 
@@ -116,10 +139,32 @@ impl Policy {
         dns: DnsConfig,
         hostname: impl Into<String>,
     ) -> Result<Policy, Vec<Problem>> {
+        Policy::load_for(
+            rules_config,
+            policies_dir,
+            checks,
+            dns,
+            hostname,
+            DEFAULT_LOCAL_DOMAIN.into(),
+            true,
+        )
+    }
+
+    fn load_for(
+        rules_config: RulesConfig,
+        policies_dir: impl AsRef<Path>,
+        checks: ChecksConfig,
+        dns: DnsConfig,
+        hostname: impl Into<String>,
+        local_domain: String,
+        run_suite: bool,
+    ) -> Result<Policy, Vec<Problem>> {
         let metrics = PolicyMetrics::new();
         let dns = Arc::new(Dns {
             checks,
             hostname: hostname.into(),
+            local_domain,
+            run_suite,
             config: dns,
             resolver: OnceLock::new(),
         });
@@ -177,6 +222,20 @@ impl Policy {
         }
     }
 
+    /// How many rule-suite cases loading ran (and passed).
+    pub fn suite_cases(&self) -> usize {
+        if self.dns.run_suite {
+            suite::count(&self.rules_config.dir.join(SUITE_DIR))
+        } else {
+            0
+        }
+    }
+
+    /// The first relay domain (a suite case's default recipient domain).
+    pub fn local_domain(&self) -> &str {
+        &self.dns.local_domain
+    }
+
     /// The set to use for one session (or one transaction).
     pub fn current(&self) -> Arc<RuleSet> {
         self.current.load_full()
@@ -186,9 +245,14 @@ impl Policy {
         &self.metrics
     }
 
-    /// The directories whose files make up the set (for [`watch`]).
+    /// The directories whose files make up the set (for [`watch`]); the
+    /// rule suite is one of them, since a reload runs it.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        vec![self.rules_config.dir.clone(), self.policies_dir.clone()]
+        vec![
+            self.rules_config.dir.clone(),
+            self.rules_config.dir.join(SUITE_DIR),
+            self.policies_dir.clone(),
+        ]
     }
 
     /// Forgets rate-limit keys whose bucket is full again and frees the
@@ -221,6 +285,25 @@ fn build_set(
     let specs = limits::parse_file(&policies_dir.join(RATELIMITS_FILE))
         .map_err(|p| problems.extend(p))
         .ok();
+    // The suite runs on a copy of the scripts with metrics of its own, so
+    // its cases never show in the live series.
+    let suite = rules_config.dir.join(SUITE_DIR);
+    if dns.run_suite && rules.is_some() && suite.is_dir() {
+        let scratch_metrics = PolicyMetrics::new();
+        match Rules::load(rules_config.clone(), &scratch_metrics) {
+            Ok(copy) => {
+                let scratch = RuleSet {
+                    rules: Arc::new(copy),
+                    limits: LimiterRegistry::default().build(Vec::new()),
+                    dns: dns.clone(),
+                    metrics: scratch_metrics,
+                    generation: 0,
+                };
+                problems.extend(suite::problems(&scratch, &suite, &dns.local_domain));
+            }
+            Err(p) => problems.extend(p),
+        }
+    }
     match (rules, specs) {
         (Some(rules), Some(specs)) if problems.is_empty() => {
             let set = RuleSet {

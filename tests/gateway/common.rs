@@ -488,7 +488,12 @@ listen = "127.0.0.1:{metrics}"
         std::fs::create_dir_all(&rules).unwrap();
         std::fs::create_dir_all(&policies).unwrap();
         for (name, text) in &opts.rules {
-            std::fs::write(rules.join(name), text).unwrap();
+            // A name may hold a subdirectory (`tests/case.toml`: the rule suite).
+            let path = rules.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(path, text).unwrap();
         }
         std::fs::write(policies.join("ratelimits.toml"), &opts.ratelimits).unwrap();
         let mut users = String::new();

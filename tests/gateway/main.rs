@@ -16,3 +16,4 @@ mod policy;
 mod quarantine;
 mod smtp_front;
 mod submission;
+mod trust;
