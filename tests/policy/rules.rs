@@ -686,3 +686,83 @@ async fn async_variants_give_the_same_answers() {
         Some(Verdict::Tempfail(Reply { code: 450, .. }))
     ));
 }
+
+/// A case for `RuleSet::evaluate` from 192.0.2.1 (port 25: no connect
+/// verdict), sender `from`, recipients `rcpts`.
+fn case(from: &str, rcpts: &[&str]) -> postern::policy::Case {
+    postern::policy::Case {
+        ip: "192.0.2.1".parse().unwrap(),
+        helo: "h.test".into(),
+        from: from.into(),
+        rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
+        auth_user: None,
+        tls: false,
+        submission: false,
+        trusted: false,
+        inputs: postern::policy::DataInputs::default(),
+    }
+}
+
+#[test]
+fn offline_evaluation_follows_the_session_rules() {
+    let dirs = Dirs::new(&[("50-stages.rhai", STAGES)], "");
+    let policy = dirs.load_rules_only();
+    let set = policy.current();
+    let msg = |subject: &str| message("ok@x.test", "b@y.test", subject, "body");
+    // Nothing objects: accept by default, decided at data.
+    let e = set.evaluate(&case("ok@x.test", &["b@y.test"]), msg("none").as_bytes());
+    assert_eq!(
+        (e.verdict.word(), e.decided_by.as_str(), e.stage),
+        ("accept", "default", "data")
+    );
+    // A refused recipient is dropped; the message goes on for the others.
+    let e = set.evaluate(
+        &case("ok@x.test", &["reject@y.test", "b@y.test"]),
+        msg("quarantine").as_bytes(),
+    );
+    assert_eq!((e.verdict.word(), e.stage), ("quarantine", "data"));
+    assert_eq!(
+        e.trace
+            .stages
+            .iter()
+            .filter(|s| s.stage.starts_with("rcpt "))
+            .count(),
+        2
+    );
+    // Every recipient refused: the transaction ends at RCPT with the refusal.
+    let e = set.evaluate(
+        &case("ok@x.test", &["tempfail@y.test"]),
+        msg("accept").as_bytes(),
+    );
+    assert_eq!((e.verdict.word(), e.stage), ("tempfail", "rcpt"));
+    assert!(!e.trace.stages.iter().any(|s| s.stage == "data"));
+    // A quarantine at MAIL sticks over an accept at DATA, a reject at DATA wins.
+    let e = set.evaluate(
+        &case("quarantine@x.test", &["b@y.test"]),
+        msg("accept").as_bytes(),
+    );
+    assert_eq!(
+        (e.verdict.word(), e.stage, e.decided_by.as_str()),
+        ("quarantine", "mail_from", "50-stages.rhai")
+    );
+    let e = set.evaluate(
+        &case("discard@x.test", &["b@y.test"]),
+        msg("reject").as_bytes(),
+    );
+    assert_eq!((e.verdict.word(), e.stage), ("reject", "data"));
+    // A reject at MAIL ends it before any RCPT.
+    let e = set.evaluate(
+        &case("reject@x.test", &["b@y.test"]),
+        msg("accept").as_bytes(),
+    );
+    assert_eq!((e.verdict.word(), e.stage), ("reject", "mail_from"));
+    assert!(!e.trace.stages.iter().any(|s| s.stage.starts_with("rcpt")));
+    // The score quarantines and says so.
+    let e = set.evaluate(&case("ok@x.test", &["b@y.test"]), msg("score").as_bytes());
+    assert_eq!(
+        (e.verdict.word(), e.decided_by.as_str()),
+        ("quarantine", "score")
+    );
+    assert_eq!(e.trace.score, 10.5);
+    assert!(e.headers.iter().any(|(n, _)| n == "X-Seen"));
+}
