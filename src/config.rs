@@ -87,6 +87,8 @@ pub struct Config {
     #[serde(default, deserialize_with = "one_or_many")]
     pub(crate) dkim_sign: Vec<DkimSignConfig>,
     #[serde(default)]
+    pub(crate) scan: ScanConfig,
+    #[serde(default)]
     pub(crate) rules: RulesConfig,
     #[serde(default)]
     pub(crate) policies: PoliciesConfig,
@@ -432,6 +434,34 @@ pub(crate) struct DkimSignConfig {
     pub(crate) key: PathBuf,
 }
 
+/// `[scan]`: the content scanners whose results feed the rules (see
+/// `crate::scan`). Both optional; an address that does not parse is an
+/// error at its line.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ScanConfig {
+    /// `"tcp:HOST:PORT"` or `"unix:/path"`; `""` = no clamd.
+    #[serde(deserialize_with = "crate::scan::de_clamd")]
+    pub(crate) clamd: Option<crate::scan::ClamdAddr>,
+    /// `"http://HOST:PORT"`; `""` = no Rspamd.
+    #[serde(deserialize_with = "crate::scan::de_rspamd")]
+    pub(crate) rspamd: Option<crate::scan::RspamdAddr>,
+    /// One deadline for both scanners of one message.
+    pub(crate) timeout: DurationStr,
+    pub(crate) on_error: crate::scan::ScanOnError,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            clamd: None,
+            rspamd: None,
+            timeout: DurationStr(Duration::from_secs(15)),
+            on_error: crate::scan::ScanOnError::Tempfail,
+        }
+    }
+}
+
 /// What to do when a script fails at run time or runs away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -716,6 +746,9 @@ impl Config {
             .into_iter()
             .map(|(d, l)| (d.trim_end_matches('.').to_ascii_lowercase(), l))
             .collect();
+        if let Some(crate::scan::ClamdAddr::Unix(p)) = &mut cfg.scan.clamd {
+            *p = abs(p);
+        }
         cfg.rules.dir = abs(&cfg.rules.dir);
         cfg.policies.dir = abs(&cfg.policies.dir);
 
@@ -799,6 +832,15 @@ impl Config {
             {
                 err("relay", "domains", format!("\"{d}\" is not a domain"));
             }
+        }
+        let t = self.scan.timeout.0;
+        if t.is_zero() || t > Duration::from_secs(300) {
+            err(
+                "scan",
+                "timeout",
+                "must be more than 0s and at most 5m (the client waits for our answer to DATA)"
+                    .into(),
+            );
         }
         let mut signing = std::collections::HashSet::new();
         for d in &self.dkim_sign {
@@ -897,6 +939,38 @@ mod tests {
         );
         // Shown together, one per line.
         assert_eq!(e.to_string().lines().count(), 5);
+    }
+
+    #[test]
+    fn scan_addresses_and_timeout() {
+        use crate::scan::{ClamdAddr, ScanOnError};
+        let c = Config::from_str(
+            "[scan]\nclamd = \"unix:clamd.sock\"\nrspamd = \"http://127.0.0.1:11333\"\non_error = \"accept\"\n",
+            Path::new("/etc/postern/postern.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.scan.clamd,
+            Some(ClamdAddr::Unix("/etc/postern/clamd.sock".into()))
+        );
+        assert_eq!(c.scan.rspamd.unwrap().authority, "127.0.0.1:11333");
+        assert_eq!(c.scan.on_error, ScanOnError::Accept);
+        assert_eq!(c.scan.timeout.0, Duration::from_secs(15));
+        let none = Config::from_str("[scan]\nclamd = \"\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!((none.scan.clamd, none.scan.rspamd), (None, None));
+        for (text, want) in [
+            ("[scan]\n\nclamd = \"127.0.0.1:3310\"\n", "x.toml:3:"),
+            ("[scan]\nrspamd = \"https://h:1\"\n", "x.toml:2:"),
+            ("[scan]\non_error = \"quarantine\"\n", "x.toml:2:"),
+            (
+                "[scan]\nclamd = \"tcp:h:1\"\ntimeout = \"0s\"\n",
+                "x.toml:3: [scan] timeout",
+            ),
+            ("[scan]\nclam = \"tcp:h:1\"\n", "x.toml:2:"),
+        ] {
+            let e = Config::from_str(text, Path::new("x.toml")).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{text}: {e}");
+        }
     }
 
     #[test]

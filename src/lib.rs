@@ -21,6 +21,7 @@ pub(crate) mod notify;
 pub mod policy;
 pub(crate) mod quarantine;
 pub mod rules_test;
+pub(crate) mod scan;
 pub(crate) mod smtp;
 pub mod store;
 #[cfg(test)]

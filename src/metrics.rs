@@ -1,7 +1,8 @@
 //! The Prometheus registry and the `GET /metrics` endpoint.
 //!
 //! Every metric SPEC.md names is registered here, except the policy
-//! engine's own (rule errors and time, rate limits, auth results, reloads),
+//! engine's own (rule errors and time, rate limits, auth results, reloads,
+//! content scanner results),
 //! which `policy::PolicyMetrics` defines and [`Metrics::register_policy`]
 //! adds to the same registry. Each stage increments its metric where it decides.
 
@@ -30,7 +31,6 @@ pub(crate) struct Metrics {
     pub(crate) smtp_tls_sessions: IntCounterVec,
     pub(crate) queue_oldest_age: IntGauge,
     pub(crate) releases: IntCounterVec,
-    pub(crate) scan_results: IntCounterVec,
 }
 
 /// Label values known before anything happens, created at 0 (SPEC: every
@@ -38,10 +38,6 @@ pub(crate) struct Metrics {
 const VERDICTS: [&str; 5] = ["accept", "reject", "tempfail", "quarantine", "discard"];
 const STAGES: [&str; 4] = ["connect", "mail", "rcpt", "data"];
 const RELEASE_VIA: [&str; 4] = ["imap", "pop3", "web", "cli"];
-const SCAN_RESULTS: [(&str, &[&str]); 2] = [
-    ("clamd", &["clean", "infected", "error"]),
-    ("rspamd", &["clean", "spam", "error"]),
-];
 
 /// Delivery attempt times: a loopback LMTP hand-off takes milliseconds, a
 /// slow MX up to the client's timeouts (minutes).
@@ -182,12 +178,6 @@ impl Metrics {
                 "Quarantined messages released to their recipient, by how.",
                 &["via"],
             ),
-            scan_results: counter(
-                &r,
-                "postern_scan_results_total",
-                "Content scanner verdicts (clamd, Rspamd).",
-                &["scanner", "result"],
-            ),
             registry: r,
         };
         // Make the label sets visible from the first scrape.
@@ -211,11 +201,6 @@ impl Metrics {
         }
         for via in RELEASE_VIA {
             m.releases.with_label_values(&[via]);
-        }
-        for (scanner, results) in SCAN_RESULTS {
-            for result in results {
-                m.scan_results.with_label_values(&[scanner, result]);
-            }
         }
         Arc::new(m)
     }

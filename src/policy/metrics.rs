@@ -44,6 +44,12 @@ pub(crate) const AUTH_RESULTS: [(&str, &[&str]); 3] = [
     ("dmarc", &["pass", "fail", "none", "temperror", "permerror"]),
 ];
 
+/// The `result` values each content scanner can report.
+pub(crate) const SCAN_RESULTS: [(&str, &[&str]); 2] = [
+    ("clamd", &["clean", "infected", "error"]),
+    ("rspamd", &["clean", "spam", "error"]),
+];
+
 /// Time buckets of one script call: the shipped rules take tens of µs.
 const RULE_BUCKETS: [f64; 17] = [
     0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -65,6 +71,8 @@ pub struct PolicyMetrics {
     pub(crate) rule_verdicts: IntCounterVec,
     /// `postern_config_reloads_total{result}`: `ok` or `error`.
     pub config_reloads: IntCounterVec,
+    /// `postern_scan_results_total{scanner,result}`: what clamd and Rspamd said.
+    pub(crate) scan_results: IntCounterVec,
     /// `postern_ratelimit_backend_up`: 1 while the rate-limit backend answers
     /// (the in-process limiter always does; the cluster's Redis may not).
     pub(crate) backend_up: IntGauge,
@@ -142,8 +150,18 @@ impl PolicyMetrics {
                 "Reloads of rules and policies",
                 &["result"],
             ),
+            scan_results: counter(
+                "postern_scan_results_total",
+                "Content scanner verdicts (clamd, Rspamd)",
+                &["scanner", "result"],
+            ),
             backend_up,
         };
+        for (scanner, results) in SCAN_RESULTS {
+            for result in results {
+                m.scan_results.with_label_values(&[scanner, result]);
+            }
+        }
         for (method, results) in AUTH_RESULTS {
             for result in results {
                 m.auth_results.with_label_values(&[method, result]);
@@ -184,6 +202,7 @@ impl PolicyMetrics {
         registry.register(Box::new(self.rule_verdicts.clone()))?;
         registry.register(Box::new(self.config_reloads.clone()))?;
         registry.register(Box::new(self.backend_up.clone()))?;
+        registry.register(Box::new(self.scan_results.clone()))?;
         Ok(())
     }
 }

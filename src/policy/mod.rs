@@ -74,6 +74,8 @@ struct Dns {
     config: DnsConfig,
     /// Built on first use, inside the runtime.
     resolver: OnceLock<Result<MessageAuthenticator, crate::dns::DnsError>>,
+    /// `[scan]`: asked at end of DATA with the DNS checks; `None` = none configured.
+    scanners: Option<crate::scan::Scanners>,
 }
 
 impl Dns {
@@ -127,6 +129,7 @@ impl Policy {
                 .cloned()
                 .unwrap_or_else(|| DEFAULT_LOCAL_DOMAIN.into()),
             run_suite,
+            crate::scan::Scanners::new(&cfg.scan, &cfg.server.hostname),
         )
     }
 
@@ -147,6 +150,7 @@ impl Policy {
             hostname,
             DEFAULT_LOCAL_DOMAIN.into(),
             true,
+            None,
         )
     }
 
@@ -158,6 +162,7 @@ impl Policy {
         hostname: impl Into<String>,
         local_domain: String,
         run_suite: bool,
+        scanners: Option<crate::scan::Scanners>,
     ) -> Result<Policy, Vec<Problem>> {
         let metrics = PolicyMetrics::new();
         let dns = Arc::new(Dns {
@@ -167,6 +172,7 @@ impl Policy {
             run_suite,
             config: dns,
             resolver: OnceLock::new(),
+            scanners,
         });
         let limiters = LimiterRegistry::default();
         let policies_dir = policies_dir.as_ref().to_path_buf();
@@ -561,18 +567,36 @@ impl RuleSet {
     /// asked of DNS or the scanners, nor counted in the check metrics).
     pub async fn data_with(&self, tx: &TxInfo, message: &[u8], inputs: DataInputs) -> DataOutcome {
         let started = Instant::now();
-        let auth = match &inputs.checks {
-            Some(fixed) => AuthOutcome::fixed(&self.dns.hostname, fixed),
-            None => {
-                let auth = self.authenticate(tx, message).await;
-                self.count_checks(&auth);
-                auth
+        // The DNS checks and the scanners wait on other machines: at once.
+        let checks = async {
+            match &inputs.checks {
+                Some(fixed) => AuthOutcome::fixed(&self.dns.hostname, fixed),
+                None => {
+                    let auth = self.authenticate(tx, message).await;
+                    self.count_checks(&auth);
+                    auth
+                }
             }
         };
-        let scan = match inputs.scan {
-            Some(fixed) => fixed,
-            None => self.scan(tx, message).await,
+        let scanning = async {
+            match inputs.scan.clone() {
+                Some(fixed) => crate::scan::Scanned {
+                    results: fixed,
+                    ..Default::default()
+                },
+                None => self.scan(tx, message).await,
+            }
         };
+        let (auth, scanned) = tokio::join!(checks, scanning);
+        if let Some(mut refused) = self.scan_refusal(&scanned, &auth) {
+            refused.elapsed = started.elapsed();
+            return refused;
+        }
+        let crate::scan::Scanned {
+            results: scan,
+            headers: scan_headers,
+            ..
+        } = scanned;
         let lists = inputs.lists;
         let mut outcome = if self.rules.defines("data") {
             let rules = self.rules.clone();
@@ -599,8 +623,43 @@ impl RuleSet {
         } else {
             decide_data(&self.rules, tx, message, auth, scan, lists)
         };
+        // The scanners' headers right after Authentication-Results.
+        let at = outcome.headers.len().min(1);
+        outcome.headers.splice(at..at, scan_headers);
         outcome.elapsed = started.elapsed();
         outcome
+    }
+
+    /// `[scan] on_error = "tempfail"` and a scanner failed: 451 at end of
+    /// DATA, nothing stored, no rule run (they would judge without the
+    /// scanner); decided by `scan:<scanner>`.
+    fn scan_refusal(
+        &self,
+        scanned: &crate::scan::Scanned,
+        auth: &AuthOutcome,
+    ) -> Option<DataOutcome> {
+        let on_error = self.dns.scanners.as_ref()?.on_error;
+        let (scanner, why) = scanned.failed.first()?;
+        if on_error != crate::scan::ScanOnError::Tempfail {
+            return None;
+        }
+        let verdict = Verdict::local_tempfail();
+        let mut outcome = DataOutcome::new(auth.clone());
+        outcome.trace.calls = scanned
+            .failed
+            .iter()
+            .map(|(s, why)| Call {
+                script: format!("scan:{s}"),
+                verdict: verdict.word().into(),
+                detail: why.clone(),
+                ..Call::default()
+            })
+            .collect();
+        tracing::warn!(scanner, error = %why, "content scanner failed: answering 451 ([scan] on_error = \"tempfail\")");
+        outcome.verdict = verdict;
+        outcome.script = Some(format!("scan:{scanner}"));
+        outcome.scan = scanned.results.clone();
+        Some(outcome)
     }
 
     /// The DATA stage with every input fixed, on the calling thread: no
@@ -637,9 +696,19 @@ impl RuleSet {
     }
 
     /// What the configured content scanners say of `message` (nothing
-    /// configured: empty results).
-    async fn scan(&self, _tx: &TxInfo, _message: &[u8]) -> ScanResults {
-        ScanResults::default()
+    /// configured: empty results), counted in `postern_scan_results_total`.
+    async fn scan(&self, tx: &TxInfo, message: &[u8]) -> crate::scan::Scanned {
+        let Some(scanners) = &self.dns.scanners else {
+            return crate::scan::Scanned::default();
+        };
+        let scanned = scanners.scan(tx, message).await;
+        for (scanner, result) in &scanned.counts {
+            self.metrics
+                .scan_results
+                .with_label_values(&[scanner, result])
+                .inc();
+        }
+        scanned
     }
 
     async fn authenticate(&self, tx: &TxInfo, message: &[u8]) -> AuthOutcome {
