@@ -74,8 +74,9 @@ struct Dns {
     config: DnsConfig,
     /// Built on first use, inside the runtime.
     resolver: OnceLock<Result<MessageAuthenticator, crate::dns::DnsError>>,
-    /// `[scan]`: asked at end of DATA with the DNS checks; `None` = none configured.
-    scanners: Option<crate::scan::Scanners>,
+    /// `[scan]`: asked at end of DATA with the DNS checks; unset = none
+    /// configured. Set once by [`Policy::from_config_suite`].
+    scanners: OnceLock<crate::scan::Scanners>,
 }
 
 impl Dns {
@@ -117,7 +118,7 @@ impl Policy {
     /// [`from_config`](Self::from_config); `run_suite: false` leaves
     /// `rules/tests/` out (for `rules test --suite`, which reports each case).
     pub fn from_config_suite(cfg: &Config, run_suite: bool) -> Result<Policy, Vec<Problem>> {
-        Policy::load_for(
+        let policy = Policy::load_for(
             cfg.rules.clone(),
             &cfg.policies.dir,
             cfg.checks.clone(),
@@ -129,8 +130,12 @@ impl Policy {
                 .cloned()
                 .unwrap_or_else(|| DEFAULT_LOCAL_DOMAIN.into()),
             run_suite,
-            crate::scan::Scanners::new(&cfg.scan, &cfg.server.hostname),
-        )
+        )?;
+        if let Some(scanners) = crate::scan::Scanners::new(&cfg.scan, &cfg.server.hostname) {
+            // Fresh, so not set yet.
+            let _ = policy.dns.scanners.set(scanners);
+        }
+        Ok(policy)
     }
 
     /// Compiles every rule in `rules.dir` and parses every policy in
@@ -150,7 +155,6 @@ impl Policy {
             hostname,
             DEFAULT_LOCAL_DOMAIN.into(),
             true,
-            None,
         )
     }
 
@@ -162,7 +166,6 @@ impl Policy {
         hostname: impl Into<String>,
         local_domain: String,
         run_suite: bool,
-        scanners: Option<crate::scan::Scanners>,
     ) -> Result<Policy, Vec<Problem>> {
         let metrics = PolicyMetrics::new();
         let dns = Arc::new(Dns {
@@ -172,7 +175,7 @@ impl Policy {
             run_suite,
             config: dns,
             resolver: OnceLock::new(),
-            scanners,
+            scanners: OnceLock::new(),
         });
         let limiters = LimiterRegistry::default();
         let policies_dir = policies_dir.as_ref().to_path_buf();
@@ -638,7 +641,7 @@ impl RuleSet {
         scanned: &crate::scan::Scanned,
         auth: &AuthOutcome,
     ) -> Option<DataOutcome> {
-        let on_error = self.dns.scanners.as_ref()?.on_error;
+        let on_error = self.dns.scanners.get()?.on_error;
         let (scanner, why) = scanned.failed.first()?;
         if on_error != crate::scan::ScanOnError::Tempfail {
             return None;
@@ -698,7 +701,7 @@ impl RuleSet {
     /// What the configured content scanners say of `message` (nothing
     /// configured: empty results), counted in `postern_scan_results_total`.
     async fn scan(&self, tx: &TxInfo, message: &[u8]) -> crate::scan::Scanned {
-        let Some(scanners) = &self.dns.scanners else {
+        let Some(scanners) = self.dns.scanners.get() else {
             return crate::scan::Scanned::default();
         };
         let scanned = scanners.scan(tx, message).await;
