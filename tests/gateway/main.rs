@@ -14,5 +14,6 @@ mod ops;
 mod outbound;
 mod policy;
 mod quarantine;
+mod replay;
 mod smtp_front;
 mod submission;
