@@ -219,7 +219,7 @@ pub fn load_maildir(dir: &Path) -> Result<Loaded, String> {
         for e in rd.flatten() {
             let p = e.path();
             let dotted = e.file_name().to_string_lossy().starts_with('.');
-            if dotted && p.join("cur").is_dir() || dotted && p.join("new").is_dir() {
+            if dotted && (p.join("cur").is_dir() || p.join("new").is_dir()) {
                 roots.push(p);
             }
         }
@@ -786,7 +786,7 @@ fn timed(rules: &RuleSet, r: &Ready, set: &mut SetReport) -> Evaluation {
     set.nanos
         .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
     *set.verdicts.entry(e.verdict.word().into()).or_default() += 1;
-    let mut per: BTreeMap<&str, (u64, bool)> = BTreeMap::new();
+    let mut per: BTreeMap<&str, u64> = BTreeMap::new();
     for st in &e.trace.stages {
         for c in &st.calls {
             if c.script.starts_with("ratelimit:") {
@@ -798,11 +798,10 @@ fn timed(rules: &RuleSet, r: &Ready, set: &mut SetReport) -> Evaluation {
             if c.verdict != "none" {
                 *s.said.entry(c.verdict.clone()).or_default() += 1;
             }
-            let t = per.entry(&c.script).or_default();
-            t.0 += c.micros;
+            *per.entry(&c.script).or_default() += c.micros;
         }
     }
-    for (name, (micros, _)) in per {
+    for (name, micros) in per {
         if let Some(s) = set.scripts.get_mut(name) {
             s.messages += 1;
             s.micros.push(micros);

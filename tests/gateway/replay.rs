@@ -116,11 +116,11 @@ struct Gen {
 }
 
 fn generate(i: usize) -> Gen {
-    let exe = i % 7 == 0;
-    let scr = i % 11 == 0;
-    let urgent = i % 5 == 0;
-    let dmarc_reject = i % 13 == 0;
-    let spf_fail = i % 17 == 0;
+    let exe = i.is_multiple_of(7);
+    let scr = i.is_multiple_of(11);
+    let urgent = i.is_multiple_of(5);
+    let dmarc_reject = i.is_multiple_of(13);
+    let spf_fail = i.is_multiple_of(17);
     let subject = if urgent {
         format!("URGENT wire transfer {i}")
     } else {
@@ -197,7 +197,7 @@ fn replay_a_maildir_lists_exactly_the_changed_messages() {
         let g = generate(i);
         let name = format!("1700000000.M{i:05}P1.test");
         // Half read (in cur/, with flags), half new.
-        let path = if i % 2 == 0 {
+        let path = if i.is_multiple_of(2) {
             md.join("cur").join(format!("{name}:2,S"))
         } else {
             md.join("new").join(&name)
@@ -380,8 +380,8 @@ async fn replay_recent_copies_of_real_traffic_then_they_are_purged() {
     let r = c.cmd("EHLO client.far.test").await;
     assert!(r.starts_with("250"), "{r}");
     let mut want = BTreeSet::new();
-    for i in 0..12 {
-        let subject = if i % 3 == 0 {
+    for i in 0..12u32 {
+        let subject = if i.is_multiple_of(3) {
             "urgent: pay now"
         } else {
             "hello"
@@ -398,7 +398,7 @@ async fn replay_recent_copies_of_real_traffic_then_they_are_purged() {
             .await;
         assert!(r.starts_with("250"), "{r}");
         let id = r.rsplit(' ').next().unwrap().to_string();
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             want.insert((id, "accept -> quarantine".to_string()));
         }
     }
