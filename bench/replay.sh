@@ -174,6 +174,14 @@ s = time.time() - t
 print(f"  {len(msgs)} messages ({sum(map(len, msgs)) // len(msgs)} bytes avg) in {s:.2f}s: {len(msgs) / s:.0f} msgs/s")
 EOF
     sleep 1
+    if [ "$1" != 0s ]; then
+        # The copies over the control socket, replayed while serving.
+        local t0 t1
+        t0=$(date +%s.%N)
+        "$P" rules replay --config "$d/postern.toml" --rules "$WORK/candidate" --recent 1h > "$d/recent.report"
+        t1=$(date +%s.%N)
+        python3 -c "import sys; print(f'  replay --recent 1h while serving: {sys.argv[3]} in {float(sys.argv[2])-float(sys.argv[1]):.2f}s (export + replay)')" "$t0" "$t1" "$(head -1 "$d/recent.report" | cut -d' ' -f2-3)"
+    fi
     kill -TERM "$pid"; wait "$pid" || true
     echo "  store after: $(du -sk "$d/data/store" | cut -f1) KiB (keep_recent = $1)"
 }

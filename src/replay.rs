@@ -348,7 +348,7 @@ pub fn mboxrd_unquote(m: &[u8]) -> Vec<u8> {
 
 /// Asks the running gateway to write the recent copies into a fresh
 /// directory under `data_dir/replay/`, or writes them itself from the
-/// store when no gateway runs.
+/// store (into a fresh directory in the temp dir) when no gateway runs.
 async fn export_recent(cfg: &Config, age: Duration) -> Result<PathBuf, String> {
     use crate::admin::{Request, export_root, send_control, socket_path};
     let data_dir = &cfg.server.data_dir;
@@ -376,6 +376,13 @@ async fn export_recent(cfg: &Config, age: Duration) -> Result<PathBuf, String> {
                     path.display()
                 ));
             }
+            // Not under data_dir: a root-owned directory there would keep
+            // a later gateway (its own user) from writing its exports.
+            let dir = std::env::temp_dir().join(format!(
+                "postern-recent-{}-{}",
+                std::process::id(),
+                crate::store::now_ms()
+            ));
             let store = crate::store::Store::open(&path).map_err(|e| e.to_string())?;
             let r = store.export_recent(since_ms, &dir);
             let _ = store.flush();
@@ -570,8 +577,8 @@ pub fn derive_case(message: &[u8], hostname: &str) -> Case {
             })
             .unwrap_or_default()
     };
-    rcpts.retain(|r| !r.is_empty());
-    rcpts.dedup();
+    let mut seen = std::collections::HashSet::new();
+    rcpts.retain(|r| !r.is_empty() && seen.insert(r.to_ascii_lowercase()));
     if rcpts.is_empty() {
         rcpts.push(format!("postmaster@{hostname}"));
     }
