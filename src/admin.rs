@@ -39,6 +39,13 @@ pub enum Request {
     QuarantineShow(String),
     QuarantineRelease(String),
     QuarantineDelete(String),
+    /// `rules replay --recent`: write the `keep_recent` copies received
+    /// at or after `since_ms` (Unix ms) into `dir`, a new directory under
+    /// [`export_root`] (see [`Store::export_recent`]).
+    RecentExport {
+        since_ms: i64,
+        dir: PathBuf,
+    },
 }
 
 /// What the command prints, and whether it succeeded (exit status).
@@ -64,6 +71,12 @@ fn ok(msg: impl Into<String>) -> Response {
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
+}
+
+/// Where `rules replay --recent` has the copies written: the gateway
+/// writes only directly under it, and the command removes what it asked for.
+pub fn export_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("replay")
 }
 
 fn id_arg(s: &str, what: &str) -> Result<u64, Response> {
@@ -152,6 +165,20 @@ async fn run(
         Request::QuarantineShow(id) => quarantine_show(store, &id),
         Request::QuarantineRelease(id) => quarantine_release(store, scheduler, &id).await,
         Request::QuarantineDelete(id) => quarantine_delete(store, &id).await,
+        Request::RecentExport { since_ms, dir } => Ok(recent_export(store, since_ms, dir).await),
+    }
+}
+
+/// Writes the recent copies on the blocking pool (it may be a lot of mail).
+async fn recent_export(store: &Store, since_ms: i64, dir: PathBuf) -> Response {
+    let (s, d) = (store.clone(), dir.clone());
+    match tokio::task::spawn_blocking(move || s.export_recent(since_ms, &d)).await {
+        Ok(Ok(n)) => ok(format!("{n} message(s) written to {}\n", dir.display())),
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            fail(format!("writing {}: {e}", dir.display()))
+        }
+        Err(e) => fail(format!("export failed: {e}")),
     }
 }
 
@@ -424,6 +451,7 @@ pub(crate) async fn serve_control(
 ) -> std::io::Result<()> {
     use crate::net::{Admission, AdmissionConfig, Deadlines, Line, ListenerSpec};
     use std::os::unix::fs::PermissionsExt;
+    let export_root = Arc::new(export_root(path.parent().unwrap_or(Path::new("."))));
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -445,9 +473,18 @@ pub(crate) async fn serve_control(
     });
     crate::net::serve(listener, spec, server, move |mut conn, _peer| {
         let (store, scheduler, releases) = (store.clone(), scheduler.clone(), releases.clone());
+        let export_root = export_root.clone();
         async move {
             let resp = match conn.read_line(MAX_CONTROL_LINE).await {
                 Ok(Line::Data(line)) => match serde_json::from_slice::<Request>(&line) {
+                    Ok(Request::RecentExport { dir, .. })
+                        if dir.parent() != Some(export_root.as_path()) =>
+                    {
+                        fail(format!(
+                            "an export goes directly under {}",
+                            export_root.display()
+                        ))
+                    }
                     Ok(req) => {
                         let release = matches!(req, Request::QuarantineRelease(_));
                         let resp = execute(&store, Some(&scheduler), req).await;

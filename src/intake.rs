@@ -16,6 +16,7 @@ use crate::policy::{
     CheckResults, DataInputs, RuleSet, StageTrace, Trace, TxInfo, Verdict, final_verdict,
     strip_forged_auth_results,
 };
+use crate::store::recent::RecentCase;
 use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, Store};
 
@@ -51,6 +52,8 @@ pub(crate) struct Intake {
     pub(crate) hostname: String,
     /// `[dkim_sign]` keys: our users' mail is signed before it is stored.
     pub(crate) signers: Arc<crate::dkim::Signers>,
+    /// `[rules] keep_recent` is on: keep a copy of every decided message.
+    pub(crate) keep_recent: bool,
 }
 
 impl Intake {
@@ -210,6 +213,34 @@ impl Intake {
                     .await
             }
         };
+        if self.keep_recent {
+            // What the rules decided from, for `rules replay --recent`.
+            // Written after the reply is known, on the blocking pool, with
+            // no fsync of its own: the client does not wait for it.
+            let case = RecentCase {
+                id: qid.clone(),
+                received: store::now_ms(),
+                ip: info.conn.ip,
+                helo: info.helo.clone(),
+                from: info.from.clone(),
+                rcpts: info.rcpts.clone(),
+                auth_user: info.auth_user.clone(),
+                tls: info.conn.tls,
+                submission: info.submission,
+                trusted: info.trusted,
+                checks: trace.checks.clone(),
+                scan: outcome.scan.clone(),
+                lists,
+                verdict: word.to_string(),
+                decided_by: deciding.clone(),
+            };
+            let (store, copy) = (self.store.clone(), clean.into_owned());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.keep_recent(&case, id, &copy) {
+                    tracing::warn!(id = %case.id, error = %e, "keep_recent: copy not kept");
+                }
+            });
+        }
         // The one line per message decision (addresses may be logged; the
         // body never is).
         tracing::info!(

@@ -116,6 +116,27 @@ enum RulesCmd {
         #[arg(long, default_value = "localhost")]
         helo: String,
     },
+    /// Run the running rules and the candidate DIR over a corpus; print the
+    /// verdict counts of each, every changed verdict, and per-script time.
+    #[command(group(clap::ArgGroup::new("corpus").required(true).multiple(false)))]
+    Replay {
+        /// The candidate rules directory.
+        #[arg(long)]
+        rules: PathBuf,
+        /// A Maildir (cur/ and new/, and its Maildir++ folders).
+        #[arg(long, group = "corpus")]
+        maildir: Option<PathBuf>,
+        /// An mbox file (mboxrd).
+        #[arg(long, group = "corpus")]
+        mbox: Option<PathBuf>,
+        /// The copies `[rules] keep_recent` kept of the mail received this
+        /// long ago or later (e.g. 24h).
+        #[arg(long, group = "corpus", value_parser = humantime::parse_duration)]
+        recent: Option<std::time::Duration>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -189,8 +210,17 @@ fn main() -> ExitCode {
         } => return dkim_keygen(&domain, &selector, algorithm, out),
         Command::WithConfig(c) => c,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A replay runs every script on every message: per-message notes
+    // (shadow verdicts) would drown its report.
+    let quiet = matches!(
+        command,
+        ConfigCommand::Rules {
+            cmd: RulesCmd::Replay { .. }
+        }
+    );
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+    });
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -247,6 +277,31 @@ fn main() -> ExitCode {
                 }
                 (None, None) => ExitCode::FAILURE,
             },
+            ConfigCommand::Rules {
+                cmd:
+                    RulesCmd::Replay {
+                        rules,
+                        maildir,
+                        mbox,
+                        recent,
+                        threads,
+                    },
+            } => {
+                use postern::replay::{Corpus, Options};
+                let corpus = match (maildir, mbox, recent) {
+                    (Some(d), _, _) => Corpus::Maildir(d),
+                    (_, Some(f), _) => Corpus::Mbox(f),
+                    (_, _, Some(age)) => Corpus::Recent(age),
+                    // clap requires one of the three.
+                    _ => return ExitCode::FAILURE,
+                };
+                let opts = Options {
+                    rules,
+                    corpus,
+                    threads,
+                };
+                postern::replay::run(&cfg, opts).await
+            }
             ConfigCommand::Queue { cmd } => {
                 admin_cmd(
                     &cfg,

@@ -14,6 +14,7 @@ mod ops;
 mod outbound;
 mod policy;
 mod quarantine;
+mod replay;
 mod smtp_front;
 mod submission;
 mod trust;
