@@ -193,6 +193,7 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
             metrics: core.metrics.clone(),
             hostname: cfg.server.hostname.clone(),
             signers: core.signers.clone(),
+            accounts: logins.clone(),
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),

@@ -1,12 +1,13 @@
 //! The durable store: one sled database holding the queue and the quarantine.
 //!
-//! Layout (six trees):
+//! Layout (seven trees):
 //! - `body`: queue id → the message bytes, exactly as they will be delivered;
 //! - `queue`: queue id → [`QueueEntry`] (JSON), the envelope and delivery state;
 //! - `held`: quarantine id → [`HeldEntry`] (JSON), one per held recipient;
 //! - `held_body`: message key → the held message bytes (shared by its entries);
 //! - `held_refs`: message key → how many held entries share that body;
-//! - `state`: small key/value space for the mailbox servers (UIDs, flags).
+//! - `state`: small key/value space for the mailbox servers (UIDs, flags);
+//! - `lists`: sender allow and block lists, site-wide and per user ([`lists`]).
 //!
 //! A body is written before the entry that points at it, and sled recovers a
 //! prefix of its writes, so after a crash an entry never lacks its body; a
@@ -16,6 +17,7 @@
 //! too, whoever asks (IMAP, the control socket, the CLI).
 
 mod commit;
+pub mod lists;
 pub(crate) mod wake;
 
 use std::collections::HashMap;
@@ -228,6 +230,7 @@ pub struct Store {
     /// entry needs no scan of the whole quarantine).
     held_refs: sled::Tree,
     state: sled::Tree,
+    lists: sled::Tree,
     commit: GroupCommit,
     counts: Arc<Mutex<HashMap<QueueState, i64>>>,
     changes: tokio::sync::broadcast::Sender<()>,
@@ -262,6 +265,7 @@ impl Store {
             held_body: db.open_tree("held_body")?,
             held_refs: db.open_tree("held_refs")?,
             state: db.open_tree("state")?,
+            lists: db.open_tree("lists")?,
             commit: GroupCommit::new(db.clone(), std::fs::File::open(dir.join("db")).ok()),
             counts: Arc::default(),
             changes,
