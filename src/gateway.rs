@@ -199,6 +199,7 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
             hostname: cfg.server.hostname.clone(),
             signers: core.signers.clone(),
             keep_recent: !cfg.rules.keep_recent.0.is_zero(),
+            accounts: logins.clone(),
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use postern::admin::{self, Filter, Request};
+use postern::admin::{self, Filter, ListRequest, Request};
 use postern::config::Config;
 use postern::mailbox::accounts::Accounts;
 use postern::policy::Policy;
 use postern::store::Store;
+use postern::store::lists::ListKind;
 
 #[derive(Parser)]
 #[command(name = "postern", version, about = "Postern mail gateway")]
@@ -89,6 +90,50 @@ enum ConfigCommand {
     Rules {
         #[command(subcommand)]
         cmd: RulesCmd,
+    },
+    /// Sender allow and block lists, site-wide or (with --user) per user.
+    Lists {
+        #[command(subcommand)]
+        list: ListsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListsCmd {
+    /// Senders whose mail skips the spam checks (never the virus or
+    /// attachment checks).
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Senders whose mail is quarantined (or refused: rules/05-lists.rhai).
+    Block {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListAction {
+    /// Put an address or @domain on the list (off the other list).
+    Add {
+        /// A login from policies/users.toml: that user's list, not the site's.
+        #[arg(long)]
+        user: Option<String>,
+        /// user@domain (case and +tag do not matter), or @domain (that domain only).
+        entry: String,
+    },
+    /// Take an address or @domain off the list.
+    Remove {
+        #[arg(long)]
+        user: Option<String>,
+        entry: String,
+    },
+    /// Print the list, or (given an entry) whether it is on it.
+    Show {
+        #[arg(long)]
+        user: Option<String>,
+        entry: Option<String>,
     },
 }
 
@@ -316,6 +361,33 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            ConfigCommand::Lists { list } => {
+                let (kind, action) = match list {
+                    ListsCmd::Allow { action } => (ListKind::Allow, action),
+                    ListsCmd::Block { action } => (ListKind::Block, action),
+                };
+                let (user, entry, make): (_, _, fn(ListRequest) -> Request) = match action {
+                    ListAction::Add { user, entry } => (user, Some(entry), Request::ListsAdd),
+                    ListAction::Remove { user, entry } => (user, Some(entry), Request::ListsRemove),
+                    ListAction::Show { user, entry } => (user, entry, Request::ListsShow),
+                };
+                let user = match user.map(|u| known_user(&cfg, &u)).transpose() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        eprintln!("postern: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                admin_cmd(
+                    &cfg,
+                    make(ListRequest {
+                        list: kind,
+                        user,
+                        entry,
+                    }),
+                )
+                .await
+            }
             ConfigCommand::Quarantine { cmd } => {
                 admin_cmd(
                     &cfg,
@@ -363,6 +435,21 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The login of `--user LOGIN` as users.toml spells it, or why not: the
+/// file is read here, as the running gateway (re)reads it.
+fn known_user(cfg: &Config, login: &str) -> Result<String, String> {
+    let accounts = Accounts::from_config(cfg).map_err(|e| e.to_string())?;
+    accounts
+        .find_login(login)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "no user \"{login}\" in {} (--user takes a login from it)",
+                Accounts::file(cfg).display()
+            )
+        })
 }
 
 /// Ask the running gateway, or open the store when none runs.

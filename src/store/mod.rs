@@ -9,6 +9,7 @@
 //! - `state`: small key/value space for the mailbox servers (UIDs, flags);
 //! - `recent`: copies of received messages for `rules replay --recent`
 //!   (`[rules] keep_recent`, see [`recent`]).
+//! - `lists`: sender allow and block lists, site-wide and per user ([`lists`]).
 //!
 //! A body is written before the entry that points at it, and sled recovers a
 //! prefix of its writes, so after a crash an entry never lacks its body; a
@@ -19,6 +20,7 @@
 
 mod commit;
 pub mod recent;
+pub mod lists;
 pub(crate) mod wake;
 
 use std::collections::HashMap;
@@ -235,6 +237,7 @@ pub struct Store {
     /// Copies for `rules replay --recent`, and their bytes (see [`recent`]).
     recent: sled::Tree,
     recent_bytes: Arc<AtomicU64>,
+    lists: sled::Tree,
     commit: GroupCommit,
     counts: Arc<Mutex<HashMap<QueueState, i64>>>,
     changes: tokio::sync::broadcast::Sender<()>,
@@ -271,6 +274,7 @@ impl Store {
             state: db.open_tree("state")?,
             recent: db.open_tree("recent")?,
             recent_bytes: Arc::default(),
+            lists: db.open_tree("lists")?,
             commit: GroupCommit::new(db.clone(), std::fs::File::open(dir.join("db")).ok()),
             counts: Arc::default(),
             changes,

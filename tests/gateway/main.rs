@@ -9,6 +9,7 @@ mod dkim;
 mod dns;
 mod durability;
 mod limits;
+mod lists;
 mod notify;
 mod ops;
 mod outbound;
