@@ -50,6 +50,7 @@ fn main() {
             max_operations: 100_000,
             on_error: OnError::Tempfail,
             quarantine_score: 10.0,
+            ..RulesConfig::default()
         },
         no_policies.path(),
         ChecksConfig {

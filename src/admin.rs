@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::store::lists::{Added, ListEntry, ListKind, Scope};
 use crate::store::wake::Scheduler;
 use crate::store::{
     self, HeldEntry, QueueEntry, QueueState, RcptStatus, Store, fmt_id, now_ms, now_unix, parse_id,
@@ -39,6 +40,27 @@ pub enum Request {
     QuarantineShow(String),
     QuarantineRelease(String),
     QuarantineDelete(String),
+    /// `rules replay --recent`: write the `keep_recent` copies received
+    /// at or after `since_ms` (Unix ms) into `dir`, a new directory under
+    /// [`export_root`] (see [`Store::export_recent`]).
+    RecentExport {
+        since_ms: i64,
+        dir: PathBuf,
+    },
+    ListsAdd(ListRequest),
+    ListsRemove(ListRequest),
+    ListsShow(ListRequest),
+}
+
+/// `postern lists allow|block add|remove|show [--user LOGIN] [ENTRY]`.
+/// The CLI checks `user` against users.toml before it asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListRequest {
+    pub list: ListKind,
+    /// A login; `None` for the site-wide list.
+    pub user: Option<String>,
+    /// An address or `@domain` (for `show`, optional: the whole list).
+    pub entry: Option<String>,
 }
 
 /// What the command prints, and whether it succeeded (exit status).
@@ -64,6 +86,12 @@ fn ok(msg: impl Into<String>) -> Response {
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
+}
+
+/// Where `rules replay --recent` has the copies written: the gateway
+/// writes only directly under it, and the command removes what it asked for.
+pub fn export_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("replay")
 }
 
 fn id_arg(s: &str, what: &str) -> Result<u64, Response> {
@@ -152,7 +180,127 @@ async fn run(
         Request::QuarantineShow(id) => quarantine_show(store, &id),
         Request::QuarantineRelease(id) => quarantine_release(store, scheduler, &id).await,
         Request::QuarantineDelete(id) => quarantine_delete(store, &id).await,
+        Request::ListsAdd(r) => lists_add(store, &r).await,
+        Request::ListsRemove(r) => lists_remove(store, &r).await,
+        Request::ListsShow(r) => lists_show(store, &r),
+        Request::RecentExport { since_ms, dir } => Ok(recent_export(store, since_ms, dir).await),
     }
+}
+
+/// Writes the recent copies on the blocking pool (it may be a lot of mail).
+async fn recent_export(store: &Store, since_ms: i64, dir: PathBuf) -> Response {
+    let (s, d) = (store.clone(), dir.clone());
+    match tokio::task::spawn_blocking(move || s.export_recent(since_ms, &d)).await {
+        Ok(Ok(n)) => ok(format!("{n} message(s) written to {}\n", dir.display())),
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            fail(format!("writing {}: {e}", dir.display()))
+        }
+        Err(e) => fail(format!("export failed: {e}")),
+    }
+}
+
+/// The scope and parsed entry of a list request, or the failed response.
+fn list_args(r: &ListRequest) -> Result<(Scope<'_>, Option<ListEntry>), Response> {
+    let scope = match r.user.as_deref() {
+        Some(u) if !u.trim().is_empty() => Scope::User(u.trim()),
+        Some(_) => return Err(fail("--user needs a login")),
+        None => Scope::Site,
+    };
+    let entry = match r.entry.as_deref() {
+        Some(e) => Some(ListEntry::parse(e).map_err(fail)?),
+        None => None,
+    };
+    Ok((scope, entry))
+}
+
+/// "the site allow list", "alice@example.test's block list".
+fn list_name(scope: Scope, kind: ListKind) -> String {
+    format!("{} {} list", scope.describe(), kind.as_str())
+}
+
+/// `lists ... add`: on the list (off the other one) and durable.
+async fn lists_add(store: &Store, r: &ListRequest) -> store::Result<Response> {
+    let (scope, entry) = match list_args(r) {
+        Ok((s, Some(e))) => (s, e),
+        Ok((_, None)) => return Ok(fail("add needs an address or @domain")),
+        Err(resp) => return Ok(resp),
+    };
+    let name = list_name(scope, r.list);
+    let text = entry.as_text();
+    Ok(ok(
+        match store.list_add_durable(scope, r.list, &entry).await? {
+            Added::New => format!("{text} added to {name}\n"),
+            Added::Already => format!("{text} is on {name} already\n"),
+            Added::Moved => {
+                let other = match r.list {
+                    ListKind::Allow => ListKind::Block,
+                    ListKind::Block => ListKind::Allow,
+                };
+                format!("{text} moved from {} to {name}\n", list_name(scope, other))
+            }
+        },
+    ))
+}
+
+/// `lists ... remove`: fails when the entry is not on that list.
+async fn lists_remove(store: &Store, r: &ListRequest) -> store::Result<Response> {
+    let (scope, entry) = match list_args(r) {
+        Ok((s, Some(e))) => (s, e),
+        Ok((_, None)) => return Ok(fail("remove needs an address or @domain")),
+        Err(resp) => return Ok(resp),
+    };
+    let name = list_name(scope, r.list);
+    let text = entry.as_text();
+    Ok(if store.list_remove_durable(scope, r.list, &entry).await? {
+        ok(format!("{text} removed from {name}\n"))
+    } else {
+        fail(format!("{text} is not on {name}"))
+    })
+}
+
+/// `lists ... show`: the whole list, or whether one entry is on it (exit
+/// 1 when not, naming the domain entry that would match an address).
+fn lists_show(store: &Store, r: &ListRequest) -> store::Result<Response> {
+    let (scope, entry) = match list_args(r) {
+        Ok(x) => x,
+        Err(resp) => return Ok(resp),
+    };
+    let name = list_name(scope, r.list);
+    if let Some(entry) = entry {
+        let text = entry.as_text();
+        if store.list_contains(scope, r.list, &entry)? {
+            return Ok(ok(format!("{text} is on {name}\n")));
+        }
+        let via = match &entry {
+            ListEntry::Address(a) => a
+                .rsplit_once('@')
+                .map(|(_, d)| ListEntry::Domain(d.to_string()))
+                .filter(|d| store.list_contains(scope, r.list, d).unwrap_or(false)),
+            ListEntry::Domain(_) => None,
+        };
+        return Ok(fail(match via {
+            Some(d) => format!(
+                "{text} is not on {name} itself, but {} is, and matches it",
+                d.as_text()
+            ),
+            None => format!("{text} is not on {name}"),
+        }));
+    }
+    let rows = store.list_entries(scope, r.list)?;
+    let mut out = format!("{:<48} ADDED\n", "ENTRY");
+    for row in &rows {
+        let added = chrono::DateTime::from_timestamp(row.added, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_default();
+        out.push_str(&format!("{:<48} {added}\n", row.entry));
+    }
+    out.push_str(&format!(
+        "{} entr{} on {name}\n",
+        rows.len(),
+        if rows.len() == 1 { "y" } else { "ies" }
+    ));
+    Ok(ok(out))
 }
 
 /// `queue list`: one line per queued message the filter matches, with
@@ -424,6 +572,7 @@ pub(crate) async fn serve_control(
 ) -> std::io::Result<()> {
     use crate::net::{Admission, AdmissionConfig, Deadlines, Line, ListenerSpec};
     use std::os::unix::fs::PermissionsExt;
+    let export_root = Arc::new(export_root(path.parent().unwrap_or(Path::new("."))));
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
@@ -445,9 +594,18 @@ pub(crate) async fn serve_control(
     });
     crate::net::serve(listener, spec, server, move |mut conn, _peer| {
         let (store, scheduler, releases) = (store.clone(), scheduler.clone(), releases.clone());
+        let export_root = export_root.clone();
         async move {
             let resp = match conn.read_line(MAX_CONTROL_LINE).await {
                 Ok(Line::Data(line)) => match serde_json::from_slice::<Request>(&line) {
+                    Ok(Request::RecentExport { dir, .. })
+                        if dir.parent() != Some(export_root.as_path()) =>
+                    {
+                        fail(format!(
+                            "an export goes directly under {}",
+                            export_root.display()
+                        ))
+                    }
                     Ok(req) => {
                         let release = matches!(req, Request::QuarantineRelease(_));
                         let resp = execute(&store, Some(&scheduler), req).await;

@@ -485,6 +485,9 @@ pub struct RulesConfig {
     pub on_error: OnError,
     /// A total score at or above this quarantines.
     pub quarantine_score: f64,
+    /// How long a copy of every received message is kept for `rules replay
+    /// --recent`; `0s` keeps none.
+    pub keep_recent: DurationStr,
 }
 
 impl Default for RulesConfig {
@@ -494,6 +497,7 @@ impl Default for RulesConfig {
             max_operations: 100_000,
             on_error: OnError::Tempfail,
             quarantine_score: 10.0,
+            keep_recent: DurationStr(Duration::ZERO),
         }
     }
 }

@@ -75,6 +75,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
         retention,
         (retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(600)),
     ));
+    // `[rules] keep_recent`: the copies older than that go.
+    let recent = tokio::spawn(crate::store::recent::purge_loop(
+        core.store.clone(),
+        cfg.rules.keep_recent.0,
+    ));
     let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
     let accounts_watch = crate::watch::spawn(
         vec![Accounts::file(&cfg)],
@@ -122,7 +127,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         _ = int.recv() => {},
     }
     crate::notify::stopping();
-    for task in [watcher, purge, accounts_watch, housekeeping, hup] {
+    for task in [watcher, purge, recent, accounts_watch, housekeeping, hup] {
         task.abort();
     }
     tracing::info!("shutting down: no new connections; finishing sessions in flight");
@@ -193,6 +198,8 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
             metrics: core.metrics.clone(),
             hostname: cfg.server.hostname.clone(),
             signers: core.signers.clone(),
+            keep_recent: !cfg.rules.keep_recent.0.is_zero(),
+            accounts: logins.clone(),
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),

@@ -13,9 +13,10 @@ use crate::mail::{Enhanced, Envelope, Peer};
 use crate::mailbox::accounts::owns;
 use crate::metrics::Metrics;
 use crate::policy::{
-    CheckResults, DataInputs, RuleSet, StageTrace, Trace, TxInfo, Verdict, final_verdict,
+    CheckResults, DataInputs, ListHits, RuleSet, StageTrace, Trace, TxInfo, Verdict, final_verdict,
     strip_forged_auth_results,
 };
+use crate::store::recent::RecentCase;
 use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, Store};
 
@@ -51,6 +52,11 @@ pub(crate) struct Intake {
     pub(crate) hostname: String,
     /// `[dkim_sign]` keys: our users' mail is signed before it is stored.
     pub(crate) signers: Arc<crate::dkim::Signers>,
+    /// `[rules] keep_recent` is on: keep a copy of every decided message.
+    pub(crate) keep_recent: bool,
+    /// The accounts as last (re)loaded: whose allow and block lists apply
+    /// to which recipient.
+    pub(crate) accounts: Arc<crate::mailbox::MailboxCtx>,
 }
 
 impl Intake {
@@ -103,7 +109,10 @@ impl Intake {
         info.from = tx.from.clone();
         info.rcpts = tx.rcpt_addresses();
         let clean = strip_forged_auth_results(&body, &self.hostname);
-        let inputs = DataInputs::default();
+        let inputs = DataInputs {
+            lists: self.list_hits(&qid, &tx, &clean),
+            ..DataInputs::default()
+        };
         let lists = inputs.lists;
         let outcome = rules.data_with(&info, &clean, inputs).await;
         let (verdict, script) =
@@ -210,6 +219,34 @@ impl Intake {
                     .await
             }
         };
+        if self.keep_recent {
+            // What the rules decided from, for `rules replay --recent`.
+            // Written after the reply is known, on the blocking pool, with
+            // no fsync of its own: the client does not wait for it.
+            let case = RecentCase {
+                id: qid.clone(),
+                received: store::now_ms(),
+                ip: info.conn.ip,
+                helo: info.helo.clone(),
+                from: info.from.clone(),
+                rcpts: info.rcpts.clone(),
+                auth_user: info.auth_user.clone(),
+                tls: info.conn.tls,
+                submission: info.submission,
+                trusted: info.trusted,
+                checks: trace.checks.clone(),
+                scan: outcome.scan.clone(),
+                lists,
+                verdict: word.to_string(),
+                decided_by: deciding.clone(),
+            };
+            let (store, copy) = (self.store.clone(), clean.into_owned());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.keep_recent(&case, id, &copy) {
+                    tracing::warn!(id = %case.id, error = %e, "keep_recent: copy not kept");
+                }
+            });
+        }
         // The one line per message decision (addresses may be logged; the
         // body never is).
         tracing::info!(
@@ -272,6 +309,28 @@ impl Intake {
         }
         self.scheduler.now(id);
         (self.received(peer.listener, id), "queued")
+    }
+
+    /// The allow and block list hits of a message ([`crate::store::lists`]).
+    /// A store error is logged and counts as no hit: the message then gets
+    /// the ordinary checks.
+    fn list_hits(&self, qid: &str, tx: &Envelope, message: &[u8]) -> ListHits {
+        if tx.from.is_empty() {
+            return ListHits::default();
+        }
+        let accounts = self.accounts.accounts();
+        let owners: Vec<Vec<String>> = tx
+            .rcpts
+            .iter()
+            .map(|r| accounts.owners(&r.address))
+            .collect();
+        let authors = header_from_addresses(message);
+        self.store
+            .list_hits(&tx.from, &authors, &owners)
+            .unwrap_or_else(|e| {
+                tracing::error!(id = %qid, error = %e, "allow/block lists not readable; no list hits");
+                ListHits::default()
+            })
     }
 
     /// Counts a message taken in (stored, or discarded by the rules) and
@@ -341,6 +400,27 @@ fn header_from_refusal(mine: &[String], message: &[u8]) -> Option<String> {
         return Some("The message has no header From".into());
     }
     None
+}
+
+/// The addresses in the header From fields (for the block lists).
+fn header_from_addresses(message: &[u8]) -> Vec<String> {
+    use mail_parser::{HeaderName, HeaderValue, MessageParser};
+    let Some(parsed) = MessageParser::new().parse_headers(message) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for h in parsed.headers() {
+        if h.name != HeaderName::From {
+            continue;
+        }
+        if let HeaderValue::Address(list) = &h.value {
+            out.extend(
+                list.iter()
+                    .filter_map(|a| a.address.as_deref().map(str::to_string)),
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod net;
 pub(crate) mod notify;
 pub mod policy;
 pub(crate) mod quarantine;
+pub mod replay;
 pub mod rules_test;
 pub(crate) mod scan;
 pub(crate) mod smtp;

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use postern::admin::{self, Filter, Request};
+use postern::admin::{self, Filter, ListRequest, Request};
 use postern::config::Config;
 use postern::mailbox::accounts::Accounts;
 use postern::policy::Policy;
 use postern::store::Store;
+use postern::store::lists::ListKind;
 
 #[derive(Parser)]
 #[command(name = "postern", version, about = "Postern mail gateway")]
@@ -90,6 +91,50 @@ enum ConfigCommand {
         #[command(subcommand)]
         cmd: RulesCmd,
     },
+    /// Sender allow and block lists, site-wide or (with --user) per user.
+    Lists {
+        #[command(subcommand)]
+        list: ListsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListsCmd {
+    /// Senders whose mail skips the spam checks (never the virus or
+    /// attachment checks).
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Senders whose mail is quarantined (or refused: rules/05-lists.rhai).
+    Block {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListAction {
+    /// Put an address or @domain on the list (off the other list).
+    Add {
+        /// A login from policies/users.toml: that user's list, not the site's.
+        #[arg(long)]
+        user: Option<String>,
+        /// user@domain (case and +tag do not matter), or @domain (that domain only).
+        entry: String,
+    },
+    /// Take an address or @domain off the list.
+    Remove {
+        #[arg(long)]
+        user: Option<String>,
+        entry: String,
+    },
+    /// Print the list, or (given an entry) whether it is on it.
+    Show {
+        #[arg(long)]
+        user: Option<String>,
+        entry: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +160,27 @@ enum RulesCmd {
         /// The client's HELO name.
         #[arg(long, default_value = "localhost")]
         helo: String,
+    },
+    /// Run the running rules and the candidate DIR over a corpus; print the
+    /// verdict counts of each, every changed verdict, and per-script time.
+    #[command(group(clap::ArgGroup::new("corpus").required(true).multiple(false)))]
+    Replay {
+        /// The candidate rules directory.
+        #[arg(long)]
+        rules: PathBuf,
+        /// A Maildir (cur/ and new/, and its Maildir++ folders).
+        #[arg(long, group = "corpus")]
+        maildir: Option<PathBuf>,
+        /// An mbox file (mboxrd).
+        #[arg(long, group = "corpus")]
+        mbox: Option<PathBuf>,
+        /// The copies `[rules] keep_recent` kept of the mail received this
+        /// long ago or later (e.g. 24h).
+        #[arg(long, group = "corpus", value_parser = humantime::parse_duration)]
+        recent: Option<std::time::Duration>,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -189,8 +255,17 @@ fn main() -> ExitCode {
         } => return dkim_keygen(&domain, &selector, algorithm, out),
         Command::WithConfig(c) => c,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A replay runs every script on every message: per-message notes
+    // (shadow verdicts) would drown its report.
+    let quiet = matches!(
+        command,
+        ConfigCommand::Rules {
+            cmd: RulesCmd::Replay { .. }
+        }
+    );
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSTERN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+    });
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -247,6 +322,31 @@ fn main() -> ExitCode {
                 }
                 (None, None) => ExitCode::FAILURE,
             },
+            ConfigCommand::Rules {
+                cmd:
+                    RulesCmd::Replay {
+                        rules,
+                        maildir,
+                        mbox,
+                        recent,
+                        threads,
+                    },
+            } => {
+                use postern::replay::{Corpus, Options};
+                let corpus = match (maildir, mbox, recent) {
+                    (Some(d), _, _) => Corpus::Maildir(d),
+                    (_, Some(f), _) => Corpus::Mbox(f),
+                    (_, _, Some(age)) => Corpus::Recent(age),
+                    // clap requires one of the three.
+                    _ => return ExitCode::FAILURE,
+                };
+                let opts = Options {
+                    rules,
+                    corpus,
+                    threads,
+                };
+                postern::replay::run(&cfg, opts).await
+            }
             ConfigCommand::Queue { cmd } => {
                 admin_cmd(
                     &cfg,
@@ -258,6 +358,33 @@ fn main() -> ExitCode {
                         QueueCmd::Hold { id } => Request::QueueHold(id),
                         QueueCmd::Release { id } => Request::QueueRelease(id),
                     },
+                )
+                .await
+            }
+            ConfigCommand::Lists { list } => {
+                let (kind, action) = match list {
+                    ListsCmd::Allow { action } => (ListKind::Allow, action),
+                    ListsCmd::Block { action } => (ListKind::Block, action),
+                };
+                let (user, entry, make): (_, _, fn(ListRequest) -> Request) = match action {
+                    ListAction::Add { user, entry } => (user, Some(entry), Request::ListsAdd),
+                    ListAction::Remove { user, entry } => (user, Some(entry), Request::ListsRemove),
+                    ListAction::Show { user, entry } => (user, entry, Request::ListsShow),
+                };
+                let user = match user.map(|u| known_user(&cfg, &u)).transpose() {
+                    Ok(u) => u,
+                    Err(e) => {
+                        eprintln!("postern: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                admin_cmd(
+                    &cfg,
+                    make(ListRequest {
+                        list: kind,
+                        user,
+                        entry,
+                    }),
                 )
                 .await
             }
@@ -308,6 +435,21 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The login of `--user LOGIN` as users.toml spells it, or why not: the
+/// file is read here, as the running gateway (re)reads it.
+fn known_user(cfg: &Config, login: &str) -> Result<String, String> {
+    let accounts = Accounts::from_config(cfg).map_err(|e| e.to_string())?;
+    accounts
+        .find_login(login)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "no user \"{login}\" in {} (--user takes a login from it)",
+                Accounts::file(cfg).display()
+            )
+        })
 }
 
 /// Ask the running gateway, or open the store when none runs.

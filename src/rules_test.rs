@@ -9,6 +9,23 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::policy::{ConnInfo, Decided, Decision, Policy, RuleSet, TxInfo, Verdict, final_verdict};
 
+/// Each script call of a stage, one indented line each (shadow ones marked).
+fn calls(stage: &crate::policy::StageTrace) {
+    for c in &stage.calls {
+        let mut line = format!("           {} {}", c.script, c.verdict);
+        if c.shadow {
+            line.push_str(" (shadow, not applied)");
+        }
+        if !c.detail.is_empty() {
+            line.push_str(&format!(": {}", c.detail));
+        }
+        if c.score != 0.0 {
+            line.push_str(&format!(" score {:+}", c.score));
+        }
+        println!("{line}");
+    }
+}
+
 fn show(d: &Decision) -> String {
     match &d.verdict {
         None => "no objection".into(),
@@ -178,12 +195,14 @@ async fn envelope(
 ) -> Option<Decision> {
     let d = set.connect_async(conn).await;
     println!("connect:   {}", show(&d));
+    calls(&d.trace);
     note(&d, sticky);
     if let Some(d) = stop(d) {
         return Some(d);
     }
     let d = set.mail_from_async(tx).await;
     println!("mail from: {}", show(&d));
+    calls(&d.trace);
     note(&d, sticky);
     if let Some(d) = stop(d) {
         return Some(d);
@@ -191,6 +210,7 @@ async fn envelope(
     for r in rcpts {
         let d = set.rcpt_async(tx, r).await;
         println!("rcpt {r}: {}", show(&d));
+        calls(&d.trace);
         note(&d, sticky);
         if stop(d.clone()).is_some() {
             return Some(d);
@@ -222,6 +242,8 @@ async fn data_stage(set: &RuleSet, tx: &TxInfo, data: &[u8], sticky: Option<Deci
         "checks:    spf={} dkim={} dmarc={}",
         out.spf, out.dkim, out.dmarc
     );
+    println!("data:");
+    calls(&out.trace);
     println!("score:     {}", out.score);
     for (n, v) in &out.headers {
         println!("header:    {n}: {v}");

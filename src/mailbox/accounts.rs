@@ -155,7 +155,7 @@ impl Accounts {
 
     /// `policies/users.toml` of `cfg`: the quarantine (and, later,
     /// submission) accounts.
-    pub(crate) fn file(cfg: &crate::config::Config) -> std::path::PathBuf {
+    pub fn file(cfg: &crate::config::Config) -> std::path::PathBuf {
         cfg.policies.dir.join("users.toml")
     }
 
@@ -195,6 +195,26 @@ impl Accounts {
     /// Number of accounts.
     pub(crate) fn len(&self) -> usize {
         self.users.len()
+    }
+
+    /// The login as users.toml spells it, if there is such an account
+    /// (logins compare case-insensitively): `postern lists --user` checks it.
+    pub fn find_login(&self, login: &str) -> Option<&str> {
+        self.users
+            .iter()
+            .find(|e| e.account.login.eq_ignore_ascii_case(login.trim()))
+            .map(|e| e.account.login.as_str())
+    }
+
+    /// The logins of the accounts that own `address` ([`owns`]): whose
+    /// allow and block lists apply to mail for it. A walk over the users:
+    /// fine for a users file of hundreds, not of a hundred thousand.
+    pub(crate) fn owners(&self, address: &str) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|e| owns(&e.account.addresses, address))
+            .map(|e| e.account.login.clone())
+            .collect()
     }
 }
 

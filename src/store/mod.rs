@@ -1,12 +1,15 @@
 //! The durable store: one sled database holding the queue and the quarantine.
 //!
-//! Layout (six trees):
+//! Layout (seven trees):
 //! - `body`: queue id → the message bytes, exactly as they will be delivered;
 //! - `queue`: queue id → [`QueueEntry`] (JSON), the envelope and delivery state;
 //! - `held`: quarantine id → [`HeldEntry`] (JSON), one per held recipient;
 //! - `held_body`: message key → the held message bytes (shared by its entries);
 //! - `held_refs`: message key → how many held entries share that body;
-//! - `state`: small key/value space for the mailbox servers (UIDs, flags).
+//! - `state`: small key/value space for the mailbox servers (UIDs, flags);
+//! - `recent`: copies of received messages for `rules replay --recent`
+//!   (`[rules] keep_recent`, see [`recent`]).
+//! - `lists`: sender allow and block lists, site-wide and per user ([`lists`]).
 //!
 //! A body is written before the entry that points at it, and sled recovers a
 //! prefix of its writes, so after a crash an entry never lacks its body; a
@@ -16,10 +19,13 @@
 //! too, whoever asks (IMAP, the control socket, the CLI).
 
 mod commit;
+pub mod recent;
+pub mod lists;
 pub(crate) mod wake;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -228,6 +234,10 @@ pub struct Store {
     /// entry needs no scan of the whole quarantine).
     held_refs: sled::Tree,
     state: sled::Tree,
+    /// Copies for `rules replay --recent`, and their bytes (see [`recent`]).
+    recent: sled::Tree,
+    recent_bytes: Arc<AtomicU64>,
+    lists: sled::Tree,
     commit: GroupCommit,
     counts: Arc<Mutex<HashMap<QueueState, i64>>>,
     changes: tokio::sync::broadcast::Sender<()>,
@@ -262,6 +272,9 @@ impl Store {
             held_body: db.open_tree("held_body")?,
             held_refs: db.open_tree("held_refs")?,
             state: db.open_tree("state")?,
+            recent: db.open_tree("recent")?,
+            recent_bytes: Arc::default(),
+            lists: db.open_tree("lists")?,
             commit: GroupCommit::new(db.clone(), std::fs::File::open(dir.join("db")).ok()),
             counts: Arc::default(),
             changes,

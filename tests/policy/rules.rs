@@ -604,7 +604,12 @@ fn shipped_set_loads() {
     let set = policy.current();
     assert_eq!(
         set.script_names(),
-        ["10-auth.rhai", "20-attachments.rhai", "30-tag.rhai"]
+        [
+            "05-lists.rhai",
+            "10-auth.rhai",
+            "20-attachments.rhai",
+            "30-tag.rhai"
+        ]
     );
     assert_eq!(set.limit_names().len(), 4);
 }
