@@ -19,8 +19,8 @@
 //! too, whoever asks (IMAP, the control socket, the CLI).
 
 mod commit;
-pub mod recent;
 pub mod lists;
+pub mod recent;
 pub(crate) mod wake;
 
 use std::collections::HashMap;

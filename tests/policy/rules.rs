@@ -608,7 +608,8 @@ fn shipped_set_loads() {
             "05-lists.rhai",
             "10-auth.rhai",
             "20-attachments.rhai",
-            "30-tag.rhai"
+            "30-tag.rhai",
+            "40-scan.rhai"
         ]
     );
     assert_eq!(set.limit_names().len(), 4);
