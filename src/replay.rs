@@ -1019,3 +1019,28 @@ mod tests {
         assert_eq!(ip, Some("2001:db8::1".parse().unwrap()));
     }
 }
+
+#[cfg(test)]
+mod property {
+    /// Any bytes split into in-bounds, ordered, non-overlapping messages;
+    /// unquoting never grows a message and keeps its line count.
+    #[test]
+    fn any_mbox_splits_in_bounds() {
+        crate::testing::cases(20_000, 0x3b0c5, |rng| {
+            let mbox = rng.bytes(200, b"From >\r\n\nax");
+            let mut last = 0;
+            for r in super::mbox_messages(&mbox) {
+                assert!(
+                    r.start <= r.end && r.end <= mbox.len() && r.start >= last,
+                    "{mbox:?}"
+                );
+                last = r.end;
+                let m = &mbox[r];
+                let u = super::mboxrd_unquote(m);
+                assert!(u.len() <= m.len());
+                let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count();
+                assert_eq!(lines(&u), lines(m));
+            }
+        });
+    }
+}

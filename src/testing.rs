@@ -12,6 +12,15 @@ pub(crate) fn scaled(base: usize, seed: u64) -> (usize, u64) {
     (base * n.max(1), seed ^ (n as u64).wrapping_mul(0x9e37_79b9))
 }
 
+/// Runs `case` for each of the (scaled) `base` rounds of a property.
+pub(crate) fn cases(base: usize, seed: u64, mut case: impl FnMut(&mut Rng)) {
+    let (rounds, seed) = scaled(base, seed);
+    let mut rng = Rng(seed);
+    for _ in 0..rounds {
+        case(&mut rng);
+    }
+}
+
 pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
@@ -30,6 +39,12 @@ impl Rng {
 
     pub(crate) fn pick(&mut self, from: &[u8]) -> u8 {
         from[self.below(from.len())]
+    }
+
+    /// Fewer than `max` bytes drawn from `from`.
+    pub(crate) fn bytes(&mut self, max: usize, from: &[u8]) -> Vec<u8> {
+        let n = self.below(max);
+        (0..n).map(|_| self.pick(from)).collect()
     }
 
     /// Up to three ascending cut offsets into `len` bytes.

@@ -134,3 +134,19 @@ mod tests {
         assert!(matches!(parse("stream:  FOUND"), Err(ScanError::Failed(_))));
     }
 }
+
+#[cfg(test)]
+mod property {
+    /// Any answer clamd (or something pretending to be it) sends gives a
+    /// clean, a one-line name or an error: never a panic, never a line break.
+    #[test]
+    fn any_answer_parses_or_errs() {
+        crate::testing::cases(20_000, 0xc1a3d, |rng| {
+            let bytes = rng.bytes(64, b"stream: OKFUND \r\n\0\xff.:size limit exceeded");
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(Some(name)) = super::parse(&text) {
+                assert!(!name.contains(['\r', '\n']), "{text:?}");
+            }
+        });
+    }
+}

@@ -172,3 +172,40 @@ mod tests {
         assert!(parse(StatusCode::OK, b"<html>").is_err());
     }
 }
+
+#[cfg(test)]
+mod property {
+    use hyper::StatusCode;
+
+    /// Whatever JSON-ish bytes come back, with any status, the answer
+    /// parses to a finite score or an error; never a panic.
+    #[test]
+    fn any_body_parses_or_errs() {
+        let seeds: [&[u8]; 3] = [
+            br#"{"score": 7.5, "action": "add header", "symbols": {"A": {"score": 1}}}"#,
+            br#"{"error": "bad"}"#,
+            br#"{"score": 1e999, "action": "reject", "symbols": {}}"#,
+        ];
+        crate::testing::cases(20_000, 0x5a3d, |rng| {
+            let mut body = seeds[rng.below(seeds.len())].to_vec();
+            for _ in 0..rng.below(4) {
+                let i = rng.below(body.len() + 1);
+                match rng.below(3) {
+                    0 if i < body.len() => {
+                        body.remove(i);
+                    }
+                    1 => body.insert(i, rng.pick(b"{}[]\":,0.-e\\\xffnull")),
+                    _ => body.truncate(i),
+                }
+            }
+            let status = if rng.below(4) == 0 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            if let Ok(a) = super::parse(status, &body) {
+                assert!(a.score.is_finite());
+            }
+        });
+    }
+}

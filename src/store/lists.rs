@@ -97,9 +97,13 @@ impl ListEntry {
             return Err(bad("the local part has characters an address cannot have"));
         }
         let d = domain(d).map_err(|w| bad(&w))?;
-        Ok(ListEntry::Address(normalize_address(&format!(
-            "{local}@{d}"
-        ))))
+        let address = normalize_address(&format!("{local}@{d}"));
+        // `+tag@domain` has nothing left of its local part: stored as is it
+        // would read as the `@domain` entry.
+        if address.starts_with('@') {
+            return Err(bad("nothing is left of the local part without its +tag"));
+        }
+        Ok(ListEntry::Address(address))
     }
 
     /// As stored and shown: `user@domain` or `@domain`.
@@ -503,5 +507,36 @@ mod tests {
             hits("a@friend.test", &[], &[&["dave", "carol"]]),
             (true, false)
         );
+    }
+}
+
+#[cfg(test)]
+mod property {
+    use super::ListEntry;
+
+    /// Whatever an admin (or, later, a mail client) types is an entry or a
+    /// clear error, and an entry parses back to itself.
+    #[test]
+    fn any_text_is_an_entry_or_an_error() {
+        crate::testing::cases(20_000, 0x115, |rng| {
+            let bytes = rng.bytes(24, b"aB@.+-_ \r\n\0\xc3\xa9<>\"");
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(e) = ListEntry::parse(&text) {
+                let again = ListEntry::parse(&e.as_text());
+                assert_eq!(again.as_ref().ok(), Some(&e), "{text:?} -> {e:?}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod regression {
+    /// Found by the property test: `+tag@domain` normalised to `@domain`,
+    /// which is the domain entry's key (a block of one address became a
+    /// block of the whole domain).
+    #[test]
+    fn a_tag_only_local_part_is_refused() {
+        assert!(super::ListEntry::parse("+news@far.test").is_err());
+        assert!(super::ListEntry::parse("a+news@far.test").is_ok());
     }
 }
