@@ -52,21 +52,11 @@ fn verdict_text(v: &Verdict) -> String {
 pub fn suite(cfg: &Config, dir: &Path) -> ExitCode {
     let policy = match Policy::from_config_suite(cfg, false) {
         Ok(p) => p,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(problems) => return failed(&problems),
     };
     let cases = match crate::policy::suite::load(dir, policy.local_domain()) {
         Ok(c) => c,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(problems) => return failed(&problems),
     };
     let set = policy.current();
     let started = Instant::now();
@@ -139,12 +129,7 @@ pub async fn run(
     };
     let policy = match Policy::from_config(cfg) {
         Ok(p) => p,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(problems) => return failed(&problems),
     };
     let set = policy.current();
     let started = Instant::now();
@@ -260,4 +245,12 @@ async fn data_stage(set: &RuleSet, tx: &TxInfo, data: &[u8], sticky: Option<Deci
 /// A reject or tempfail ends the transaction before DATA.
 fn stop(d: Decision) -> Option<Decision> {
     matches!(d.verdict, Some(Verdict::Reject(_) | Verdict::Tempfail(_))).then_some(d)
+}
+
+/// Prints each problem (`file:line: message`) and gives the failure status.
+fn failed(problems: &[crate::config::Problem]) -> ExitCode {
+    for p in problems {
+        eprintln!("{p}");
+    }
+    ExitCode::FAILURE
 }

@@ -2,28 +2,14 @@
 //! the control socket) and stopped (on the store), and what the shipped
 //! rules/05-lists.rhai does with them to real SMTP traffic.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
 use crate::dns::message;
 
-/// The rule scripts shipped in the repository's rules/.
+/// The shipped scripts (see `common::shipped_rules`), this file's own among them.
 fn shipped_rules() -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read_to_string(&p).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
+    let out = crate::common::shipped_rules();
     assert!(out.iter().any(|(n, _)| n == "05-lists.rhai"), "{out:?}");
     out
 }

@@ -3,7 +3,6 @@
 //! limits, reloads, and the `rules test` / `check` commands — all through the
 //! real `postern` binary, checked the way a mail admin would check them.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,26 +16,6 @@ use crate::common::*;
 use crate::dns::message;
 
 // ---------------------------------------------------------------- helpers
-
-/// The rule scripts shipped in the repository's rules/.
-fn shipped_rules() -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read_to_string(&p).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    assert!(!out.is_empty(), "no shipped rules in {}", dir.display());
-    out
-}
 
 /// `crate::dns::start_dns`, again on a rare port clash: it binds UDP on an
 /// ephemeral port and then TCP on the same number, which another socket of

@@ -5,7 +5,7 @@
 //! (`.ci/run` installs clamav-daemon and rspamd). The cases with a scanner
 //! that is down need neither and always run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -252,22 +252,9 @@ async fn ping(port: u16) -> bool {
     matches!(read, Ok(Ok(_))) && out.contains("pong")
 }
 
-/// The rule scripts shipped in the repository's rules/.
+/// The shipped scripts (see `common::shipped_rules`), this file's own among them.
 fn shipped_rules() -> Vec<(String, String)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read_to_string(&p).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
+    let out = crate::common::shipped_rules();
     assert!(out.iter().any(|(n, _)| n == "40-scan.rhai"), "{out:?}");
     out
 }
