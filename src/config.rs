@@ -108,6 +108,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How long `serve` waits for sessions in flight after SIGTERM.
     pub(crate) shutdown_grace: DurationStr,
+    /// Mail is refused (`452 4.3.1`) while less than this (plus twice the
+    /// message) is free on the data dir's filesystem; "0" turns the check off.
+    pub(crate) min_free_space: Size,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +119,7 @@ impl Default for ServerConfig {
             hostname: "localhost".into(),
             data_dir: "data".into(),
             shutdown_grace: DurationStr(Duration::from_secs(10)),
+            min_free_space: Size(100 * 1024 * 1024),
         }
     }
 }

@@ -151,6 +151,7 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let store = Store::open(&data_dir.join("store"))?;
+    store.set_min_free(cfg.server.min_free_space.0);
     let metrics = Metrics::new();
     let policy = Arc::new(
         Policy::from_config(&cfg).map_err(|p| problems("rules or policies do not load", &p))?,

@@ -198,17 +198,20 @@ impl Intake {
                 };
                 reason = Some(template.reason.clone());
                 let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
-                let held = self.store.quarantine(&template, &rcpts, &m);
-                let stored = match held {
-                    Ok(_) => self.store.durable().await,
-                    Err(e) => Err(e),
+                let stored = match self.store.room_for(m.len() as u64) {
+                    Err(short) => Err(short),
+                    Ok(()) => Ok(match self.store.quarantine(&template, &rcpts, &m) {
+                        Ok(_) => self.store.durable().await,
+                        Err(e) => Err(e),
+                    }),
                 };
                 match stored {
-                    Err(e) => {
-                        tracing::error!(id = %qid, error = %e, "could not quarantine; answering 451");
-                        (store_failed(), "store failed")
+                    Err(short) => no_room(&qid, short),
+                    Ok(Err(e)) => {
+                        tracing::error!(id = %qid, error = %e, "could not quarantine; the client is told to retry");
+                        (store_failed(&e), "store failed")
                     }
-                    Ok(()) => (self.received(label, id), "quarantined"),
+                    Ok(Ok(())) => (self.received(label, id), "quarantined"),
                 }
             }
             Verdict::Accept => {
@@ -293,16 +296,19 @@ impl Intake {
             entry.state = QueueState::Held;
         }
         entry.trace = Some(trace);
+        if let Err(short) = self.store.room_for(body.len() as u64) {
+            return no_room(&store::fmt_id(id), short);
+        }
         let stored = match self.store.enqueue(&entry, &body) {
             Ok(()) => self.store.durable().await,
             Err(e) => Err(e),
         };
         if let Err(e) = stored {
-            tracing::error!(id = %store::fmt_id(id), error = %e, "could not store message; answering 451");
+            tracing::error!(id = %store::fmt_id(id), error = %e, "could not store message; the client is told to retry");
             // Do not leave a half-written entry to be delivered after the
             // client was told to retry.
             let _ = self.store.remove(id);
-            return (store_failed(), "store failed");
+            return (store_failed(&e), "store failed");
         }
         if held {
             return (self.received(peer.listener, id), "held");
@@ -355,8 +361,33 @@ fn decided_by(script: Option<&str>, by_score: bool) -> String {
     }
 }
 
-/// `451 4.3.0`: nothing was stored, the client should try again.
-fn store_failed() -> Vec<u8> {
+/// `452 4.3.1`: the data dir is short of its `min_free_space` reserve, so
+/// nothing is written (see [`store::space`]).
+fn no_room(id: &str, short: store::space::Short) -> (Vec<u8>, &'static str) {
+    tracing::error!(
+        id,
+        free = short.free,
+        needed = short.needed,
+        "data dir below [server] min_free_space; answering 452"
+    );
+    let answer = reply(
+        452,
+        Enhanced::new(4, 3, 1),
+        "Insufficient system storage, try again later",
+    );
+    (answer, "store full")
+}
+
+/// `451 4.3.0` (`452 4.3.1` when the disk is full): nothing was stored,
+/// the client should try again.
+fn store_failed(e: &store::StoreError) -> Vec<u8> {
+    if e.is_no_space() {
+        return reply(
+            452,
+            Enhanced::new(4, 3, 1),
+            "Insufficient system storage, try again later",
+        );
+    }
     reply(
         451,
         Enhanced::new(4, 3, 0),

@@ -21,6 +21,7 @@
 mod commit;
 pub mod lists;
 pub mod recent;
+pub(crate) mod space;
 pub(crate) mod wake;
 
 use std::collections::HashMap;
@@ -45,6 +46,22 @@ pub enum StoreError {
 }
 
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
+
+impl StoreError {
+    /// The filesystem is full (ENOSPC), as opposed to any other failure.
+    pub(crate) fn is_no_space(&self) -> bool {
+        let io = match self {
+            StoreError::Sled(sled::Error::Io(io)) => io,
+            StoreError::Commit(CommitError::Flush(e)) => match e.as_ref() {
+                sled::Error::Io(io) => io,
+                _ => return false,
+            },
+            StoreError::Commit(CommitError::Sync(io)) => io.as_ref(),
+            _ => return false,
+        };
+        io.kind() == std::io::ErrorKind::StorageFull
+    }
+}
 
 /// Where a queued message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -239,6 +256,7 @@ pub struct Store {
     recent_bytes: Arc<AtomicU64>,
     lists: sled::Tree,
     commit: GroupCommit,
+    space: space::Space,
     counts: Arc<Mutex<HashMap<QueueState, i64>>>,
     changes: tokio::sync::broadcast::Sender<()>,
 }
@@ -276,6 +294,7 @@ impl Store {
             recent_bytes: Arc::default(),
             lists: db.open_tree("lists")?,
             commit: GroupCommit::new(db.clone(), std::fs::File::open(dir.join("db")).ok()),
+            space: space::Space::new(dir.to_path_buf()),
             counts: Arc::default(),
             changes,
             db,
@@ -332,6 +351,16 @@ impl Store {
     }
 
     /// Wait until everything written so far is on disk.
+    /// Keep this many bytes free on the data dir's filesystem: see [`space`].
+    pub(crate) fn set_min_free(&self, bytes: u64) {
+        self.space.set_reserve(bytes);
+    }
+
+    /// Whether a message of `bytes` may be stored now (see [`space`]).
+    pub(crate) fn room_for(&self, bytes: u64) -> std::result::Result<(), space::Short> {
+        self.space.room_for(bytes)
+    }
+
     pub(crate) async fn durable(&self) -> Result<()> {
         Ok(self.commit.flush().await?)
     }

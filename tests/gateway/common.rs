@@ -317,6 +317,8 @@ pub struct Opts {
     pub quarantine_extra: String,
     /// More keys for the `[delivery]` table (e.g. `per_destination = 2`).
     pub delivery_extra: String,
+    /// More keys for the `[server]` table (e.g. `min_free_space = "16MB"`).
+    pub server_extra: String,
     pub extra: String,
 }
 
@@ -341,6 +343,7 @@ impl Default for Opts {
             smtp_extra: String::new(),
             quarantine_extra: String::new(),
             delivery_extra: String::new(),
+            server_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -398,6 +401,7 @@ impl Gateway {
 hostname = "gw.test"
 data_dir = "data"
 shutdown_grace = "3s"
+{server_extra}
 
 [smtp]
 relay = ["127.0.0.1:{smtp}"]
@@ -457,6 +461,7 @@ listen = "127.0.0.1:{metrics}"
             sub = g.submission,
             subs = g.submissions,
             metrics = g.metrics,
+            server_extra = opts.server_extra,
             size = opts.max_message_size,
             rcpts = opts.max_recipients,
             conns = opts.max_connections,

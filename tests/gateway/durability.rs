@@ -73,3 +73,124 @@ async fn kill_9_loses_no_acknowledged_message() {
         gw.log_text()
     );
 }
+
+/// The data dir on a small tmpfs, filled up: mail is refused with `452 4.3.1`
+/// before sled could meet ENOSPC (after which it stops answering until a
+/// restart), nothing acknowledged is lost, and mail is taken again as soon as
+/// space returns, without a restart. Needs root (mount); skips otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_full_refuses_with_452_and_recovers_without_restart() {
+    let sink = Sink::start(false).await;
+    let mut opts = Opts::sink(sink.port);
+    opts.server_extra = "min_free_space = \"16MB\"".into();
+    opts.max_message_size = "1MB".into();
+    let mut gw = Gateway::start(opts).await;
+    gw.term();
+    let data = gw.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&data)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIP disk_full: cannot mount a small tmpfs here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIP disk_full: no mount command: {e}");
+            return;
+        }
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _umount = Umount(data.clone());
+    gw.spawn().await;
+    // Leave 30 MB: room for about (30 - 16) / 0.2 messages of 100 KB.
+    let free = fs_free(&data);
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![0u8; (free - 30 * 1024 * 1024) as usize]).unwrap();
+    let mut acked = HashSet::new();
+    let mut refusal = None;
+    let mut cl = Client::connect(gw.smtp).await;
+    cl.cmd("EHLO full.test").await;
+    for i in 0..300 {
+        let tag = format!("full-{i}");
+        let body = format!(
+            "Subject: {tag}\r\n\r\n{}",
+            "0123456789abcdef\r\n".repeat(5600)
+        );
+        match cl
+            .try_mail("load@local.test", "bob@local.test", body.as_bytes())
+            .await
+        {
+            Ok(r) if r.starts_with("250") => {
+                acked.insert(tag);
+            }
+            Ok(r) | Err(r) => {
+                refusal = Some(r);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("the disk never filled up");
+    assert!(refusal.starts_with("452 4.3.1"), "{refusal}");
+    assert!(
+        !acked.is_empty(),
+        "nothing was taken before the disk filled"
+    );
+    // Space returns: the very next message is taken, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let r = cl
+        .try_mail(
+            "load@local.test",
+            "bob@local.test",
+            b"Subject: after\r\n\r\nspace again\r\n",
+        )
+        .await;
+    assert!(matches!(&r, Ok(x) if x.starts_with("250")), "{r:?}");
+    acked.insert("after".to_string());
+    let all = eventually(Duration::from_secs(60), || {
+        let got: HashSet<String> = sink
+            .messages()
+            .iter()
+            .filter_map(|m| subject_of(&m.body))
+            .collect();
+        acked.is_subset(&got)
+    })
+    .await;
+    assert!(all, "an acknowledged message was not delivered");
+    gw.term();
+}
+
+fn subject_of(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .map(|s| s.trim().to_string())
+}
+
+fn fs_free(p: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap()
+}
