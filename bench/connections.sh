@@ -98,9 +98,12 @@ imaps = []
 listen = "127.0.0.1:$METRICS"
 EOF
 cp "$POSTERN" "$T/postern"
-POSTERN_LOG=${POSTERN_LOG:-"warn,postern::policy::watch=debug"} "$T/postern" serve --config "$T/postern.toml" >"$T/postern.log" 2>&1 & PID=$!
-PIDS+=($PID)
-wait_port $RELAY || { tail -20 "$T/postern.log" >&2; die "postern did not start"; }
+start_postern() {
+  POSTERN_LOG=${POSTERN_LOG:-"warn,postern::policy::watch=debug"} "$T/postern" serve --config "$T/postern.toml" >>"$T/postern.log" 2>&1 & PID=$!
+  PIDS+=($PID)
+  wait_port $RELAY || { tail -20 "$T/postern.log" >&2; die "postern did not start"; }
+}
+start_postern
 log "postern pid $PID, data $T (soft fd limit of this shell $(ulimit -n); postern's: $(awk '/open files/ {print $4}' /proc/$PID/limits))"
 
 delivered() { find "$T/maildir" -type f -path '*/new/*' 2>/dev/null | xargs -r grep -l "Subject: $1" 2>/dev/null | wc -l; }
@@ -148,11 +151,15 @@ print(f"| fresh client on the relay port meanwhile | greeted in {r['fresh_greeti
 EOF
 fi
 if [ "$SENDERS" -gt 0 ]; then
-  log "senders: $SENDERS distinct MAIL FROM"
+  # a fresh process, so RSS per key is not hidden by memory the floods left behind
+  kill -TERM "$PID"; for _ in $(seq 200); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 100); do ss -ltn "sport = :$RELAY" | grep -q LISTEN || break; sleep 0.1; done
+  start_postern
+  log "senders: $SENDERS distinct MAIL FROM (postern restarted: pid $PID)"
   flood senders -n "$SENDERS" --sessions 4 >"$T/senders.json"
   log "waiting 75 s for the limiter's housekeeping"
   sleep 75
-  python3 - "$T/senders.json" "$(awk '/VmRSS/ {print $2}' /proc/$PID/status)" "$(grep -o 'keys=[0-9]*' "$T/postern.log" | tail -1)" >>"$OUT" <<'EOF'
+  python3 - "$T/senders.json" "$(awk '/VmRSS/ {print $2}' /proc/$PID/status)" "$(sed 's/\x1b\[[0-9;]*m//g' "$T/postern.log" | grep -o 'keys=[0-9]*' | tail -1)" >>"$OUT" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1])); later = int(sys.argv[2]); keys = sys.argv[3] or "keys=?"
 a = ", ".join(f"{k}: {v}" for k, v in sorted(r["answers"].items()))
