@@ -318,6 +318,8 @@ pub struct Opts {
     /// More keys for the `[delivery]` table (e.g. `per_destination = 2`).
     pub delivery_extra: String,
     pub extra: String,
+    /// Run under `ulimit -n N` (soft and hard), to exhaust descriptors.
+    pub nofile: Option<u64>,
 }
 
 impl Default for Opts {
@@ -342,6 +344,7 @@ impl Default for Opts {
             quarantine_extra: String::new(),
             delivery_extra: String::new(),
             extra: String::new(),
+            nofile: None,
         }
     }
 }
@@ -368,6 +371,7 @@ pub struct Gateway {
     pub imaps: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
+    pub nofile: Option<u64>,
 }
 
 impl Gateway {
@@ -390,6 +394,7 @@ impl Gateway {
             log: dir.path().join("postern.log"),
             dir,
             child: None,
+            nofile: opts.nofile,
         };
         let nets: Vec<String> = opts.networks.iter().map(|n| format!("\"{n}\"")).collect();
         let cfg = format!(
@@ -518,7 +523,17 @@ listen = "127.0.0.1:{metrics}"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config_path())
             .env("POSTERN_LOG", "info")
