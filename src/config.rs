@@ -138,6 +138,10 @@ pub(crate) struct SmtpConfig {
     pub(crate) submission: Vec<SocketAddr>,
     pub(crate) submissions: Vec<SocketAddr>,
     pub(crate) max_message_size: Size,
+    /// Message data all sessions may hold in memory at once (arriving
+    /// messages beyond 1 MiB go to `data_dir/spool/`; the checks read them
+    /// back within this); `452 4.3.1` at the end of DATA beyond it.
+    pub(crate) data_memory: Size,
     pub(crate) max_recipients: usize,
     pub(crate) max_connections: usize,
     /// Open connections per client IP across the SMTP listeners; `421 4.7.0` beyond.
@@ -179,6 +183,7 @@ impl Default for SmtpConfig {
             submission: vec![],
             submissions: vec![],
             max_message_size: Size(25 * 1000 * 1000),
+            data_memory: Size(256 * 1000 * 1000),
             max_recipients: 100,
             max_connections: 10_000,
             max_connections_per_ip: 50,
@@ -531,6 +536,8 @@ pub(crate) struct QuarantineConfig {
     /// Sessions across the POP3/IMAP listeners; `-ERR [SYS/TEMP]` / `* BYE` beyond.
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_ip: usize,
+    /// From the greeting to a successful login; then `-ERR` / `* BYE` and close.
+    pub(crate) login_timeout: DurationStr,
 }
 
 impl Default for QuarantineConfig {
@@ -543,6 +550,7 @@ impl Default for QuarantineConfig {
             retention: DurationStr(Duration::from_secs(30 * 86400)),
             max_connections: 1000,
             max_connections_per_ip: 20,
+            login_timeout: DurationStr(Duration::from_secs(60)),
         }
     }
 }
@@ -820,6 +828,14 @@ impl Config {
                 "outbound_tls",
                 "ca",
                 format!("{} is not a readable file", ca.display()),
+            );
+        }
+        if self.smtp.data_memory.0 < self.smtp.max_message_size.0 {
+            err(
+                "smtp",
+                "data_memory",
+                "must be at least max_message_size (a message that large could never be checked)"
+                    .into(),
             );
         }
         if self.smtp.max_recipients == 0 {

@@ -42,6 +42,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    crate::fds::at_start(&cfg);
     let (core, wakeups) = open(cfg)?;
     let cfg = core.cfg.clone();
     // Rules and policies reload when their files change, watched from the
@@ -201,6 +202,16 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
             signers: core.signers.clone(),
             keep_recent: !cfg.rules.keep_recent.0.is_zero(),
             accounts: logins.clone(),
+            spool: crate::spool::Spool::open(
+                &cfg.server.data_dir.join("spool"),
+                usize::try_from(cfg.smtp.data_memory.0).unwrap_or(usize::MAX),
+            )
+            .with_context(|| {
+                format!(
+                    "preparing the spool directory {}",
+                    cfg.server.data_dir.join("spool").display()
+                )
+            })?,
         }),
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),
@@ -306,6 +317,7 @@ async fn start_mailbox(core: &Core, server: &net::Server) -> Result<Arc<MailboxC
         exempt: Vec::new(),
     });
     mailbox.limits.handshake = cfg.smtp.handshake_timeout.0;
+    mailbox.limits.login = cfg.quarantine.login_timeout.0;
     mailbox.count_releases(core.metrics.releases.with_label_values(&["imap"]));
     let mailbox = Arc::new(mailbox);
     let q = &cfg.quarantine;

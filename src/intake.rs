@@ -16,6 +16,7 @@ use crate::policy::{
     CheckResults, DataInputs, ListHits, RuleSet, StageTrace, Trace, TxInfo, Verdict, final_verdict,
     strip_forged_auth_results,
 };
+use crate::spool::MessageBody;
 use crate::store::recent::RecentCase;
 use crate::store::wake::Scheduler;
 use crate::store::{self, HeldEntry, QueueEntry, QueueState, Store};
@@ -57,6 +58,9 @@ pub(crate) struct Intake {
     /// The accounts as last (re)loaded: whose allow and block lists apply
     /// to which recipient.
     pub(crate) accounts: Arc<crate::mailbox::MailboxCtx>,
+    /// Where arriving message data waits, and the memory budget the
+    /// checks read it back within.
+    pub(crate) spool: Arc<crate::spool::Spool>,
 }
 
 impl Intake {
@@ -66,12 +70,40 @@ impl Intake {
     }
 
     /// Decide on and store a complete message; return the reply to send.
+    /// The message is read into memory for the checks only if the
+    /// `data_memory` budget has room for it; otherwise `452 4.3.1`.
     pub(crate) async fn accept(
         &self,
         arrival: Arrival,
         rules: &Arc<RuleSet>,
-        body: Vec<u8>,
+        body: MessageBody,
     ) -> Vec<u8> {
+        let size = body.len();
+        let loaded = match body.load().await {
+            Ok(l) => l,
+            Err(e) => {
+                let budget = e.is_budget();
+                tracing::warn!(
+                    id = %store::fmt_id(arrival.id),
+                    size,
+                    data_memory_used = self.spool.budget().used(),
+                    error = %e,
+                    result = "refused",
+                    "message not taken: {}",
+                    if budget { "no memory for its checks" } else { "spool read failed" }
+                );
+                return reply(
+                    452,
+                    Enhanced::new(4, 3, 1),
+                    "Insufficient system storage, try again later",
+                );
+            }
+        };
+        // `loaded` keeps its bytes charged until the reply is made.
+        self.decide(arrival, rules, &loaded.bytes).await
+    }
+
+    async fn decide(&self, arrival: Arrival, rules: &Arc<RuleSet>, body: &[u8]) -> Vec<u8> {
         let Arrival {
             id,
             peer,
@@ -87,7 +119,7 @@ impl Intake {
         let qid = store::fmt_id(id);
         if let Some(why) = sender_addresses
             .as_deref()
-            .and_then(|mine| header_from_refusal(mine, &body))
+            .and_then(|mine| header_from_refusal(mine, body))
         {
             self.metrics
                 .verdicts
@@ -108,7 +140,7 @@ impl Intake {
         }
         info.from = tx.from.clone();
         info.rcpts = tx.rcpt_addresses();
-        let clean = strip_forged_auth_results(&body, &self.hostname);
+        let clean = strip_forged_auth_results(body, &self.hostname);
         let inputs = DataInputs {
             lists: self.list_hits(&qid, &tx, &clean),
             ..DataInputs::default()

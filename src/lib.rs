@@ -11,6 +11,7 @@ pub mod config;
 pub(crate) mod delivery;
 pub mod dkim;
 pub(crate) mod dns;
+pub mod fds;
 pub mod gateway;
 pub(crate) mod intake;
 pub mod mail;
@@ -24,6 +25,7 @@ pub mod replay;
 pub mod rules_test;
 pub(crate) mod scan;
 pub(crate) mod smtp;
+pub(crate) mod spool;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -412,6 +412,12 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     let signers = postern::dkim::Signers::load(cfg);
     match (policy, accounts, signers) {
         (Ok(p), Ok(_), Ok(_)) => {
+            // `serve` raises the soft limit to the hard one: warn against that.
+            if let Ok((_, hard)) = postern::fds::limits()
+                && let Some(w) = postern::fds::warning(cfg, hard)
+            {
+                eprintln!("warning: {w}");
+            }
             let set = p.current();
             let cases = p.suite_cases();
             println!(

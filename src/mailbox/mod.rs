@@ -49,6 +49,9 @@ pub(crate) struct Limits {
     pub(crate) pop3_idle: Duration,
     /// IMAP inactivity autologout, also bounds one IDLE (RFC 3501: at least 30 minutes).
     pub(crate) imap_idle: Duration,
+    /// From the greeting to a successful login (`[quarantine] login_timeout`):
+    /// silent clients must not hold mailbox slots for the idle timers above.
+    pub(crate) login: Duration,
     /// Largest IMAP literal accepted (we take no APPEND, so literals are only strings).
     pub(crate) max_literal: usize,
     /// A TLS handshake (POP3S/IMAPS, or after STLS/STARTTLS).
@@ -60,6 +63,7 @@ impl Default for Limits {
         Limits {
             pop3_idle: Duration::from_secs(10 * 60),
             imap_idle: Duration::from_secs(30 * 60),
+            login: Duration::from_secs(60),
             max_literal: 64 * 1024,
             handshake: Duration::from_secs(10),
         }

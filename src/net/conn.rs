@@ -64,9 +64,11 @@ pub(crate) enum Fill {
     Timeout,
 }
 
-/// How much to read at a time; the buffer starts empty, so an idle
-/// connection holds no read buffer at all.
+/// How much to read at a time once a client sends in bulk (DATA, literals).
 const READ_CHUNK: usize = 8192;
+/// The first read of a line into an empty buffer: an idle connection
+/// waiting for its next command holds this much, not [`READ_CHUNK`].
+const FIRST_READ: usize = 512;
 
 /// A connection with its read buffer and deadlines.
 pub(crate) struct Conn {
@@ -172,6 +174,10 @@ impl Conn {
         stoppable: bool,
     ) -> std::io::Result<Line> {
         let deadline = self.deadline_in(self.deadlines.idle);
+        if self.buf.is_empty() && self.buf.capacity() > FIRST_READ {
+            // Waiting for a command again: give back what a burst grew.
+            self.buf = BytesMut::new();
+        }
         let mut scanned = 0;
         let mut too_long = false;
         loop {
@@ -217,8 +223,12 @@ impl Conn {
         buf: &mut BytesMut,
         deadline: Instant,
     ) -> std::io::Result<Fill> {
-        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-            buf.reserve(READ_CHUNK);
+        if buf.capacity() - buf.len() < FIRST_READ / 2 {
+            buf.reserve(if buf.capacity() == 0 {
+                FIRST_READ
+            } else {
+                READ_CHUNK
+            });
         }
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
             Err(_) => Ok(Fill::Timeout),

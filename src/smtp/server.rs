@@ -17,6 +17,7 @@ use crate::mailbox::MailboxCtx;
 use crate::metrics::Metrics;
 use crate::net::{Conn, Fill, Line, Peer};
 use crate::policy::{Policy, RuleSet};
+use crate::spool::BodyWriter;
 
 /// Everything the sessions of all SMTP listeners share.
 pub(crate) struct SmtpContext {
@@ -340,8 +341,9 @@ async fn receive_data(
     let max = session.config().max_message_size as usize;
     let host = session.config().hostname.clone();
     let id = ctx.intake.next_id();
-    let cap = (tx.declared_size as usize).clamp(4096, max.min(1 << 20));
-    let mut body = Vec::with_capacity(cap);
+    // Past a small buffer the data goes to a spool file as it arrives
+    // (crate::spool), so a trickling client holds little memory.
+    let mut body = ctx.intake.spool.writer();
     let mut decoder = DataDecoder::new(ctx.bare_newline, max);
     if let Some(end) = read_message(conn, &mut decoder, &mut body, ctx, &host).await? {
         return Ok(end);
@@ -353,6 +355,17 @@ async fn receive_data(
             "Message size exceeds fixed maximum",
         )));
     }
+    let body = match body.finish().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "message data not kept; answering 452");
+            return Ok(DataEnd::Reply(reply(
+                452,
+                Enhanced::new(4, 3, 1),
+                "Insufficient system storage, try again later",
+            )));
+        }
+    };
     let Ok(id) = id else {
         return Ok(DataEnd::Reply(reply(
             451,
@@ -384,15 +397,23 @@ async fn receive_data(
 async fn read_message(
     conn: &mut Conn,
     decoder: &mut DataDecoder,
-    body: &mut Vec<u8>,
+    body: &mut BodyWriter,
     ctx: &SmtpContext,
     host: &str,
 ) -> std::io::Result<Option<DataEnd>> {
     let phase_end = conn.deadline_in(ctx.data_timeout);
+    // What one read decodes to, handed on to `body` at once.
+    let mut decoded = Vec::new();
     loop {
         if !conn.buffered().is_empty() {
-            let fed = decoder.feed(conn.buffered(), body);
+            let fed = decoder.feed(conn.buffered(), &mut decoded);
             conn.consume(fed.consumed);
+            if decoder.too_big() {
+                body.discard();
+            } else {
+                body.push(&decoded).await;
+            }
+            decoded.clear();
             match fed.status {
                 Status::End => return Ok(None),
                 Status::BareNewline => {

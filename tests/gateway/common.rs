@@ -320,6 +320,8 @@ pub struct Opts {
     /// More keys for the `[server]` table (e.g. `min_free_space = "16MB"`).
     pub server_extra: String,
     pub extra: String,
+    /// Run under `ulimit -n N` (soft and hard), to exhaust descriptors.
+    pub nofile: Option<u64>,
 }
 
 impl Default for Opts {
@@ -345,6 +347,7 @@ impl Default for Opts {
             delivery_extra: String::new(),
             server_extra: String::new(),
             extra: String::new(),
+            nofile: None,
         }
     }
 }
@@ -371,6 +374,7 @@ pub struct Gateway {
     pub imaps: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
+    pub nofile: Option<u64>,
 }
 
 impl Gateway {
@@ -393,6 +397,7 @@ impl Gateway {
             log: dir.path().join("postern.log"),
             dir,
             child: None,
+            nofile: opts.nofile,
         };
         let nets: Vec<String> = opts.networks.iter().map(|n| format!("\"{n}\"")).collect();
         let cfg = format!(
@@ -523,7 +528,17 @@ listen = "127.0.0.1:{metrics}"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config_path())
             .env("POSTERN_LOG", "info")

@@ -307,3 +307,50 @@ async fn bare_lf_under_normalize_is_one_message_of_crlf_text() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_mailbox_clients_are_closed_at_login_timeout_but_logged_in_ones_stay() {
+    let gw = Gateway::start(Opts {
+        quarantine_extra: "login_timeout = \"2s\"".into(),
+        users: vec![(
+            "alice".into(),
+            "alice-pw".into(),
+            vec!["alice@local.test".into()],
+            "user".into(),
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let mut pop = connect_from("127.0.0.1", gw.pop3).await;
+    assert!(first_line(&mut pop).await.starts_with("+OK"));
+    let mut imap = connect_from("127.0.0.1", gw.imap).await;
+    assert!(first_line(&mut imap).await.starts_with("* OK"));
+    let (said, closed) = until_closed(&mut pop, Duration::from_secs(30)).await;
+    assert!(closed.is_some(), "a silent POP3 client was not closed");
+    assert!(said.starts_with("-ERR login timeout"), "{said}");
+    let (said, closed) = until_closed(&mut imap, Duration::from_secs(30)).await;
+    assert!(closed.is_some(), "a silent IMAP client was not closed");
+    assert!(said.starts_with("* BYE Login timeout"), "{said}");
+
+    // Logged in (POP3S), a client may pause past login_timeout.
+    let out = tokio::task::spawn_blocking({
+        let port = gw.pop3s.to_string();
+        move || {
+            python(
+                r#"
+import poplib, ssl, sys, time
+ctx = ssl._create_unverified_context()
+p = poplib.POP3_SSL('127.0.0.1', int(sys.argv[1]), context=ctx)
+p.user('alice'); p.pass_('alice-pw')
+time.sleep(3)
+print('stat', p.stat()[0])
+p.quit()
+"#,
+                &[&port],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("stat 0"), "{out}");
+}

@@ -8,8 +8,10 @@ mod dkim;
 #[path = "../policy/common.rs"]
 mod dns;
 mod durability;
+mod fds;
 mod limits;
 mod lists;
+mod memory;
 mod notify;
 mod ops;
 mod outbound;

@@ -105,6 +105,7 @@ fn drain(rx: &mut broadcast::Receiver<()>) {
 }
 
 const BYE_IDLE: &[u8] = b"* BYE Autologout; idle for too long\r\n";
+const BYE_LOGIN: &[u8] = b"* BYE Login timeout\r\n";
 const BYE_SHUTDOWN: &[u8] = b"* BYE Server shutting down\r\n";
 
 /// What a session's helpers borrow for its whole life. The connection and
@@ -115,6 +116,8 @@ struct Session {
     ctx: Arc<MailboxCtx>,
     /// Autologout after this long without a command (also within IDLE).
     idle_timeout: Duration,
+    /// Before login, the session ends here (`[quarantine] login_timeout`).
+    login_by: tokio::time::Instant,
     store_rx: broadcast::Receiver<()>,
     changes_rx: broadcast::Receiver<()>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -133,6 +136,7 @@ pub(crate) async fn run_session(
         store_rx: ctx.store.subscribe(),
         changes_rx: ctx.imap.subscribe_changes(),
         idle_timeout: ctx.limits.imap_idle,
+        login_by: tokio::time::Instant::now() + ctx.limits.login,
         shutdown,
         ctx,
     };
@@ -159,9 +163,21 @@ impl Session {
         mut core: ImapCore,
     ) -> std::io::Result<Option<(ImapCore, Step)>> {
         let max_literal = self.ctx.limits.max_literal;
+        let logged_in = core.uses_store();
+        let wait = if logged_in {
+            self.idle_timeout
+        } else {
+            self.login_by
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(self.idle_timeout)
+        };
         let framed = tokio::select! {
-            r = tokio::time::timeout(self.idle_timeout, read_command(conn, max_literal)) => match r {
+            r = tokio::time::timeout(wait, read_command(conn, max_literal)) => match r {
                 Ok(r) => r?,
+                Err(_) if !logged_in => {
+                    conn.write(BYE_LOGIN).await?;
+                    return Ok(None);
+                }
                 Err(_) => {
                     conn.write(BYE_IDLE).await?;
                     return Ok(None);

@@ -76,10 +76,23 @@ pub(crate) async fn run_session(
     let mut _lock: Option<MaildropLock> = None;
     conn.write(&core.greeting()).await?;
     let idle: Duration = ctx.limits.pop3_idle;
+    let login_by = tokio::time::Instant::now() + ctx.limits.login;
     loop {
+        let logged_in = core.account().is_some();
+        let wait = if logged_in {
+            idle
+        } else {
+            login_by
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(idle)
+        };
         let line = tokio::select! {
-            r = tokio::time::timeout(idle, conn.read_line(MAX_LINE)) => match r {
+            r = tokio::time::timeout(wait, conn.read_line(MAX_LINE)) => match r {
                 Ok(r) => r?,
+                Err(_) if !logged_in => {
+                    conn.write(&err("login timeout")).await?;
+                    return Ok(());
+                }
                 Err(_) => {
                     conn.write(&err("autologout; idle for too long")).await?;
                     return Ok(());
