@@ -25,6 +25,7 @@ pub mod rules_test;
 pub(crate) mod scan;
 pub(crate) mod smtp;
 pub mod store;
+pub mod verify;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod tls;

@@ -410,8 +410,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     let policy = Policy::from_config(cfg);
     let accounts = Accounts::from_config(cfg);
     let signers = postern::dkim::Signers::load(cfg);
-    match (policy, accounts, signers) {
-        (Ok(p), Ok(_), Ok(_)) => {
+    let recipients = postern::verify::check(cfg);
+    match (policy, accounts, signers, recipients) {
+        (Ok(p), Ok(_), Ok(_), Ok(listed)) => {
             let set = p.current();
             let cases = p.suite_cases();
             println!(
@@ -420,9 +421,12 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
                 set.script_names().len(),
                 set.limit_names().len()
             );
+            if let Some(line) = listed {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
-        (policy, accounts, signers) => {
+        (policy, accounts, signers, recipients) => {
             for p in policy.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
@@ -430,6 +434,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
                 eprintln!("{e}");
             }
             for p in signers.err().into_iter().flatten() {
+                eprintln!("{p}");
+            }
+            for p in recipients.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
             ExitCode::FAILURE
