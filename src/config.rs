@@ -1085,9 +1085,12 @@ mod tests {
             e.starts_with("/tmp/x.toml:3: [relay] recipients: /tmp/nope.txt cannot be read"),
             "{e}"
         );
-        let e = Config::from_str("[relay]\nverify_recipients = \"ldap\"\n", Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_str(
+            "[relay]\nverify_recipients = \"ldap\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("x.toml:2:"), "{e}");
     }
 

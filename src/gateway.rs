@@ -91,9 +91,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // `[relay] recipients` reloads when it changes, like the policies.
     let recipients_watch = verifier.watched().map(|file| {
         let v = verifier.clone();
-        crate::watch::spawn(vec![file.to_path_buf()], Duration::from_secs(1), move || {
-            v.reload()
-        })
+        crate::watch::spawn(
+            vec![file.to_path_buf()],
+            Duration::from_secs(1),
+            move || v.reload(),
+        )
     });
     let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
     let accounts_watch = crate::watch::spawn(

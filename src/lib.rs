@@ -25,10 +25,10 @@ pub mod rules_test;
 pub(crate) mod scan;
 pub(crate) mod smtp;
 pub mod store;
-pub mod verify;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod tls;
+pub mod verify;
 pub(crate) mod watch;
 
 pub(crate) use net::stopped;

@@ -489,6 +489,14 @@ impl Delivery {
             tracing::warn!(id = %fmt_id(entry.id), "a bounce could not be delivered; dropping it (no DSN to <>)");
             return Ok(());
         }
+        if let Some(reason) = dsn::suppressed(entry, |d| self.cfg.relay.is_local_domain(d)) {
+            self.metrics
+                .dsn_suppressed
+                .with_label_values(&[reason])
+                .inc();
+            tracing::info!(id = %fmt_id(entry.id), to = %crate::mail::token(&entry.sender), failed = failed.len(), reason, "bounce dropped (it would be backscatter)");
+            return Ok(());
+        }
         let failures: Vec<dsn::Failure<'_>> = failed
             .iter()
             .map(|(i, reply)| dsn::Failure {

@@ -242,10 +242,14 @@ async fn decide(
         Action::Policy(check) => check,
         Action::Auth(creds) => {
             let ip = session.conn_info().ip;
-            let account =
+            let login =
                 crate::mailbox::check_login(&ctx.logins, ip, "smtp", creds.login, creds.password)
                     .await;
-            return session.auth_result(account);
+            return match login {
+                crate::mailbox::Login::Ok(a) => session.auth_result(Some(a)),
+                crate::mailbox::Login::Failed => session.auth_result(None),
+                crate::mailbox::Login::Refused => session.auth_refused(),
+            };
         }
         action => return action,
     };

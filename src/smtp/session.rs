@@ -111,6 +111,9 @@ pub(crate) enum Check {
     Rcpt(Rcpt),
 }
 
+/// A quarantine or discard decided before DATA, with the script that said it.
+type Sticky = (Verdict, Option<String>);
+
 /// The envelope being built between MAIL and the end of DATA.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Transaction {
@@ -156,8 +159,8 @@ impl Transaction {
 
 /// Too many protocol errors in one session and we hang up.
 const MAX_ERRORS: u32 = 20;
-/// Failed AUTHs in one session before we hang up (the per-IP slow-down
-/// in `mailbox::throttle` covers guessing across sessions).
+/// Failed AUTHs in one session before we hang up (the shared budget in
+/// `policy::login_guard` covers guessing across sessions).
 const MAX_AUTH_FAILURES: u32 = 3;
 /// Longest base64 text of one AUTH step: a login and a password fit many
 /// times over; anything longer is not a PLAIN or LOGIN credential.
@@ -192,7 +195,7 @@ pub(crate) struct Session {
     connect_trace: Option<StageTrace>,
     /// A RCPT the rules took, waiting for recipient verification, with
     /// the quarantine or discard they decided.
-    pending_rcpt: Option<(Rcpt, Option<(Verdict, Option<String>)>)>,
+    pending_rcpt: Option<(Rcpt, Option<Sticky>)>,
 }
 
 pub(crate) use crate::mail::reply::line as reply;
@@ -762,6 +765,27 @@ impl Session {
         }
     }
 
+    /// The login budget refused the AUTH unchecked: `454 4.7.0` (RFC 4954:
+    /// temporary authentication failure), so a client retries later; it
+    /// counts as a failure of this session, which ends after a few.
+    pub(crate) fn auth_refused(&mut self) -> Action {
+        self.auth_failures += 1;
+        let mut b = reply(
+            454,
+            Enhanced::new(4, 7, 0),
+            "Too many failed authentications from your address; try again later",
+        );
+        if self.auth_failures >= MAX_AUTH_FAILURES {
+            b.extend(reply(
+                421,
+                Enhanced::new(4, 7, 0),
+                "Too many failed authentications, closing connection",
+            ));
+            return Action::Close(b);
+        }
+        Action::Reply(b)
+    }
+
     /// Notes that the transaction went over a `hold` rate limit at `check`.
     pub(crate) fn hold(&mut self, check: &Check, limit: String) {
         let tx = match check {
@@ -909,8 +933,7 @@ impl Session {
                         Action::Reply(reply(250, Enhanced::new(2, 1, 0), "Ok"))
                     }
                     Check::Rcpt(r)
-                        if r.local
-                            && self.cfg.relay.verify_recipients != VerifyRecipients::Off =>
+                        if r.local && self.cfg.relay.verify_recipients != VerifyRecipients::Off =>
                     {
                         let address = r.address.clone();
                         self.pending_rcpt = Some((r, sticky));
@@ -1086,9 +1109,15 @@ mod tests {
             r,
             "550 5.1.1 <Ghost@local.test>: Recipient address rejected: user unknown\r\n"
         );
-        assert!(matches!(cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"), Action::Verify(_)));
+        assert!(matches!(
+            cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"),
+            Action::Verify(_)
+        ));
         assert!(text(s.verify_answer(Verified::Unavailable)).starts_with("451 4.4.3 "));
-        assert!(matches!(cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"), Action::Verify(_)));
+        assert!(matches!(
+            cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"),
+            Action::Verify(_)
+        ));
         assert!(text(s.verify_answer(Verified::Known)).starts_with("250 2.1.5"));
         // Only bob was taken.
         assert_eq!(s.tx_info(None).rcpts, vec!["bob@local.test".to_string()]);

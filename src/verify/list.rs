@@ -83,20 +83,31 @@ mod tests {
         ] {
             assert!(r.contains(yes), "{yes}");
         }
-        for no in ["carol@local.test", "alice@other.test", "x@sub.lists.local.test"] {
+        for no in [
+            "carol@local.test",
+            "alice@other.test",
+            "x@sub.lists.local.test",
+        ] {
             assert!(!r.contains(no), "{no}");
         }
     }
 
     #[test]
     fn bad_lines_name_file_and_line() {
-        let e = Recipients::parse("ok@local.test\nnot an address\n+tag@local.test\n", Path::new("r.txt"))
-            .unwrap_err();
+        let e = Recipients::parse(
+            "ok@local.test\nnot an address\n+tag@local.test\n",
+            Path::new("r.txt"),
+        )
+        .unwrap_err();
         let shown: Vec<String> = e.iter().map(ToString::to_string).collect();
         assert_eq!(shown.len(), 2, "{shown:?}");
         assert!(shown[0].starts_with("r.txt:2:"), "{shown:?}");
         assert!(shown[1].starts_with("r.txt:3:"), "{shown:?}");
         let missing = Recipients::load(Path::new("/nonexistent/r.txt")).unwrap_err();
-        assert!(missing[0].to_string().starts_with("/nonexistent/r.txt: cannot read"));
+        assert!(
+            missing[0]
+                .to_string()
+                .starts_with("/nonexistent/r.txt: cannot read")
+        );
     }
 }

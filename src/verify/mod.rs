@@ -41,7 +41,8 @@ pub fn check(cfg: &Config) -> Result<Option<String>, Vec<Problem>> {
         return Ok(None);
     }
     let file = &cfg.relay.recipients;
-    Recipients::load(file).map(|r| Some(format!("{}: {} recipient entries", file.display(), r.len())))
+    Recipients::load(file)
+        .map(|r| Some(format!("{}: {} recipient entries", file.display(), r.len())))
 }
 
 /// The one verifier of a gateway, shared by every SMTP session.

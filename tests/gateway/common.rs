@@ -317,6 +317,8 @@ pub struct Opts {
     pub quarantine_extra: String,
     /// More keys for the `[delivery]` table (e.g. `per_destination = 2`).
     pub delivery_extra: String,
+    /// More keys for the `[relay]` table (e.g. `verify_recipients = "off"`).
+    pub relay_extra: String,
     pub extra: String,
 }
 
@@ -341,6 +343,7 @@ impl Default for Opts {
             smtp_extra: String::new(),
             quarantine_extra: String::new(),
             delivery_extra: String::new(),
+            relay_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -412,6 +415,7 @@ idle_timeout = "{idle}"
 [relay]
 domains = ["local.test"]
 networks = [{nets}]
+{relay_extra}
 
 [delivery]
 route = "{route}"
@@ -480,6 +484,7 @@ listen = "127.0.0.1:{metrics}"
             smtp_extra = opts.smtp_extra,
             quarantine_extra = opts.quarantine_extra,
             delivery_extra = opts.delivery_extra,
+            relay_extra = opts.relay_extra,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();
