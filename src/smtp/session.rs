@@ -932,8 +932,14 @@ impl Session {
                         self.tx = Some(tx);
                         Action::Reply(reply(250, Enhanced::new(2, 1, 0), "Ok"))
                     }
+                    // Only mail from outside: its sender may be forged, so a
+                    // later bounce would be backscatter. Trusted and
+                    // authenticated clients keep queueing while the
+                    // backend is down.
                     Check::Rcpt(r)
-                        if r.local && self.cfg.relay.verify_recipients != VerifyRecipients::Off =>
+                        if r.local
+                            && !self.may_relay()
+                            && self.cfg.relay.verify_recipients != VerifyRecipients::Off =>
                     {
                         let address = r.address.clone();
                         self.pending_rcpt = Some((r, sticky));
@@ -1123,6 +1129,12 @@ mod tests {
         assert_eq!(s.tx_info(None).rcpts, vec!["bob@local.test".to_string()]);
         // An answer nobody asked for changes nothing.
         assert!(text(s.verify_answer(Verified::Known)).starts_with("503"));
+        // A trusted client is not asked about (its bounces are not backscatter).
+        let mut t = session(true);
+        Arc::make_mut(&mut t.cfg).relay.verify_recipients = VerifyRecipients::Backend;
+        cmd(&mut t, b"EHLO c.test\r\n");
+        cmd(&mut t, b"MAIL FROM:<a@far.test>\r\n");
+        assert!(text(cmd(&mut t, b"RCPT TO:<x@local.test>\r\n")).starts_with("250"));
     }
 
     #[test]

@@ -95,6 +95,17 @@ async fn attack(proto: &str, port: u16) {
     }
 }
 
+/// The connection caps out of the way: 50 connections from one address
+/// must all reach a login.
+fn opts() -> Opts {
+    Opts {
+        users: users(),
+        smtp_extra: "max_connections_per_ip = 100".into(),
+        quarantine_extra: "max_connections_per_ip = 100".into(),
+        ..Opts::default()
+    }
+}
+
 async fn refused_metric(gw: &Gateway, proto: &str) -> f64 {
     let m = gw.metrics_text().await;
     let want = format!("postern_mailbox_logins_total{{protocol=\"{proto}\",result=\"refused\"}} ");
@@ -105,22 +116,14 @@ async fn refused_metric(gw: &Gateway, proto: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_wrong_imap_logins_are_refused_and_other_addresses_log_in() {
-    let gw = Gateway::start(Opts {
-        users: users(),
-        ..Opts::default()
-    })
-    .await;
+    let gw = Gateway::start(opts()).await;
     attack("imap", gw.imaps).await;
     assert!(refused_metric(&gw, "imap").await >= 41.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_wrong_smtp_auths_are_refused_and_other_addresses_log_in() {
-    let gw = Gateway::start(Opts {
-        users: users(),
-        ..Opts::default()
-    })
-    .await;
+    let gw = Gateway::start(opts()).await;
     attack("smtp", gw.submissions).await;
     assert!(refused_metric(&gw, "smtp").await >= 41.0);
 }

@@ -122,7 +122,7 @@ async fn the_list_mode_takes_listed_addresses_and_catch_alls_and_reloads() {
     let file = lists.path().join("recipients.txt");
     std::fs::write(
         &file,
-        "# who we have\nAlice@Local.Test\n@lists.local.test\n",
+        "# who we have\nAlice@Local.Test\ncarol@local.test # for now\n",
     )
     .unwrap();
     let gw = Gateway::start(Opts {
@@ -140,33 +140,35 @@ async fn the_list_mode_takes_listed_addresses_and_catch_alls_and_reloads() {
     );
     let mut c = outsider(&gw).await;
     assert!(c.cmd("MAIL FROM:<a@far.test>").await.starts_with("250"));
-    for yes in ["alice+news@local.test", "anyone@lists.local.test"] {
-        let r = c.cmd(&format!("RCPT TO:<{yes}>")).await;
-        assert!(r.starts_with("250"), "{yes}: {r}");
-    }
+    let r = c.cmd("RCPT TO:<alice+news@local.test>").await;
+    assert!(r.starts_with("250"), "{r}");
     let r = c.cmd("RCPT TO:<bob@local.test>").await;
     assert!(r.starts_with("550 5.1.1 <bob@local.test>"), "{r}");
-    std::fs::write(&file, "alice@local.test\nbob@local.test\n").unwrap();
+    // Now a catch-all for the domain: bob and anyone else are taken.
+    std::fs::write(&file, "@local.test\n").unwrap();
     let mut taken = false;
-    for _ in 0..100 {
+    // Each refusal is a protocol error (20 end the session): ask slowly.
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let r = c.cmd("RCPT TO:<bob@local.test>").await;
         if r.starts_with("250") {
             taken = true;
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(taken, "the list did not reload; log:\n{}", gw.log_text());
-    // The catch-all went with the old file.
-    let r = c.cmd("RCPT TO:<anyone@lists.local.test>").await;
-    assert!(r.starts_with("550"), "{r}");
+    let r = c.cmd("RCPT TO:<anyone@local.test>").await;
+    assert!(r.starts_with("250"), "{r}");
     // A broken file keeps the list in use, and `check` names file and line.
     std::fs::write(&file, "alice@local.test\nnot an address\n").unwrap();
     let (ok, _, err) = gw.admin(&["check"]);
     assert!(!ok && err.contains("recipients.txt:2:"), "{err}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let r = c.cmd("RCPT TO:<alice@local.test>").await;
-    assert!(r.starts_with("250"), "{r}");
+    let r = c.cmd("RCPT TO:<dave@local.test>").await;
+    assert!(
+        r.starts_with("250"),
+        "the catch-all went with a broken file: {r}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
