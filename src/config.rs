@@ -207,6 +207,26 @@ impl Default for SmtpConfig {
 pub(crate) struct RelayConfig {
     pub(crate) domains: Vec<String>,
     pub(crate) networks: Vec<IpNet>,
+    /// How a recipient in one of `domains` is known to exist at RCPT time.
+    pub(crate) verify_recipients: VerifyRecipients,
+    /// With `list`: the file of addresses and `@domain` catch-alls
+    /// (relative to the config file's directory).
+    pub(crate) recipients: PathBuf,
+}
+
+/// `[relay] verify_recipients`: refuse unknown users at RCPT time instead
+/// of bouncing them later (backscatter).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum VerifyRecipients {
+    /// Ask the mailbox backend (an SMTP/LMTP RCPT probe, cached); a
+    /// Maildir route has every address, so this is safe as the default.
+    #[default]
+    Backend,
+    /// Only the addresses (and `@domain`s) in `recipients`.
+    List,
+    /// Accept every address of a relay domain.
+    Off,
 }
 
 impl RelayConfig {
@@ -767,6 +787,9 @@ impl Config {
         }
         cfg.rules.dir = abs(&cfg.rules.dir);
         cfg.policies.dir = abs(&cfg.policies.dir);
+        if !cfg.relay.recipients.as_os_str().is_empty() {
+            cfg.relay.recipients = abs(&cfg.relay.recipients);
+        }
 
         let problems = cfg.validate(text, path);
         if problems.is_empty() {
@@ -855,6 +878,22 @@ impl Config {
                 || d.contains(char::is_whitespace)
             {
                 err("relay", "domains", format!("\"{d}\" is not a domain"));
+            }
+        }
+        if self.relay.verify_recipients == VerifyRecipients::List {
+            let r = &self.relay.recipients;
+            if r.as_os_str().is_empty() {
+                err(
+                    "relay",
+                    "verify_recipients",
+                    "\"list\" needs `recipients = \"FILE\"`".into(),
+                );
+            } else if let Err(e) = std::fs::read_to_string(r) {
+                err(
+                    "relay",
+                    "recipients",
+                    format!("{} cannot be read: {e}", r.display()),
+                );
             }
         }
         let t = self.scan.timeout.0;
@@ -1046,6 +1085,36 @@ mod tests {
     }
 
     #[test]
+    fn recipient_verification_modes() {
+        let d = Config::from_str("", Path::new("x.toml")).unwrap();
+        assert_eq!(d.relay.verify_recipients, VerifyRecipients::Backend);
+        let e = Config::from_str(
+            "[relay]\nverify_recipients = \"list\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("x.toml:2: [relay] verify_recipients"), "{e}");
+        let e = Config::from_str(
+            "[relay]\nverify_recipients = \"list\"\nrecipients = \"nope.txt\"\n",
+            Path::new("/tmp/x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/tmp/x.toml:3: [relay] recipients: /tmp/nope.txt cannot be read"),
+            "{e}"
+        );
+        let e = Config::from_str(
+            "[relay]\nverify_recipients = \"ldap\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("x.toml:2:"), "{e}");
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(Size::parse("25MB").unwrap(), Size(25_000_000));
         assert_eq!(Size::parse("1KiB").unwrap(), Size(1024));
@@ -1055,8 +1124,8 @@ mod tests {
     #[test]
     fn trusted_networks_handle_mapped_v6() {
         let r = RelayConfig {
-            domains: vec![],
             networks: vec!["127.0.0.0/8".parse().unwrap()],
+            ..RelayConfig::default()
         };
         assert!(r.is_trusted("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!r.is_trusted("10.0.0.1".parse().unwrap()));

@@ -69,7 +69,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // comes before SMTP: submission AUTH shares its accounts.
     start_metrics(&core, shutdown_rx.clone()).await?;
     let mailbox = start_mailbox(&core, &server).await?;
-    start_smtp(&core, &server, mailbox.clone()).await?;
+    let verifier = Arc::new(
+        crate::verify::Verifier::new(
+            &cfg,
+            delivery.clone(),
+            core.metrics.recipient_verify.clone(),
+        )
+        .map_err(|p| problems("the recipients file does not load", &p))?,
+    );
+    start_smtp(&core, &server, mailbox.clone(), verifier.clone()).await?;
     let retention = cfg.quarantine.retention.0;
     let purge = tokio::spawn(crate::quarantine::purge_loop(
         core.store.clone(),
@@ -81,6 +89,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
         core.store.clone(),
         cfg.rules.keep_recent.0,
     ));
+    // `[relay] recipients` reloads when it changes, like the policies.
+    let recipients_watch = verifier.watched().map(|file| {
+        let v = verifier.clone();
+        crate::watch::spawn(
+            vec![file.to_path_buf()],
+            Duration::from_secs(1),
+            move || v.reload(),
+        )
+    });
     let (watch_cfg, watch_mailbox) = (cfg.clone(), mailbox.clone());
     let accounts_watch = crate::watch::spawn(
         vec![Accounts::file(&cfg)],
@@ -104,6 +121,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let housekeeping =
         crate::policy::spawn_housekeeping(core.policy.clone(), Duration::from_secs(60));
     let (hup_policy, hup_cfg, hup_mailbox) = (core.policy.clone(), cfg.clone(), mailbox.clone());
+    let hup_verifier = verifier.clone();
     let hup = tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading rules, policies and accounts");
@@ -111,6 +129,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             // Errors are logged and counted by reload itself.
             let _ = hup_policy.reload();
             reload_accounts(&hup_cfg, &hup_mailbox);
+            hup_verifier.reload();
             crate::notify::ready();
         }
     });
@@ -128,7 +147,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         _ = int.recv() => {},
     }
     crate::notify::stopping();
-    for task in [watcher, purge, recent, accounts_watch, housekeeping, hup] {
+    for task in [watcher, purge, recent, accounts_watch, housekeeping, hup]
+        .into_iter()
+        .chain(recipients_watch)
+    {
         task.abort();
     }
     tracing::info!("shutting down: no new connections; finishing sessions in flight");
@@ -182,7 +204,12 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
 /// Bind every SMTP listener (a port conflict fails the start) and serve them
 /// over the shared connection layer, with one set of caps for all of them,
 /// so spreading over ports gains nothing.
-async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) -> Result<()> {
+async fn start_smtp(
+    core: &Core,
+    server: &net::Server,
+    logins: Arc<MailboxCtx>,
+    verifier: Arc<crate::verify::Verifier>,
+) -> Result<()> {
     let cfg = &core.cfg;
     let smtp = Arc::new(SmtpContext {
         cfg: Arc::new(SessionConfig {
@@ -216,6 +243,7 @@ async fn start_smtp(core: &Core, server: &net::Server, logins: Arc<MailboxCtx>) 
         policy: core.policy.clone(),
         metrics: core.metrics.clone(),
         logins,
+        verifier,
         max_line_length: cfg.smtp.max_line_length,
         data_timeout: cfg.smtp.data_timeout.0,
         bare_newline: cfg.smtp.bare_newline,

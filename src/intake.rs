@@ -250,8 +250,16 @@ impl Intake {
                 if let Some(limit) = &hold {
                     reason = Some(format!("rate limit {limit}"));
                 }
-                self.enqueue(&peer, tx, id, message(), hold.is_some(), trace.clone())
-                    .await
+                let outside = !info.trusted;
+                self.enqueue(
+                    &peer,
+                    tx,
+                    id,
+                    message(),
+                    (hold.is_some(), outside),
+                    trace.clone(),
+                )
+                .await
             }
         };
         if self.keep_recent {
@@ -306,14 +314,15 @@ impl Intake {
     }
 
     /// Queues an accepted message (`held`: in the held state, for an admin
-    /// to release): the reply, and what became of it.
+    /// to release; `outside`: from a client neither trusted nor
+    /// authenticated): the reply, and what became of it.
     async fn enqueue(
         &self,
         peer: &Peer,
         tx: Envelope,
         id: u64,
         body: Vec<u8>,
-        held: bool,
+        (held, outside): (bool, bool),
         trace: Trace,
     ) -> (Vec<u8>, &'static str) {
         let mut entry = QueueEntry::new(
@@ -331,6 +340,7 @@ impl Intake {
         if let Err(short) = self.store.room_for(body.len() as u64) {
             return no_room(&store::fmt_id(id), short);
         }
+        entry.from_outside = outside;
         let stored = match self.store.enqueue(&entry, &body) {
             Ok(()) => self.store.durable().await,
             Err(e) => Err(e),

@@ -30,6 +30,7 @@ pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod tls;
+pub mod verify;
 pub(crate) mod watch;
 
 pub(crate) use net::stopped;

@@ -410,8 +410,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     let policy = Policy::from_config(cfg);
     let accounts = Accounts::from_config(cfg);
     let signers = postern::dkim::Signers::load(cfg);
-    match (policy, accounts, signers) {
-        (Ok(p), Ok(_), Ok(_)) => {
+    let recipients = postern::verify::check(cfg);
+    match (policy, accounts, signers, recipients) {
+        (Ok(p), Ok(_), Ok(_), Ok(listed)) => {
             // `serve` raises the soft limit to the hard one: warn against that.
             if let Ok((_, hard)) = postern::fds::limits()
                 && let Some(w) = postern::fds::warning(cfg, hard)
@@ -426,9 +427,12 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
                 set.script_names().len(),
                 set.limit_names().len()
             );
+            if let Some(line) = listed {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
-        (policy, accounts, signers) => {
+        (policy, accounts, signers, recipients) => {
             for p in policy.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
@@ -436,6 +440,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
                 eprintln!("{e}");
             }
             for p in signers.err().into_iter().flatten() {
+                eprintln!("{p}");
+            }
+            for p in recipients.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
             ExitCode::FAILURE

@@ -31,7 +31,15 @@ pub(crate) struct Metrics {
     pub(crate) smtp_tls_sessions: IntCounterVec,
     pub(crate) queue_oldest_age: IntGauge,
     pub(crate) releases: IntCounterVec,
+    /// RCPT-time recipient checks (`[relay] verify_recipients`).
+    pub(crate) recipient_verify: IntCounterVec,
+    /// DSNs not sent because they would have been backscatter.
+    pub(crate) dsn_suppressed: IntCounterVec,
 }
+
+/// `postern_dsn_suppressed_total{reason}`: failed SPF or DMARC; a sender
+/// outside our domains of mail from outside that the backend refused.
+pub(crate) const DSN_SUPPRESSED: [&str; 2] = ["auth_failed", "outside_sender"];
 
 /// Label values known before anything happens, created at 0 (SPEC: every
 /// counter exists from the first scrape).
@@ -178,6 +186,18 @@ impl Metrics {
                 "Quarantined messages released to their recipient, by how.",
                 &["via"],
             ),
+            recipient_verify: counter(
+                &r,
+                "postern_recipient_verify_total",
+                "RCPT-time recipient verification, by result (ok/unknown/tempfail) and whether the cache answered.",
+                &["result", "cached"],
+            ),
+            dsn_suppressed: counter(
+                &r,
+                "postern_dsn_suppressed_total",
+                "Bounces dropped instead of sent (they would have been backscatter), by reason.",
+                &["reason"],
+            ),
             registry: r,
         };
         // Make the label sets visible from the first scrape.
@@ -190,9 +210,17 @@ impl Metrics {
             }
         }
         for proto in ["pop3", "imap", "smtp"] {
-            for res in ["ok", "fail"] {
+            for res in ["ok", "fail", "refused"] {
                 m.mailbox_logins.with_label_values(&[proto, res]);
             }
+        }
+        for res in ["ok", "unknown", "tempfail"] {
+            for cached in ["true", "false"] {
+                m.recipient_verify.with_label_values(&[res, cached]);
+            }
+        }
+        for reason in DSN_SUPPRESSED {
+            m.dsn_suppressed.with_label_values(&[reason]);
         }
         for verdict in VERDICTS {
             for stage in STAGES {

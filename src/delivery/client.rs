@@ -454,6 +454,24 @@ impl Conn {
             .collect())
     }
 
+    /// Ask whether the server takes `rcpt`, sending nothing: `MAIL FROM:<>`,
+    /// `RCPT TO:<rcpt>`, `RSET`. The reply to RCPT is the answer; a refused
+    /// MAIL says nothing of the recipient (`Refused`).
+    pub(crate) async fn probe(&mut self, rcpt: &str) -> Result<Reply, ClientError> {
+        self.send(b"MAIL FROM:<>\r\n").await?;
+        self.flush().await?;
+        let m = self.read_reply().await?;
+        if !is_ok(&m) {
+            return Err(ClientError::Refused(m));
+        }
+        self.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+            .await?;
+        self.flush().await?;
+        let r = self.read_reply().await?;
+        self.reset().await?;
+        Ok(r)
+    }
+
     /// The server said 354 although no recipient was accepted: end the data with nothing.
     async fn finish_empty_data(&mut self) -> Result<(), ClientError> {
         self.send(b".\r\n").await?;

@@ -2,7 +2,26 @@
 //! when recipients fail permanently or the message outlives `max_age`.
 
 use crate::mail::{Enhanced, headers};
-use crate::store::Recipient;
+use crate::store::{QueueEntry, Recipient};
+
+/// Why a bounce is not sent, as `postern_dsn_suppressed_total{reason}`
+/// says it: `auth_failed` for mail that failed SPF or DMARC (its sender is
+/// most likely forged), `outside_sender` for mail from outside (neither
+/// trusted nor authenticated) whose sender is outside `domains`: with
+/// recipient verification such mail reached only recipients the backend
+/// said it has, so a bounce would go to a stranger who may be forged.
+pub(crate) fn suppressed(entry: &QueueEntry, ours: impl Fn(&str) -> bool) -> Option<&'static str> {
+    if let Some(t) = &entry.trace
+        && (t.checks.spf == "fail" || t.checks.dmarc == "fail")
+    {
+        return Some("auth_failed");
+    }
+    let domain = entry.sender.rsplit_once('@').map_or("", |(_, d)| d);
+    if entry.from_outside && !ours(domain.trim_end_matches('.')) {
+        return Some("outside_sender");
+    }
+    None
+}
 
 /// One failed recipient for the report.
 pub(crate) struct Failure<'a> {
@@ -94,6 +113,37 @@ pub(crate) fn build(
 mod tests {
     use super::*;
     use crate::store::RcptStatus;
+
+    #[test]
+    fn backscatter_is_recognised() {
+        let ours = |d: &str| d == "local.test";
+        let mut e = QueueEntry::new(
+            1,
+            "s@far.test".into(),
+            ["u@local.test".into()],
+            1,
+            String::new(),
+            String::new(),
+        );
+        // From a trusted or authenticated client: its bounces go.
+        assert_eq!(suppressed(&e, ours), None);
+        e.from_outside = true;
+        assert_eq!(suppressed(&e, ours), Some("outside_sender"));
+        e.sender = "s@local.test".into();
+        assert_eq!(suppressed(&e, ours), None);
+        // Failed SPF or DMARC: nowhere, whoever sent it.
+        for (spf, dmarc) in [("fail", "pass"), ("pass", "fail")] {
+            let mut t = crate::policy::Trace::default();
+            t.checks.spf = spf.into();
+            t.checks.dmarc = dmarc.into();
+            e.trace = Some(t);
+            e.from_outside = false;
+            assert_eq!(suppressed(&e, ours), Some("auth_failed"), "{spf} {dmarc}");
+        }
+        e.trace.as_mut().unwrap().checks.dmarc = "softfail".into();
+        e.trace.as_mut().unwrap().checks.spf = "softfail".into();
+        assert_eq!(suppressed(&e, ours), None);
+    }
 
     #[test]
     fn report_has_the_parts() {

@@ -101,6 +101,21 @@ pub(crate) enum Reason {
     Remote,
 }
 
+/// What the mailbox backend said of a recipient at RCPT time
+/// ([`Delivery::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// 2xx, or a Maildir route (every address of a relay domain exists).
+    Known,
+    /// 5xx: the backend's reply (for the log only).
+    Unknown(Reply),
+    /// 4xx, no connection, a timeout: why, for the log.
+    Unavailable(String),
+}
+
+/// The longest a RCPT-time probe may take: the client is waiting.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What one attempt did for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -474,6 +489,14 @@ impl Delivery {
             tracing::warn!(id = %fmt_id(entry.id), "a bounce could not be delivered; dropping it (no DSN to <>)");
             return Ok(());
         }
+        if let Some(reason) = dsn::suppressed(entry, |d| self.cfg.relay.is_local_domain(d)) {
+            self.metrics
+                .dsn_suppressed
+                .with_label_values(&[reason])
+                .inc();
+            tracing::info!(id = %fmt_id(entry.id), to = %crate::mail::token(&entry.sender), failed = failed.len(), reason, "bounce dropped (it would be backscatter)");
+            return Ok(());
+        }
         let failures: Vec<dsn::Failure<'_>> = failed
             .iter()
             .map(|(i, reply)| dsn::Failure {
@@ -618,6 +641,58 @@ impl Delivery {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let want = self.want(lmtp, self.cfg.outbound_tls.level_for(host), host);
         self.send(&key, &addrs, &want, from, rcpts, body, hp).await
+    }
+
+    /// Asks the mailbox backend whether it has `address`, on a connection
+    /// of its own (never a pooled one: a probe must not leave a delivery
+    /// session half-way), secured as deliveries to it are, within
+    /// [`PROBE_TIMEOUT`].
+    pub(crate) async fn probe(&self, address: &str) -> Probe {
+        let (hp, lmtp) = match &self.cfg.delivery.route {
+            Route::Maildir(_) => return Probe::Known,
+            Route::Smtp(hp) => (hp, false),
+            Route::Lmtp(hp) => (hp, true),
+            Route::Mx => return Probe::Unavailable("misconfigured route".into()),
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, self.probe_route(hp, lmtp, address)).await {
+            Ok(p) => p,
+            Err(_) => Probe::Unavailable(format!("{hp}: timed out")),
+        }
+    }
+
+    async fn probe_route(&self, hp: &str, lmtp: bool, address: &str) -> Probe {
+        let Some((host, port)) = mx::split_host_port(hp) else {
+            return Probe::Unavailable(format!("bad route {hp}"));
+        };
+        let addrs = match mx::resolve_host(&self.resolver, host, port).await {
+            Ok(a) => a,
+            Err(e) => return Probe::Unavailable(format!("{hp}: {e}")),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut want = self.want(lmtp, self.cfg.outbound_tls.level_for(host), host);
+        want.timeout = want.timeout.min(PROBE_TIMEOUT);
+        let mut last = format!("{hp}: no address");
+        for a in addrs {
+            let mut conn = match client::Conn::connect(a, &want, false).await {
+                Ok(c) => c,
+                Err(client::ClientError::Refused(r)) => {
+                    return Probe::Unavailable(format!("{hp} refused the session: {r}"));
+                }
+                Err(e) => {
+                    last = format!("{hp}: {e}");
+                    continue;
+                }
+            };
+            let answer = conn.probe(address).await;
+            conn.quit().await;
+            return match answer {
+                Ok(r) if (200..300).contains(&r.code) => Probe::Known,
+                Ok(r) if r.is_permanent() => Probe::Unknown(r),
+                Ok(r) => Probe::Unavailable(format!("{hp}: {r}")),
+                Err(e) => Probe::Unavailable(format!("{hp}: {e}")),
+            };
+        }
+        Probe::Unavailable(last)
     }
 
     fn want<'a>(&'a self, lmtp: bool, level: TlsLevel, host: &'a str) -> client::Want<'a> {

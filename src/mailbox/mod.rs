@@ -1,8 +1,8 @@
 //! The quarantine mailbox servers: POP3 and IMAP over the held messages.
 //!
 //! Layout: `store` (the interface to the quarantine, plus `MemStore` for tests), `accounts`
-//! (users.toml, argon2id), `throttle` (the per-IP login slow-down both protocols share; the
-//! connection itself is the shared `net` layer's), `pop3` (typed commands, sans-I/O core with one handler per state, shell),
+//! (users.toml, argon2id), the login failure budget ([`crate::policy::login_guard`], one
+//! for POP3, IMAP and SMTP AUTH; the connection itself is the shared `net` layer's), `pop3` (typed commands, sans-I/O core with one handler per state, shell),
 //! `imap` (sans-I/O core with one file per command group, shell), and the listeners here.
 //!
 //! The cores are synchronous and call the store; the shells run those calls on the
@@ -26,7 +26,6 @@ pub mod accounts;
 pub(crate) mod imap;
 pub(crate) mod pop3;
 pub mod store;
-pub(crate) mod throttle;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -39,8 +38,8 @@ use tokio::sync::Semaphore;
 
 use crate::mailbox::accounts::{Account, Accounts};
 use crate::mailbox::store::QuarantineStore;
-use crate::mailbox::throttle::Throttle;
 use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec};
+use crate::policy::login_guard::{LoginGuard, Refusal};
 
 /// Bounds on sessions; the defaults follow the RFCs' minimum autologout timers.
 #[derive(Clone, Debug)]
@@ -84,7 +83,8 @@ pub struct MailboxCtx {
     /// The caps shared by every POP3 and IMAP listener (`[quarantine]
     /// max_connections`, `max_connections_per_ip`).
     pub(crate) admission: Arc<Admission>,
-    pub(crate) throttle: Throttle,
+    /// The login failure budget every protocol shares (POP3, IMAP, SMTP AUTH).
+    pub(crate) guard: LoginGuard,
     pub(crate) pop3_locks: Mutex<HashSet<String>>,
     /// Per-user IMAP state (UIDs, flags, cached views) shared by all IMAP sessions.
     pub(crate) imap: Arc<imap::state::Shared>,
@@ -112,7 +112,7 @@ impl MailboxCtx {
                 rate_per_ip: None,
                 exempt: Vec::new(),
             }),
-            throttle: Throttle::default(),
+            guard: LoginGuard::default(),
             pop3_locks: Mutex::new(HashSet::new()),
         }
     }
@@ -154,21 +154,44 @@ fn verify_slots() -> &'static Semaphore {
         .get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
 }
 
-/// Check a login: wait the client IP's penalty, verify on a blocking thread, count the result.
+/// What a login attempt came to.
+#[derive(Debug)]
+pub(crate) enum Login {
+    Ok(Account),
+    /// Wrong login or password.
+    Failed,
+    /// Over the failure budget or too many at once from this IP: refused
+    /// without looking at the password (the client should try later).
+    Refused,
+}
+
+/// Check a login: ask the shared budget, wait the client IP's penalty,
+/// verify on a blocking thread, count the result.
 pub(crate) async fn check_login(
     ctx: &Arc<MailboxCtx>,
     ip: IpAddr,
     protocol: &str,
     login: String,
     password: String,
-) -> Option<Account> {
-    let delay = ctx.throttle.delay(ip);
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let accounts = ctx.accounts();
+) -> Login {
     // For the log: the name tried, made safe; the password never leaves here.
     let tried = crate::mail::token(&login);
+    let ticket = match ctx.guard.begin(ip, &login, std::time::Instant::now()) {
+        Ok(t) => t,
+        Err(why) => {
+            ctx.logins.with_label_values(&[protocol, "refused"]).inc();
+            let why = match why {
+                Refusal::OverBudget => "over the failure budget",
+                Refusal::TooManyAtOnce => "too many checks at once",
+            };
+            tracing::warn!(%ip, protocol, login = %tried, why, "login refused without a password check");
+            return Login::Refused;
+        }
+    };
+    if !ticket.delay.is_zero() {
+        tokio::time::sleep(ticket.delay).await;
+    }
+    let accounts = ctx.accounts();
     // argon2 is CPU- and memory-heavy by design: no more checks at once than
     // cores, so a burst of logins queues instead of eating memory.
     let _slot = verify_slots().acquire().await.ok();
@@ -176,19 +199,19 @@ pub(crate) async fn check_login(
         .await
         .ok()
         .flatten();
-    match &res {
+    ticket.finish(res.is_some(), std::time::Instant::now());
+    match res {
         Some(a) => {
-            ctx.throttle.succeeded(ip);
             ctx.logins.with_label_values(&[protocol, "ok"]).inc();
             tracing::info!(%ip, protocol, login = %a.login, "mailbox login");
+            Login::Ok(a)
         }
         None => {
-            ctx.throttle.failed(ip);
             ctx.logins.with_label_values(&[protocol, "fail"]).inc();
             tracing::warn!(%ip, protocol, login = %tried, "mailbox login failed");
+            Login::Failed
         }
     }
-    res
 }
 
 #[derive(Clone, Copy)]

@@ -16,6 +16,7 @@ mod types;
 mod watch;
 
 /// The open-relay guard every RCPT goes through.
+pub(crate) mod login_guard;
 pub(crate) mod relay;
 
 use std::path::{Path, PathBuf};

@@ -73,7 +73,7 @@ mod tests {
     fn cfg() -> RelayConfig {
         RelayConfig {
             domains: vec!["local.test".into()],
-            networks: vec![],
+            ..RelayConfig::default()
         }
     }
 

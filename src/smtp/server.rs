@@ -31,6 +31,8 @@ pub(crate) struct SmtpContext {
     /// CPU slots and `postern_mailbox_logins_total` (`protocol="smtp"`),
     /// and sees its reloads of users.toml.
     pub(crate) logins: Arc<MailboxCtx>,
+    /// `[relay] verify_recipients`: asked for each local RCPT the rules took.
+    pub(crate) verifier: Arc<crate::verify::Verifier>,
     pub(crate) max_line_length: usize,
     /// The whole DATA phase of one message.
     pub(crate) data_timeout: Duration,
@@ -241,10 +243,14 @@ async fn decide(
         Action::Policy(check) => check,
         Action::Auth(creds) => {
             let ip = session.conn_info().ip;
-            let account =
+            let login =
                 crate::mailbox::check_login(&ctx.logins, ip, "smtp", creds.login, creds.password)
                     .await;
-            return session.auth_result(account);
+            return match login {
+                crate::mailbox::Login::Ok(a) => session.auth_result(Some(a)),
+                crate::mailbox::Login::Failed => session.auth_result(None),
+                crate::mailbox::Login::Refused => session.auth_refused(),
+            };
         }
         action => return action,
     };
@@ -260,7 +266,13 @@ async fn decide(
     if let Some(limit) = c.hold {
         session.hold(&check, limit);
     }
-    session.policy_answer(check, d)
+    match session.policy_answer(check, d) {
+        Action::Verify(address) => {
+            let answer = ctx.verifier.verify(&address).await;
+            session.verify_answer(answer)
+        }
+        action => action,
+    }
 }
 
 /// Does what the session asked: queue a reply, or flush and close, start
@@ -298,7 +310,7 @@ async fn perform(
             }
         }
         // Answered above; a second question in a row cannot happen.
-        Action::Policy(_) | Action::Auth(_) => {
+        Action::Policy(_) | Action::Auth(_) | Action::Verify(_) => {
             out.extend(reply(451, Enhanced::new(4, 3, 0), "Internal error"))
         }
     }

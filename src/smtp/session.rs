@@ -11,11 +11,12 @@ use std::sync::Arc;
 use base64::Engine as _;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, VerifyRecipients};
 use crate::mail::{self, Enhanced, Envelope, Reply};
 use crate::mailbox::accounts::{Account, owns};
 use crate::policy::relay::{self, RcptDecision};
 use crate::policy::{ConnInfo, Decision, StageTrace, TxInfo, Verdict};
+pub(crate) use crate::verify::Verified;
 
 pub(crate) use crate::mail::Rcpt;
 
@@ -70,6 +71,9 @@ pub(crate) enum Action {
     /// Check these credentials (argon2, off the runtime), then hand the
     /// account found, if any, to [`Session::auth_result`].
     Auth(Credentials),
+    /// The rules took this local recipient: ask `[relay] verify_recipients`
+    /// whether it exists, then hand the answer to [`Session::verify_answer`].
+    Verify(String),
 }
 
 /// A login and password from AUTH, to be checked by the shell.
@@ -106,6 +110,9 @@ pub(crate) enum Check {
     Mail,
     Rcpt(Rcpt),
 }
+
+/// A quarantine or discard decided before DATA, with the script that said it.
+type Sticky = (Verdict, Option<String>);
 
 /// The envelope being built between MAIL and the end of DATA.
 #[derive(Debug, Clone, Default)]
@@ -152,8 +159,8 @@ impl Transaction {
 
 /// Too many protocol errors in one session and we hang up.
 const MAX_ERRORS: u32 = 20;
-/// Failed AUTHs in one session before we hang up (the per-IP slow-down
-/// in `mailbox::throttle` covers guessing across sessions).
+/// Failed AUTHs in one session before we hang up (the shared budget in
+/// `policy::login_guard` covers guessing across sessions).
 const MAX_AUTH_FAILURES: u32 = 3;
 /// Longest base64 text of one AUTH step: a login and a password fit many
 /// times over; anything longer is not a PLAIN or LOGIN credential.
@@ -186,6 +193,9 @@ pub(crate) struct Session {
     session_sticky: Option<(Verdict, Option<String>)>,
     /// What the `connect` functions said, the first stage of every trace.
     connect_trace: Option<StageTrace>,
+    /// A RCPT the rules took, waiting for recipient verification, with
+    /// the quarantine or discard they decided.
+    pending_rcpt: Option<(Rcpt, Option<Sticky>)>,
 }
 
 pub(crate) use crate::mail::reply::line as reply;
@@ -251,6 +261,7 @@ impl Session {
             pending_mail: None,
             session_sticky: None,
             connect_trace: None,
+            pending_rcpt: None,
         }
     }
 
@@ -754,6 +765,27 @@ impl Session {
         }
     }
 
+    /// The login budget refused the AUTH unchecked: `454 4.7.0` (RFC 4954:
+    /// temporary authentication failure), so a client retries later; it
+    /// counts as a failure of this session, which ends after a few.
+    pub(crate) fn auth_refused(&mut self) -> Action {
+        self.auth_failures += 1;
+        let mut b = reply(
+            454,
+            Enhanced::new(4, 7, 0),
+            "Too many failed authentications from your address; try again later",
+        );
+        if self.auth_failures >= MAX_AUTH_FAILURES {
+            b.extend(reply(
+                421,
+                Enhanced::new(4, 7, 0),
+                "Too many failed authentications, closing connection",
+            ));
+            return Action::Close(b);
+        }
+        Action::Reply(b)
+    }
+
     /// Notes that the transaction went over a `hold` rate limit at `check`.
     pub(crate) fn hold(&mut self, check: &Check, limit: String) {
         let tx = match check {
@@ -900,6 +932,19 @@ impl Session {
                         self.tx = Some(tx);
                         Action::Reply(reply(250, Enhanced::new(2, 1, 0), "Ok"))
                     }
+                    // Only mail from outside: its sender may be forged, so a
+                    // later bounce would be backscatter. Trusted and
+                    // authenticated clients keep queueing while the
+                    // backend is down.
+                    Check::Rcpt(r)
+                        if r.local
+                            && !self.may_relay()
+                            && self.cfg.relay.verify_recipients != VerifyRecipients::Off =>
+                    {
+                        let address = r.address.clone();
+                        self.pending_rcpt = Some((r, sticky));
+                        Action::Verify(address)
+                    }
                     Check::Rcpt(r) => match self.tx.as_mut() {
                         Some(tx) => {
                             if sticky.is_some() && tx.sticky.is_none() {
@@ -915,6 +960,42 @@ impl Session {
                         )),
                     },
                 }
+            }
+        }
+    }
+
+    /// The shell verified the recipient of [`Action::Verify`]: add it, or
+    /// refuse it (550 5.1.1 unknown, 451 4.4.3 when nobody could say).
+    pub(crate) fn verify_answer(&mut self, answer: Verified) -> Action {
+        let Some((r, sticky)) = self.pending_rcpt.take() else {
+            return Action::Reply(reply(503, Enhanced::new(5, 5, 1), "No recipient pending"));
+        };
+        match answer {
+            Verified::Known => match self.tx.as_mut() {
+                Some(tx) => {
+                    if sticky.is_some() && tx.sticky.is_none() {
+                        tx.sticky = sticky;
+                    }
+                    tx.rcpts.push(r);
+                    Action::Reply(reply(250, Enhanced::new(2, 1, 5), "Ok"))
+                }
+                None => Action::Reply(reply(503, Enhanced::new(5, 5, 1), "Need MAIL before RCPT")),
+            },
+            Verified::Unknown => {
+                self.verdict = Some(("reject", "rcpt"));
+                let text = format!(
+                    "<{}>: Recipient address rejected: user unknown",
+                    mail::token(&r.address)
+                );
+                self.error(reply(550, Enhanced::new(5, 1, 1), &text))
+            }
+            Verified::Unavailable => {
+                self.verdict = Some(("tempfail", "rcpt"));
+                Action::Reply(reply(
+                    451,
+                    Enhanced::new(4, 4, 3),
+                    "Recipient verification unavailable, try again later",
+                ))
             }
         }
     }
@@ -986,6 +1067,8 @@ mod tests {
                 } else {
                     vec![]
                 },
+                verify_recipients: crate::config::VerifyRecipients::Off,
+                recipients: Default::default(),
             },
             max_message_size: 1000,
             max_recipients: 2,
@@ -1015,7 +1098,43 @@ mod tests {
             }
             Action::Policy(c) => format!("policy {c:?}"),
             Action::Auth(c) => format!("auth {c:?}"),
+            Action::Verify(a) => format!("verify {a}"),
         }
+    }
+
+    #[test]
+    fn a_local_recipient_is_verified_after_the_rules() {
+        let mut s = session(false);
+        Arc::make_mut(&mut s.cfg).relay.verify_recipients = VerifyRecipients::Backend;
+        cmd(&mut s, b"EHLO c.test\r\n");
+        assert!(text(cmd(&mut s, b"MAIL FROM:<a@far.test>\r\n")).starts_with("250"));
+        let a = cmd(&mut s, b"RCPT TO:<Ghost@local.test>\r\n");
+        assert_eq!(a, Action::Verify("Ghost@local.test".into()));
+        let r = text(s.verify_answer(Verified::Unknown));
+        assert_eq!(
+            r,
+            "550 5.1.1 <Ghost@local.test>: Recipient address rejected: user unknown\r\n"
+        );
+        assert!(matches!(
+            cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"),
+            Action::Verify(_)
+        ));
+        assert!(text(s.verify_answer(Verified::Unavailable)).starts_with("451 4.4.3 "));
+        assert!(matches!(
+            cmd(&mut s, b"RCPT TO:<bob@local.test>\r\n"),
+            Action::Verify(_)
+        ));
+        assert!(text(s.verify_answer(Verified::Known)).starts_with("250 2.1.5"));
+        // Only bob was taken.
+        assert_eq!(s.tx_info(None).rcpts, vec!["bob@local.test".to_string()]);
+        // An answer nobody asked for changes nothing.
+        assert!(text(s.verify_answer(Verified::Known)).starts_with("503"));
+        // A trusted client is not asked about (its bounces are not backscatter).
+        let mut t = session(true);
+        Arc::make_mut(&mut t.cfg).relay.verify_recipients = VerifyRecipients::Backend;
+        cmd(&mut t, b"EHLO c.test\r\n");
+        cmd(&mut t, b"MAIL FROM:<a@far.test>\r\n");
+        assert!(text(cmd(&mut t, b"RCPT TO:<x@local.test>\r\n")).starts_with("250"));
     }
 
     #[test]
@@ -1087,6 +1206,8 @@ mod policy_tests {
             relay: RelayConfig {
                 domains: vec!["local.test".into()],
                 networks: vec![],
+                verify_recipients: crate::config::VerifyRecipients::Off,
+                recipients: Default::default(),
             },
             max_message_size: 1000,
             max_recipients: 5,
@@ -1203,6 +1324,8 @@ mod auth_tests {
             relay: RelayConfig {
                 domains: vec!["local.test".into()],
                 networks: vec!["127.0.0.0/8".parse().unwrap()],
+                verify_recipients: crate::config::VerifyRecipients::Off,
+                recipients: Default::default(),
             },
             max_message_size: 1000,
             max_recipients: 5,
@@ -1431,7 +1554,7 @@ mod auth_tests {
                             String::from_utf8_lossy(&r)
                         );
                     }
-                    Action::Auth(_) | Action::Policy(_) => {}
+                    Action::Auth(_) | Action::Policy(_) | Action::Verify(_) => {}
                 }
                 if rng.below(8) == 0 {
                     let _ = s.line_too_long();

@@ -141,6 +141,10 @@ pub(crate) struct QueueEntry {
     /// How the message was decided (absent in records from before traces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) trace: Option<crate::policy::Trace>,
+    /// It came from a client neither trusted nor authenticated: its
+    /// sender may be forged, so a bounce to outside may be backscatter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) from_outside: bool,
 }
 
 impl QueueEntry {
@@ -176,6 +180,7 @@ impl QueueEntry {
             helo,
             last_error: None,
             trace: None,
+            from_outside: false,
         }
     }
 
@@ -619,6 +624,7 @@ mod tests {
             helo: String::new(),
             last_error: None,
             trace: None,
+            from_outside: false,
         }
     }
 

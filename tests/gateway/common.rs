@@ -319,6 +319,8 @@ pub struct Opts {
     pub delivery_extra: String,
     /// More keys for the `[server]` table (e.g. `min_free_space = "16MB"`).
     pub server_extra: String,
+    /// More keys for the `[relay]` table (e.g. `verify_recipients = "off"`).
+    pub relay_extra: String,
     pub extra: String,
     /// Run under `ulimit -n N` (soft and hard), to exhaust descriptors.
     pub nofile: Option<u64>,
@@ -346,6 +348,7 @@ impl Default for Opts {
             quarantine_extra: String::new(),
             delivery_extra: String::new(),
             server_extra: String::new(),
+            relay_extra: String::new(),
             extra: String::new(),
             nofile: None,
         }
@@ -421,6 +424,7 @@ idle_timeout = "{idle}"
 [relay]
 domains = ["local.test"]
 networks = [{nets}]
+{relay_extra}
 
 [delivery]
 route = "{route}"
@@ -490,6 +494,7 @@ listen = "127.0.0.1:{metrics}"
             smtp_extra = opts.smtp_extra,
             quarantine_extra = opts.quarantine_extra,
             delivery_extra = opts.delivery_extra,
+            relay_extra = opts.relay_extra,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();

@@ -101,7 +101,12 @@ async fn backend_tempfail_then_accept_delivers_everything_once() {
 async fn backend_550_bounces_a_dsn_to_the_sender() {
     let sink = Sink::start(false).await;
     sink.reject.lock().unwrap().push("nobody@local.test".into());
-    let gw = Gateway::start(Opts::sink(sink.port)).await;
+    // Without RCPT-time verification, so the backend refuses at delivery.
+    let gw = Gateway::start(Opts {
+        relay_extra: "verify_recipients = \"off\"".into(),
+        ..Opts::sink(sink.port)
+    })
+    .await;
     let (original, dsn) = delivered_and_bounced(
         &gw,
         &sink,
@@ -139,7 +144,12 @@ async fn backend_550_bounces_a_dsn_to_the_sender() {
 async fn bounces_are_never_bounced() {
     let sink = Sink::start(false).await;
     sink.reject.lock().unwrap().push("nobody@local.test".into());
-    let gw = Gateway::start(Opts::sink(sink.port)).await;
+    // Without RCPT-time verification, so the backend refuses at delivery.
+    let gw = Gateway::start(Opts {
+        relay_extra: "verify_recipients = \"off\"".into(),
+        ..Opts::sink(sink.port)
+    })
+    .await;
     let mut c = Client::connect(gw.smtp).await;
     c.cmd("EHLO c.test").await;
     let r = c

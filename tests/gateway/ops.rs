@@ -47,8 +47,8 @@ fn value(s: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> Optio
     s.get(&key(name, labels)).copied()
 }
 
-/// The metric families SPEC.md's table names, plus the two README adds.
-const FAMILIES: [&str; 23] = [
+/// The metric families SPEC.md's table names, plus the four README adds.
+const FAMILIES: [&str; 25] = [
     "postern_smtp_connections_total",
     "postern_smtp_sessions_active",
     "postern_messages_received_total",
@@ -72,6 +72,8 @@ const FAMILIES: [&str; 23] = [
     "postern_build_info",
     "postern_queue_oldest_age_seconds",
     "postern_smtp_tls_sessions_total",
+    "postern_recipient_verify_total",
+    "postern_dsn_suppressed_total",
 ];
 
 const RULE: &str = r#"

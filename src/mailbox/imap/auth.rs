@@ -163,6 +163,17 @@ impl ImapCore {
         }
     }
 
+    /// The login budget refused the attempt unchecked: `UNAVAILABLE`
+    /// (RFC 5530: temporary, try later), not `AUTHENTICATIONFAILED`, which
+    /// would make a client ask its user for a new password.
+    pub(crate) fn login_refused(&mut self, tag: &str) -> Step {
+        Step::Reply(tagged(
+            tag,
+            "NO",
+            "[UNAVAILABLE] Too many failed logins from your address; try again later",
+        ))
+    }
+
     /// The client's reply to `+ ` during AUTHENTICATE PLAIN.
     pub(crate) fn sasl_response(&mut self, tag: &str, line: &[u8]) -> Step {
         if line == b"*" {

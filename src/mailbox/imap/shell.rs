@@ -226,10 +226,15 @@ impl Session {
                     login,
                     password,
                 } => {
-                    let account =
-                        crate::mailbox::check_login(&self.ctx, self.peer, "imap", login, password)
-                            .await;
-                    step = core.login_result(&tag, account);
+                    step = match crate::mailbox::check_login(
+                        &self.ctx, self.peer, "imap", login, password,
+                    )
+                    .await
+                    {
+                        crate::mailbox::Login::Ok(a) => core.login_result(&tag, Some(a)),
+                        crate::mailbox::Login::Failed => core.login_result(&tag, None),
+                        crate::mailbox::Login::Refused => core.login_refused(&tag),
+                    };
                 }
                 Step::SaslContinue { tag } => {
                     conn.write(b"+ \r\n").await?;

@@ -199,6 +199,16 @@ impl Pop3Core {
         }
     }
 
+    /// The login budget refused the attempt unchecked: a temporary
+    /// problem (RFC 3206 `SYS/TEMP`), so a client retries later rather
+    /// than asking its user for a new password as `[AUTH]` would.
+    pub(crate) fn login_refused(&mut self) -> Step {
+        self.state = State::auth();
+        Step::Reply(err(
+            "[SYS/TEMP] too many failed logins from your address; try again later",
+        ))
+    }
+
     /// The credentials were right but another session holds the maildrop.
     pub(crate) fn login_in_use(&mut self) -> Vec<u8> {
         self.state = State::auth();

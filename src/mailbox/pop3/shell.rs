@@ -39,10 +39,16 @@ async fn log_in(
     login: String,
     password: String,
 ) -> std::io::Result<(Pop3Core, Step)> {
-    let Some(account) = crate::mailbox::check_login(ctx, peer, "pop3", login, password).await
-    else {
-        let step = core.login_failed();
-        return Ok((core, step));
+    let account = match crate::mailbox::check_login(ctx, peer, "pop3", login, password).await {
+        crate::mailbox::Login::Ok(a) => a,
+        crate::mailbox::Login::Failed => {
+            let step = core.login_failed();
+            return Ok((core, step));
+        }
+        crate::mailbox::Login::Refused => {
+            let step = core.login_refused();
+            return Ok((core, step));
+        }
     };
     let key = account.login.to_ascii_lowercase();
     let locked = {
