@@ -317,6 +317,10 @@ pub struct Opts {
     pub quarantine_extra: String,
     /// More keys for the `[delivery]` table (e.g. `per_destination = 2`).
     pub delivery_extra: String,
+    /// More keys for the `[checks]` table (e.g. `authserv_ids = [..]`).
+    pub checks_extra: String,
+    /// `[rules] on_error` ("tempfail" unless a test says otherwise).
+    pub on_error: String,
     pub extra: String,
 }
 
@@ -341,6 +345,8 @@ impl Default for Opts {
             smtp_extra: String::new(),
             quarantine_extra: String::new(),
             delivery_extra: String::new(),
+            checks_extra: String::new(),
+            on_error: "tempfail".into(),
             extra: String::new(),
         }
     }
@@ -431,11 +437,12 @@ spf = {checks}
 dkim = {checks}
 dmarc = {checks}
 deadline = "5s"
+{checks_extra}
 
 [rules]
 dir = "rules"
 max_operations = 100000
-on_error = "tempfail"
+on_error = "{on_error}"
 quarantine_score = 10
 
 [policies]
@@ -480,6 +487,8 @@ listen = "127.0.0.1:{metrics}"
             smtp_extra = opts.smtp_extra,
             quarantine_extra = opts.quarantine_extra,
             delivery_extra = opts.delivery_extra,
+            checks_extra = opts.checks_extra,
+            on_error = opts.on_error,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();

@@ -20,3 +20,4 @@ mod scan;
 mod smtp_front;
 mod submission;
 mod trust;
+mod wire;
