@@ -158,6 +158,10 @@ pub(crate) struct SmtpConfig {
     pub(crate) session_timeout: DurationStr,
     /// What a bare LF or bare CR in DATA does.
     pub(crate) bare_newline: BareNewline,
+    /// What a message line over 998 octets (RFC 5321 4.5.3.1.6) does.
+    pub(crate) long_lines: LongLines,
+    /// What NUL bytes in message data do.
+    pub(crate) nul_bytes: NulBytes,
     /// Longest command line accepted, CRLF included (RFC 5321 says at least 512).
     pub(crate) max_line_length: usize,
     /// Name the authenticated login in `Received:` (off: a login is half a
@@ -174,6 +178,28 @@ pub(crate) enum BareNewline {
     /// Such lines are taken as CRLF lines; only CRLF.CRLF after a
     /// CRLF-ended line ends the data.
     Normalize,
+}
+
+/// What a message line longer than RFC 5321's 1000 octets (CRLF included) does.
+/// There is no "fold": folding changes signed bodies and breaks DKIM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LongLines {
+    /// `554 5.6.0` at the end of DATA; nothing is stored, the session goes on.
+    Reject,
+    /// Stored as sent (for senders that cannot be fixed).
+    Accept,
+}
+
+/// What NUL bytes in message data do (RFC 5322 2.3 text never has them;
+/// backends and scanners written in C may stop reading at one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum NulBytes {
+    /// `554 5.6.0` at the end of DATA; nothing is stored, the session goes on.
+    Reject,
+    /// Removed from the message.
+    Strip,
 }
 
 impl Default for SmtpConfig {
@@ -196,6 +222,8 @@ impl Default for SmtpConfig {
             data_timeout: DurationStr(Duration::from_secs(600)),
             session_timeout: DurationStr(Duration::from_secs(3600)),
             bare_newline: BareNewline::Reject,
+            long_lines: LongLines::Reject,
+            nul_bytes: NulBytes::Reject,
             max_line_length: 2048,
             received_auth_user: false,
         }
@@ -421,6 +449,10 @@ pub struct ChecksConfig {
     pub dmarc: bool,
     /// One deadline for all DNS work of one message; what is not done by then is `temperror`.
     pub deadline: DurationStr,
+    /// More authserv-ids (besides `[server] hostname`) whose inbound
+    /// `Authentication-Results` fields are removed: other names of this
+    /// gateway or of filters behind it whose results recipients trust.
+    pub authserv_ids: Vec<String>,
 }
 
 impl Default for ChecksConfig {
@@ -430,6 +462,7 @@ impl Default for ChecksConfig {
             dkim: true,
             dmarc: true,
             deadline: DurationStr(Duration::from_secs(10)),
+            authserv_ids: Vec::new(),
         }
     }
 }

@@ -219,13 +219,16 @@ async fn start_smtp(
             max_recipients: cfg.smtp.max_recipients,
             tls_available: true,
             received_auth_user: cfg.smtp.received_auth_user,
+            bare_newline: cfg.smtp.bare_newline,
         }),
         tls: Some(core.tls.clone()),
         intake: Arc::new(Intake {
             store: core.store.clone(),
             scheduler: core.scheduler.clone(),
             metrics: core.metrics.clone(),
-            hostname: cfg.server.hostname.clone(),
+            authserv_ids: std::iter::once(cfg.server.hostname.clone())
+                .chain(cfg.checks.authserv_ids.iter().cloned())
+                .collect(),
             signers: core.signers.clone(),
             keep_recent: !cfg.rules.keep_recent.0.is_zero(),
             accounts: logins.clone(),
@@ -247,6 +250,8 @@ async fn start_smtp(
         max_line_length: cfg.smtp.max_line_length,
         data_timeout: cfg.smtp.data_timeout.0,
         bare_newline: cfg.smtp.bare_newline,
+        long_lines: cfg.smtp.long_lines,
+        nul_bytes: cfg.smtp.nul_bytes,
     });
     let admission = Admission::new(AdmissionConfig {
         max_connections: cfg.smtp.max_connections,

@@ -50,7 +50,9 @@ pub(crate) struct Intake {
     pub(crate) store: Store,
     pub(crate) scheduler: Scheduler,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) hostname: String,
+    /// Our hostname and `[checks] authserv_ids`: inbound
+    /// `Authentication-Results` naming one of them are forged.
+    pub(crate) authserv_ids: Vec<String>,
     /// `[dkim_sign]` keys: our users' mail is signed before it is stored.
     pub(crate) signers: Arc<crate::dkim::Signers>,
     /// `[rules] keep_recent` is on: keep a copy of every decided message.
@@ -140,7 +142,7 @@ impl Intake {
         }
         info.from = tx.from.clone();
         info.rcpts = tx.rcpt_addresses();
-        let clean = strip_forged_auth_results(body, &self.hostname);
+        let clean = strip_forged_auth_results(body, &self.authserv_ids);
         let inputs = DataInputs {
             lists: self.list_hits(&qid, &tx, &clean),
             ..DataInputs::default()

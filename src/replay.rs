@@ -607,8 +607,14 @@ pub fn derive_case(message: &[u8], hostname: &str) -> Case {
 /// `from HELO (rdns [IP])` of a Received value; and whether TLS was used.
 fn parse_received(v: &str) -> (Option<IpAddr>, Option<String>, bool) {
     let mut words = v.split_whitespace();
-    let helo = match (words.next(), words.next()) {
-        (Some(f), Some(h)) if f.eq_ignore_ascii_case("from") => {
+    let helo = match (words.next(), words.next(), words.next()) {
+        // Ours for an EHLO name that is no domain: `from [IP] (helo=NAME)`.
+        (Some(f), Some(_), Some(c))
+            if f.eq_ignore_ascii_case("from") && c.starts_with("(helo=") =>
+        {
+            Some(c["(helo=".len()..].trim_end_matches(')').to_string())
+        }
+        (Some(f), Some(h), _) if f.eq_ignore_ascii_case("from") => {
             Some(h.trim_matches(|c| c == '(' || c == ')').to_string())
         }
         _ => None,
@@ -1015,6 +1021,9 @@ mod tests {
         let c = derive_case(b"Subject: none\n\n", "gw.test");
         assert_eq!(c.rcpts, ["postmaster@gw.test"]);
         assert_eq!(c.from, "");
+        let (ip, helo, _) = parse_received("from [192.0.2.9] (helo=x?Tue,) by x");
+        assert_eq!(ip, Some("192.0.2.9".parse().unwrap()));
+        assert_eq!(helo.as_deref(), Some("x?Tue,"));
         let (ip, _, _) = parse_received("from h ([IPv6:2001:db8::1]) by x");
         assert_eq!(ip, Some("2001:db8::1".parse().unwrap()));
     }

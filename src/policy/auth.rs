@@ -387,14 +387,31 @@ fn results_header(
     header
 }
 
-/// The authserv-id of an `Authentication-Results` value: its first token,
-/// comments (CFWS) skipped.
+/// The authserv-id of an `Authentication-Results` value: its first token
+/// or quoted string (RFC 8601 2.2: `authserv-id = value`), comments
+/// (CFWS, nested, with quoted pairs) and folding skipped.
 fn authserv_id(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
     let mut out = String::new();
     let mut depth = 0usize;
-    for c in text.chars() {
+    let mut quoted = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
         match c {
+            '\\' if depth > 0 || quoted => {
+                if let Some(next) = chars.next()
+                    && quoted
+                {
+                    out.push(next);
+                }
+            }
+            '"' if depth == 0 => {
+                if quoted {
+                    break;
+                }
+                quoted = true;
+            }
+            _ if quoted => out.push(c),
             '(' => depth += 1,
             ')' if depth > 0 => depth -= 1,
             _ if depth > 0 => {}
@@ -410,14 +427,29 @@ fn authserv_id(value: &[u8]) -> String {
     out
 }
 
-/// Removes `Authentication-Results` header fields whose authserv-id is
-/// `hostname` (case-insensitive) from the header section of `message`.
-/// Returns the message unchanged (borrowed) when there is none.
-pub fn strip_forged_auth_results<'a>(message: &'a [u8], hostname: &str) -> Cow<'a, [u8]> {
+/// Two host names compared as DNS does: ASCII case-insensitive, a
+/// trailing dot (the root) ignored.
+fn same_host(a: &str, b: &str) -> bool {
+    let a = a.strip_suffix('.').unwrap_or(a);
+    let b = b.strip_suffix('.').unwrap_or(b);
+    !a.is_empty() && a.eq_ignore_ascii_case(b)
+}
+
+/// Removes `Authentication-Results` header fields whose authserv-id is one
+/// of `ours` (our hostname and `[checks] authserv_ids`; RFC 8601 5: a
+/// receiver must delete such fields arriving from outside) from the header
+/// section of `message`. Returns the message unchanged (borrowed) when
+/// there is none.
+pub fn strip_forged_auth_results<'a, S: AsRef<str>>(
+    message: &'a [u8],
+    ours: &[S],
+) -> Cow<'a, [u8]> {
     let h = crate::mail::headers::scan(message);
     let forged = |f: &crate::mail::headers::Field| {
-        f.is(message, "Authentication-Results")
-            && authserv_id(f.value(message)).eq_ignore_ascii_case(hostname)
+        f.is(message, "Authentication-Results") && {
+            let id = authserv_id(f.value(message));
+            ours.iter().any(|o| same_host(&id, o.as_ref()))
+        }
     };
     if !h.fields.iter().any(forged) {
         return Cow::Borrowed(message);
@@ -437,14 +469,14 @@ mod tests {
     #[test]
     fn strips_only_ours() {
         let msg = b"Received: x\r\nAuthentication-Results: mx.example.test;\r\n spf=pass\r\nAuthentication-Results: (c) other.test; dkim=pass\r\nauthentication-results:  MX.EXAMPLE.TEST ; dmarc=pass\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.example.test; body\r\n";
-        let out = strip_forged_auth_results(msg, "mx.example.test");
+        let out = strip_forged_auth_results(msg, &["mx.example.test"]);
         assert_eq!(
             &*out,
             &b"Received: x\r\nAuthentication-Results: (c) other.test; dkim=pass\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.example.test; body\r\n"[..]
         );
         let clean = b"Subject: x\r\n\r\nbody";
         assert!(matches!(
-            strip_forged_auth_results(clean, "mx.example.test"),
+            strip_forged_auth_results(clean, &["mx.example.test"]),
             Cow::Borrowed(_)
         ));
     }
@@ -453,6 +485,41 @@ mod tests {
     fn authserv() {
         assert_eq!(authserv_id(b" (comment) host.test; spf=pass"), "host.test");
         assert_eq!(authserv_id(b" host.test 1; spf=pass"), "host.test");
+        assert_eq!(authserv_id(b" (a (nested\\) one)) h.test;x"), "h.test");
+        assert_eq!(authserv_id(b" \"h.test\"; spf=pass"), "h.test");
+        assert_eq!(authserv_id(b"\r\n\th.test(c);none"), "h.test");
+    }
+
+    #[test]
+    fn forged_variants_are_stripped() {
+        let ours = ["mx.example.test", "filter.example.test"];
+        for v in [
+            "mx.example.test.; spf=pass",
+            "MX.Example.Test; dkim=pass",
+            "(trust me) mx.example.test; dmarc=pass",
+            "\r\n mx.example.test\r\n ; spf=pass",
+            "mx.example.test 1; spf=pass",
+            "\"mx.example.test\"; spf=pass",
+            "filter.example.test.; spf=pass",
+        ] {
+            let msg = format!("Authentication-Results: {v}\r\nSubject: x\r\n\r\nbody");
+            let out = strip_forged_auth_results(msg.as_bytes(), &ours);
+            assert_eq!(&*out, &b"Subject: x\r\n\r\nbody"[..], "{v:?}");
+        }
+        for v in [
+            "mx.example.test.evil; spf=pass",
+            "example.test; spf=pass",
+            ".; none",
+        ] {
+            let msg = format!("Authentication-Results: {v}\r\n\r\nbody");
+            assert!(
+                matches!(
+                    strip_forged_auth_results(msg.as_bytes(), &ours),
+                    Cow::Borrowed(_)
+                ),
+                "{v:?}"
+            );
+        }
     }
 
     #[test]

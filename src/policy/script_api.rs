@@ -80,6 +80,13 @@ pub(crate) struct MsgData {
     pub(crate) headers: Vec<(String, ImmutableString)>,
     pub(crate) body: ImmutableString,
     pub(crate) attachments: Array,
+    /// Lowercase extension -> the first attachment name with it, built
+    /// once here so a rule's cost does not grow with the attachment count
+    /// (5 000 tiny parts must not push a script past `max_operations`).
+    /// Scripts ask it through `m.attachment_with_ext([...])`, so no value
+    /// the size of the attachment list (over the sandbox's 10 000 items
+    /// it would be a script error) ever enters the script.
+    pub(crate) attachment_extensions: std::collections::HashMap<String, ImmutableString>,
     pub(crate) spf: ImmutableString,
     pub(crate) dkim: ImmutableString,
     pub(crate) dmarc: ImmutableString,
@@ -98,6 +105,14 @@ pub(crate) struct MsgData {
 pub(crate) struct Msg {
     pub(crate) data: Arc<MsgData>,
     pub(crate) effects: Arc<Mutex<Effects>>,
+}
+
+/// The lowercase extension of a file name, as Windows would run it:
+/// trailing dots and spaces are dropped first (`invoice.exe .` is an .exe).
+fn extension(name: &str) -> Option<String> {
+    let name = name.trim_end_matches(|c: char| c == '.' || c.is_whitespace());
+    let (stem, ext) = name.rsplit_once('.')?;
+    (!stem.is_empty() || !ext.is_empty()).then(|| ext.trim().to_lowercase())
 }
 
 fn unfold(raw: &str) -> String {
@@ -167,11 +182,31 @@ impl Msg {
                 .filter_map(|p| p.attachment_name())
                 .map(|n| Dynamic::from(n.to_string()))
                 .collect();
+            for name in parsed.attachments().filter_map(|p| p.attachment_name()) {
+                if let Some(ext) = extension(name) {
+                    data.attachment_extensions
+                        .entry(ext)
+                        .or_insert_with(|| name.into());
+                }
+            }
         }
         Self {
             data: Arc::new(data),
             effects: Arc::new(Mutex::new(Effects::default())),
         }
+    }
+
+    /// An attachment name whose extension is one of `exts` (any case; the
+    /// first of `exts` that has one, its first such name), or `""`.
+    fn attachment_with_ext(&self, exts: &Array) -> ImmutableString {
+        let map = &self.data.attachment_extensions;
+        if map.is_empty() {
+            return ImmutableString::new();
+        }
+        exts.iter()
+            .filter_map(|e| e.clone().into_immutable_string().ok())
+            .find_map(|e| map.get(e.to_lowercase().as_str()).cloned())
+            .unwrap_or_default()
     }
 
     /// The same message with effects of its own (for a shadow script).
@@ -333,6 +368,9 @@ pub(crate) fn register(engine: &mut Engine) {
     engine.register_get("subject", |m: &mut Msg| m.data.subject.clone());
     engine.register_get("body", |m: &mut Msg| m.data.body.clone());
     engine.register_get("attachments", |m: &mut Msg| m.data.attachments.clone());
+    engine.register_fn("attachment_with_ext", |m: &mut Msg, exts: Array| {
+        m.attachment_with_ext(&exts)
+    });
     engine.register_get("spf", |m: &mut Msg| m.data.spf.clone());
     engine.register_get("dkim", |m: &mut Msg| m.data.dkim.clone());
     engine.register_get("dmarc", |m: &mut Msg| m.data.dmarc.clone());
@@ -372,6 +410,14 @@ mod tests {
             Some(e) => format!("{e} {}", r.text),
             None => r.text,
         }
+    }
+
+    #[test]
+    fn extensions_as_windows_sees_them() {
+        assert_eq!(extension("Invoice.PDF.EXE").as_deref(), Some("exe"));
+        assert_eq!(extension("invoice.exe. . ").as_deref(), Some("exe"));
+        assert_eq!(extension(".bashrc").as_deref(), Some("bashrc"));
+        assert_eq!(extension("README"), None);
     }
 
     #[test]

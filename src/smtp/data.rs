@@ -98,7 +98,18 @@ pub(crate) struct DataDecoder {
     size: usize,
     too_big: bool,
     state: State,
+    /// Content bytes of the current line so far (line end not counted).
+    line_len: usize,
+    /// A line was longer than [`MAX_LINE`].
+    long_line: bool,
+    /// Remove NUL bytes instead of keeping them (`nul_bytes = "strip"`).
+    strip_nul: bool,
+    /// A NUL byte was in the data (stripped or not).
+    nul: bool,
 }
+
+/// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
+pub(crate) const MAX_LINE: usize = 998;
 
 impl DataDecoder {
     /// A decoder for one message of at most `max_size` bytes (as stored:
@@ -110,6 +121,35 @@ impl DataDecoder {
             size: 0,
             too_big: false,
             state: State::LineStart,
+            line_len: 0,
+            long_line: false,
+            strip_nul: false,
+            nul: false,
+        }
+    }
+
+    /// Drop NUL bytes from the message (they are still reported by [`Self::nul`]).
+    pub(crate) fn strip_nul(mut self) -> Self {
+        self.strip_nul = true;
+        self
+    }
+
+    /// Did a line (as stored: unstuffed, without its line end) run past
+    /// [`MAX_LINE`] octets?
+    pub(crate) fn long_line(&self) -> bool {
+        self.long_line
+    }
+
+    /// Was there a NUL byte in the data?
+    pub(crate) fn nul(&self) -> bool {
+        self.nul
+    }
+
+    /// `n` more content bytes on the current line.
+    fn line_bytes(&mut self, n: usize) {
+        self.line_len += n;
+        if self.line_len > MAX_LINE {
+            self.long_line = true;
         }
     }
 
@@ -172,6 +212,7 @@ impl DataDecoder {
                 State::Cr => {
                     if b == b'\n' {
                         self.emit(b"\r\n", out);
+                        self.line_len = 0;
                         self.state = State::LineStart;
                         i += 1;
                     } else if let Some(f) = self.bare_line_end(b"\r\n", i, out) {
@@ -205,11 +246,14 @@ impl DataDecoder {
         let mut at = *i;
         loop {
             let Some(p) = input[at..].iter().position(|&b| b == b'\r' || b == b'\n') else {
+                self.line_bytes(input.len() - at);
                 self.emit(&input[run..], out);
                 *i = input.len();
                 return None;
             };
             let eol = at + p;
+            // `at` is where this line's content began in the input.
+            self.line_bytes(eol - at);
             if input[eol] == b'\n' {
                 self.emit(&input[run..eol], out);
                 *i = eol + 1;
@@ -217,6 +261,7 @@ impl DataDecoder {
             }
             match input.get(eol + 1) {
                 Some(b'\n') => {
+                    self.line_len = 0;
                     at = eol + 2;
                     // Keep the run going while the next line cannot start with a dot.
                     if input.get(at).is_some_and(|&b| b != b'.') {
@@ -261,6 +306,7 @@ impl DataDecoder {
             }
             BareNewline::Normalize => {
                 self.emit(written, out);
+                self.line_len = 0;
                 self.state = State::Mid;
                 None
             }
@@ -271,6 +317,13 @@ impl DataDecoder {
     fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         if self.too_big || bytes.is_empty() {
             return;
+        }
+        if bytes.contains(&0) {
+            self.nul = true;
+            if self.strip_nul {
+                let kept: Vec<u8> = bytes.iter().copied().filter(|&b| b != 0).collect();
+                return self.emit(&kept, out);
+            }
         }
         if bytes.len() > self.max_size - self.size {
             self.too_big = true;
@@ -458,6 +511,73 @@ mod tests {
         let mut out = Vec::new();
         dot_stuff(body, &mut out);
         out
+    }
+
+    /// (long_line, nul, out) for `input` cut at every offset in `cuts`,
+    /// checked to be the same for the whole input and byte by byte.
+    fn flags(input: &[u8], bare: BareNewline, strip: bool) -> (bool, bool, Vec<u8>) {
+        let run = |cuts: &[usize]| {
+            let mut d = DataDecoder::new(bare, 1 << 20);
+            if strip {
+                d = d.strip_nul();
+            }
+            let mut out = Vec::new();
+            let mut start = 0;
+            for end in cuts.iter().copied().chain([input.len()]) {
+                let f = d.feed(&input[start..end], &mut out);
+                assert_eq!(f.status == Status::End, end == input.len());
+                start = end;
+            }
+            (d.long_line(), d.nul(), out)
+        };
+        let whole = run(&[]);
+        let bytes: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(run(&bytes), whole, "byte by byte");
+        for a in [1, 997, 998, 999, 1000, 1001, 1002] {
+            if a < input.len() {
+                assert_eq!(run(&[a]), whole, "cut at {a}");
+            }
+        }
+        whole
+    }
+
+    #[test]
+    fn lines_over_998_octets_are_flagged() {
+        let line = |n: usize| "x".repeat(n);
+        for bare in [Reject, Normalize] {
+            let ok = format!("{}\r\n{}\r\n.\r\n", line(998), line(998));
+            assert!(!flags(ok.as_bytes(), bare, false).0);
+            let long = format!("a\r\n{}\r\n.\r\n", line(999));
+            assert!(flags(long.as_bytes(), bare, false).0);
+            // A stuffed dot is not part of the stored line.
+            let stuffed = format!(".{}\r\n.\r\n", line(998));
+            assert!(!flags(stuffed.as_bytes(), bare, false).0);
+            let stuffed = format!("..{}\r\n.\r\n", line(998));
+            assert!(flags(stuffed.as_bytes(), bare, false).0);
+            // The last line before the dot counts too.
+            let last = format!("{}\r\n.\r\n", line(5000));
+            assert!(flags(last.as_bytes(), bare, false).0);
+        }
+        // A bare line end under normalize ends the line.
+        let norm = format!("{}\n{}\r\n.\r\n", line(998), line(998));
+        assert!(!flags(norm.as_bytes(), Normalize, false).0);
+    }
+
+    #[test]
+    fn nul_bytes_are_flagged_or_stripped() {
+        let input = b"a\0b\r\n\0\r\n.\r\n";
+        assert_eq!(
+            flags(input, Reject, false),
+            (false, true, b"a\0b\r\n\0\r\n".to_vec())
+        );
+        assert_eq!(
+            flags(input, Reject, true),
+            (false, true, b"ab\r\n\r\n".to_vec())
+        );
+        assert_eq!(
+            flags(b"ab\r\n.\r\n", Reject, true),
+            (false, false, b"ab\r\n".to_vec())
+        );
     }
 
     // Ported from the read_body tests in server.rs.

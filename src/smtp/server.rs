@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::data::{DataDecoder, Status};
 use super::session::{Action, Check, ListenerKind, Session, SessionConfig, reply};
-use crate::config::BareNewline;
+use crate::config::{BareNewline, LongLines, NulBytes};
 use crate::intake::{Arrival, Intake};
 use crate::mail::Enhanced;
 use crate::mailbox::MailboxCtx;
@@ -37,6 +37,8 @@ pub(crate) struct SmtpContext {
     /// The whole DATA phase of one message.
     pub(crate) data_timeout: Duration,
     pub(crate) bare_newline: BareNewline,
+    pub(crate) long_lines: LongLines,
+    pub(crate) nul_bytes: NulBytes,
 }
 
 /// Run one SMTP session on an admitted connection.
@@ -144,7 +146,8 @@ async fn run(
             Read::Again => continue,
             Read::End(next) => return Ok(next),
         };
-        let action = decide(session, ctx, rules, &line).await;
+        let pipelined = !conn.buffered().is_empty();
+        let action = decide(session, ctx, rules, &line, pipelined).await;
         count_verdict(session, ctx);
         if let Some(next) = perform(conn, session, ctx, rules, action, &mut out).await? {
             return Ok(next);
@@ -238,8 +241,9 @@ async fn decide(
     ctx: &SmtpContext,
     rules: &Arc<RuleSet>,
     line: &[u8],
+    pipelined: bool,
 ) -> Action {
-    let check = match session.command(line) {
+    let check = match session.command_with(line, pipelined) {
         Action::Policy(check) => check,
         Action::Auth(creds) => {
             let ip = session.conn_info().ip;
@@ -357,6 +361,9 @@ async fn receive_data(
     // (crate::spool), so a trickling client holds little memory.
     let mut body = ctx.intake.spool.writer();
     let mut decoder = DataDecoder::new(ctx.bare_newline, max);
+    if ctx.nul_bytes == NulBytes::Strip {
+        decoder = decoder.strip_nul();
+    }
     if let Some(end) = read_message(conn, &mut decoder, &mut body, ctx, &host).await? {
         return Ok(end);
     }
@@ -365,6 +372,24 @@ async fn receive_data(
             552,
             Enhanced::new(5, 3, 4),
             "Message size exceeds fixed maximum",
+        )));
+    }
+    // Refused whole rather than mended: what we would store is not what
+    // was sent (and signed); the session goes on, as after any reject.
+    if decoder.long_line() && ctx.long_lines == LongLines::Reject {
+        tracing::info!("message refused: a line over 998 octets");
+        return Ok(DataEnd::Reply(reply(
+            554,
+            Enhanced::new(5, 6, 0),
+            "Message has a line longer than 998 octets (RFC 5321 4.5.3.1.6)",
+        )));
+    }
+    if decoder.nul() && ctx.nul_bytes == NulBytes::Reject {
+        tracing::info!("message refused: NUL bytes in the data");
+        return Ok(DataEnd::Reply(reply(
+            554,
+            Enhanced::new(5, 6, 0),
+            "NUL bytes in the message data are not accepted",
         )));
     }
     let body = match body.finish().await {

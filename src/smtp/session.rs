@@ -11,7 +11,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 
-use crate::config::{RelayConfig, VerifyRecipients};
+use crate::config::{BareNewline, RelayConfig, VerifyRecipients};
 use crate::mail::{self, Enhanced, Envelope, Reply};
 use crate::mailbox::accounts::{Account, owns};
 use crate::policy::relay::{self, RcptDecision};
@@ -52,6 +52,8 @@ pub(crate) struct SessionConfig {
     pub(crate) tls_available: bool,
     /// `[smtp] received_auth_user`: name the login in `Received:`.
     pub(crate) received_auth_user: bool,
+    /// `[smtp] bare_newline`: applies to command lines as to DATA.
+    pub(crate) bare_newline: BareNewline,
 }
 
 /// What the shell must do after a command.
@@ -212,18 +214,107 @@ fn decode(b64: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Every NOTIFY= keyword smtp-proto flags.
-const RCPT_NOTIFY_ANY: u64 = smtp_proto::RCPT_NOTIFY_SUCCESS
-    | smtp_proto::RCPT_NOTIFY_FAILURE
-    | smtp_proto::RCPT_NOTIFY_DELAY
-    | smtp_proto::RCPT_NOTIFY_NEVER;
+/// What is wrong with the bytes of one command line, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineFault {
+    /// The line ended in LF alone.
+    BareLf,
+    /// A CR inside the line, not part of its CRLF.
+    BareCr,
+    /// A NUL byte: never part of SMTP text (RFC 5321 4.1.2).
+    Nul,
+}
 
-fn dsn_not_offered() -> Vec<u8> {
+/// Looks at one line as the shell framed it (up to and including its
+/// first LF; a line without one is taken as it is).
+fn line_fault(line: &[u8]) -> Option<LineFault> {
+    let (content, bare_lf) = match line.strip_suffix(b"\n") {
+        Some(l) => match l.strip_suffix(b"\r") {
+            Some(c) => (c, false),
+            None => (l, true),
+        },
+        None => (line, false),
+    };
+    if content.contains(&b'\r') {
+        Some(LineFault::BareCr)
+    } else if content.contains(&0) {
+        Some(LineFault::Nul)
+    } else if bare_lf {
+        Some(LineFault::BareLf)
+    } else {
+        None
+    }
+}
+
+/// MAIL parameters of extensions we do not advertise (RFC 5321 4.1.1.11:
+/// 555). SIZE, BODY=7BIT/8BITMIME, SMTPUTF8 and AUTH= stay accepted.
+fn unadvertised_mail(from: &smtp_proto::MailFrom<Cow<'_, str>>) -> bool {
+    use smtp_proto::*;
+    const FLAGS: u64 = MAIL_BODY_BINARYMIME
+        | MAIL_RET_FULL
+        | MAIL_RET_HDRS
+        | MAIL_REQUIRETLS
+        | MAIL_CONPERM
+        | MAIL_BY_NOTIFY
+        | MAIL_BY_RETURN
+        | MAIL_BY_TRACE;
+    from.flags & FLAGS != 0
+        || from.env_id.is_some()
+        || from.trans_id.is_some()
+        || from.solicit.is_some()
+        || from.mtrk.is_some()
+        || from.by != 0
+        || from.hold_for != 0
+        || from.hold_until != 0
+        || from.mt_priority != 0
+}
+
+/// RCPT parameters of extensions we do not advertise (DSN, CONNEG, RRVS).
+fn unadvertised_rcpt(to: &smtp_proto::RcptTo<Cow<'_, str>>) -> bool {
+    use smtp_proto::*;
+    const FLAGS: u64 = RCPT_NOTIFY_SUCCESS
+        | RCPT_NOTIFY_FAILURE
+        | RCPT_NOTIFY_DELAY
+        | RCPT_NOTIFY_NEVER
+        | RCPT_CONNEG
+        | RCPT_RRVS_REJECT
+        | RCPT_RRVS_CONTINUE;
+    to.flags & FLAGS != 0 || to.orcpt.is_some() || to.rrvs != 0
+}
+
+fn not_offered() -> Vec<u8> {
     reply(
         555,
         Enhanced::new(5, 5, 4),
-        "DSN parameters (RET, ENVID, NOTIFY, ORCPT) are not supported",
+        "Parameter of an extension not offered here (DSN and others are not supported)",
     )
+}
+
+/// Whether an EHLO name can stand as the From-domain of `Received:`: an
+/// address literal, or dot-separated labels of letters, digits, `-` and
+/// `_` (underscores and single labels are common in the wild).
+fn helo_is_domain(h: &str) -> bool {
+    if let Some(lit) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return !lit.is_empty()
+            && lit
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":.-".contains(&b));
+    }
+    let h = h.strip_suffix('.').unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Whether a command line is `DATA` (any case, trailing spaces).
+fn is_data(line: &[u8]) -> bool {
+    let l = line.strip_suffix(b"\r\n").unwrap_or(line).trim_ascii();
+    l.eq_ignore_ascii_case(b"DATA")
 }
 
 /// Whether a RCPT line's path is `<>` (after `RCPT TO:` and any spaces).
@@ -377,10 +468,43 @@ impl Session {
         Action::Reply(bytes)
     }
 
-    /// Handle one complete command line (CRLF included).
+    /// Handle one complete command line (CRLF included), with nothing
+    /// pipelined after it.
+    #[cfg(test)]
     pub(crate) fn command(&mut self, line: &[u8]) -> Action {
+        self.command_with(line, false)
+    }
+
+    /// Handle one complete command line (CRLF included); `pipelined`:
+    /// the client already sent more bytes after it.
+    pub(crate) fn command_with(&mut self, line: &[u8], pipelined: bool) -> Action {
+        let normalized;
+        let line = match line_fault(line) {
+            None => line,
+            Some(fault) => match self.line_fault(fault, line) {
+                Ok(l) => {
+                    normalized = l;
+                    &normalized[..]
+                }
+                Err(action) => return action,
+            },
+        };
         if let Some(state) = self.sasl.take() {
             return self.sasl_line(state, line);
+        }
+        // RFC 2920 3.1: DATA ends a group; a client must wait for the 354.
+        // Bytes already here are message data sent blind, the way spam
+        // software (and smuggling payloads) write. Like Postfix's
+        // `smtpd_forbid_unauth_pipelining` (on by default since 3.9), an
+        // unauthenticated, untrusted client is told and disconnected,
+        // whether or not the DATA would have been accepted, so nothing it
+        // sent is read as a message or as commands.
+        if pipelined && !self.may_relay() && is_data(line) {
+            return Action::Close(reply(
+                554,
+                Enhanced::new(5, 5, 0),
+                "Error: SMTP protocol synchronization (data sent before the 354)",
+            ));
         }
         let mut it = line.iter();
         let req = match Request::parse(&mut it) {
@@ -395,16 +519,8 @@ impl Session {
             }
             // DSN (RFC 3461) is not advertised: its parameters are ones we
             // cannot implement, which RFC 5321 4.1.1.11 answers with 555.
-            Request::Mail { from }
-                if from.env_id.is_some()
-                    || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS)
-                        != 0 =>
-            {
-                self.error(dsn_not_offered())
-            }
-            Request::Rcpt { to } if to.orcpt.is_some() || to.flags & RCPT_NOTIFY_ANY != 0 => {
-                self.error(dsn_not_offered())
-            }
+            Request::Mail { from } if unadvertised_mail(&from) => self.error(not_offered()),
+            Request::Rcpt { to } if unadvertised_rcpt(&to) => self.error(not_offered()),
             // smtp-proto reads `<>` and `<postmaster>` both as "": only the
             // second is a recipient (RFC 5321 4.1.1.3 needs a forward-path).
             Request::Rcpt { to } if to.address.is_empty() && null_path(line) => self.error(reply(
@@ -466,6 +582,41 @@ impl Session {
                 "Command not implemented",
             )),
         }
+    }
+
+    /// A command line with a bare CR or LF or a NUL in it. Under
+    /// `reject`, a bare CR or LF is answered as Postfix's
+    /// `smtpd_forbid_bare_newline = reject` does (`550 5.5.2 Error: bare
+    /// <LF> received`, then disconnect), so nothing after it is read. Under
+    /// `normalize`, a bare LF ends the command like CRLF (the line given
+    /// back); a bare CR is never taken as a space or a line end: the line
+    /// is refused (500 5.5.2) and the session goes on. A NUL is refused the
+    /// same way in both modes. Any of them ends a SASL exchange.
+    fn line_fault(&mut self, fault: LineFault, line: &[u8]) -> Result<Vec<u8>, Action> {
+        let reject = self.cfg.bare_newline == BareNewline::Reject;
+        let refused = match fault {
+            LineFault::BareLf if !reject => {
+                let mut l = line.strip_suffix(b"\n").unwrap_or(line).to_vec();
+                l.extend_from_slice(b"\r\n");
+                return Ok(l);
+            }
+            LineFault::BareLf | LineFault::BareCr if reject => {
+                let what = if fault == LineFault::BareLf {
+                    "LF"
+                } else {
+                    "CR"
+                };
+                return Err(Action::Close(reply(
+                    550,
+                    Enhanced::new(5, 5, 2),
+                    &format!("Error: bare <{what}> received"),
+                )));
+            }
+            LineFault::BareCr => "Bare CR in a command line",
+            _ => "NUL in a command line",
+        };
+        self.sasl = None;
+        Err(self.error(reply(500, Enhanced::new(5, 5, 2), refused)))
     }
 
     fn parse_error(&mut self, e: ProtoError) -> Action {
@@ -1024,10 +1175,27 @@ impl Session {
         tx: &Transaction,
         now: chrono::DateTime<chrono::Utc>,
     ) -> String {
-        let helo = self.helo.as_deref().unwrap_or("unknown");
         let ip = match self.ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("IPv6:{v6}"),
+        };
+        // The EHLO name is the client's to choose. We accept any (as
+        // Postfix does unless reject_invalid_helo_hostname is set: real
+        // senders say odd things, and rules see the name as given), but
+        // only a domain or address literal is written as the From-domain;
+        // anything else goes into a comment with `(`, `)`, `\` and `;`
+        // replaced, so `EHLO x; Tue, 1 Jan 2030` cannot end the clause
+        // early and supply its own date.
+        let from = match self.helo.as_deref() {
+            Some(h) if helo_is_domain(h) => format!("{h} ([{ip}])"),
+            Some(h) => {
+                let safe: String = h
+                    .chars()
+                    .map(|c| if "()\\;".contains(c) { '?' } else { c })
+                    .collect();
+                format!("[{ip}] (helo={safe})")
+            }
+            None => format!("unknown ([{ip}])"),
         };
         let for_clause = match tx.rcpts.as_slice() {
             [one] => format!("\r\n\tfor <{}>", mail::token(&one.address)),
@@ -1045,7 +1213,7 @@ impl Session {
             _ => String::new(),
         };
         format!(
-            "Received: from {helo} ([{ip}]){auth}\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
+            "Received: from {from}{auth}\r\n\tby {} (Postern) with {} id {id}{for_clause};\r\n\t{}\r\n",
             self.cfg.hostname,
             self.protocol(),
             now.to_rfc2822()
@@ -1074,6 +1242,7 @@ mod tests {
             max_recipients: 2,
             tls_available: true,
             received_auth_user: false,
+            bare_newline: BareNewline::Reject,
         };
         Session::new(
             Arc::new(cfg),
@@ -1183,6 +1352,112 @@ mod tests {
         assert!(s.tx.as_ref().unwrap().rcpts.is_empty());
     }
 
+    fn session_with(bare: BareNewline, trusted: bool) -> Session {
+        let mut cfg = session(trusted).cfg.as_ref().clone();
+        cfg.bare_newline = bare;
+        Session::new(
+            Arc::new(cfg),
+            ListenerKind::Relay,
+            "127.0.0.1:4000".parse().unwrap(),
+            false,
+        )
+    }
+
+    #[test]
+    fn bare_newlines_in_commands_under_reject_close() {
+        for line in [
+            &b"EHLO c\n"[..],
+            b"EHLO c\rMAIL FROM:<a@b.test>\r\n",
+            b"RSET\r\r\n",
+        ] {
+            let mut s = session_with(BareNewline::Reject, false);
+            let a = s.command(line);
+            assert!(
+                matches!(&a, Action::Close(b) if b.starts_with(b"550 5.5.2")),
+                "{line:?}: {a:?}"
+            );
+        }
+        // NUL is no line end: refused, the session goes on.
+        let mut s = session_with(BareNewline::Reject, false);
+        assert!(text(s.command(b"EHLO c\0x\r\n")).starts_with("500 5.5.2"));
+        assert!(text(s.command(b"EHLO c\r\n")).starts_with("250"));
+    }
+
+    #[test]
+    fn bare_newlines_in_commands_under_normalize() {
+        let mut s = session_with(BareNewline::Normalize, false);
+        // A bare LF ends the command.
+        assert!(text(s.command(b"EHLO c\n")).starts_with("250"));
+        assert!(text(cmd(&mut s, b"MAIL FROM:<a@b.test>\n")).starts_with("250"));
+        // A bare CR is never a space: `RCPT TO:<x>\rRCPT TO:<y>` is one refused line.
+        let r = text(s.command(b"RCPT TO:<a@local.test>\rRCPT TO:<b@local.test>\r\n"));
+        assert!(r.starts_with("500 5.5.2"), "{r}");
+        assert!(s.tx.as_ref().unwrap().rcpts.is_empty());
+        assert!(text(cmd(&mut s, b"RCPT TO:<a@local.test>\n")).starts_with("250"));
+    }
+
+    #[test]
+    fn data_pipelined_before_354_closes_untrusted_clients() {
+        for trusted in [false, true] {
+            let mut s = session(trusted);
+            cmd(&mut s, b"EHLO c\r\n");
+            cmd(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+            // MAIL and RCPT pipelined (RFC 2920) are fine.
+            assert!(matches!(
+                s.command_with(b"RCPT TO:<a@local.test>\r\n", true),
+                Action::Policy(_)
+            ));
+            s.policy_answer(
+                Check::Rcpt(Rcpt {
+                    address: "a@local.test".into(),
+                    local: true,
+                }),
+                Decision::pass(),
+            );
+            let a = s.command_with(b"DATA\r\n", true);
+            if trusted {
+                assert!(matches!(a, Action::Data(_)), "{a:?}");
+            } else {
+                assert!(
+                    matches!(&a, Action::Close(b) if b.starts_with(b"554 5.5.0")),
+                    "{a:?}"
+                );
+            }
+        }
+        // Also when the DATA would be refused: the data is never read as commands.
+        let mut s = session(false);
+        cmd(&mut s, b"EHLO c\r\n");
+        assert!(matches!(
+            s.command_with(b"data\r\n", true),
+            Action::Close(_)
+        ));
+    }
+
+    #[test]
+    fn received_writes_only_a_domain_as_the_from_domain() {
+        for (helo, from) in [
+            (
+                "mail_1.example.test",
+                "from mail_1.example.test ([127.0.0.1])",
+            ),
+            ("localhost", "from localhost ([127.0.0.1])"),
+            ("[192.0.2.1]", "from [192.0.2.1] ([127.0.0.1])"),
+            (
+                "x;?Tue,?1?Jan?2030",
+                "from [127.0.0.1] (helo=x??Tue,?1?Jan?2030)",
+            ),
+            ("a(b)\\c", "from [127.0.0.1] (helo=a?b??c)"),
+        ] {
+            let mut s = session(false);
+            cmd(&mut s, format!("EHLO {helo}\r\n").as_bytes());
+            let h = s.received_header("ID", &Transaction::default(), chrono::Utc::now());
+            assert!(
+                h.starts_with(&format!("Received: {from}\r\n")),
+                "{helo}: {h}"
+            );
+        }
+    }
+
     #[test]
     fn errors_eventually_close() {
         let mut s = session(false);
@@ -1213,6 +1488,7 @@ mod policy_tests {
             max_recipients: 5,
             tls_available: false,
             received_auth_user: false,
+            bare_newline: BareNewline::Reject,
         };
         Session::new(
             Arc::new(cfg),
@@ -1331,6 +1607,7 @@ mod auth_tests {
             max_recipients: 5,
             tls_available: true,
             received_auth_user: show_login,
+            bare_newline: BareNewline::Reject,
         };
         Session::new(Arc::new(cfg), kind, "127.0.0.1:4000".parse().unwrap(), tls)
     }
@@ -1371,6 +1648,47 @@ mod auth_tests {
         assert!(
             text(s.command(b"MAIL FROM:<a@local.test>\r\n")).contains("Authentication required")
         );
+    }
+
+    #[test]
+    fn authenticated_users_may_pipeline_data_and_a_bare_cr_ends_sasl() {
+        let mut cfg = session(ListenerKind::Submissions, true, false)
+            .cfg
+            .as_ref()
+            .clone();
+        cfg.relay.networks.clear();
+        let new = || {
+            Session::new(
+                Arc::new(cfg.clone()),
+                ListenerKind::Submissions,
+                "192.0.2.7:4000".parse().unwrap(),
+                true,
+            )
+        };
+        let mut s = new();
+        s.command(b"EHLO c\r\n");
+        s.auth_result(Some(alice()));
+        let Action::Policy(c) = s.command(b"MAIL FROM:<alice@local.test>\r\n") else {
+            panic!("MAIL")
+        };
+        s.policy_answer(c, Decision::pass());
+        let Action::Policy(c) = s.command(b"RCPT TO:<x@far.test>\r\n") else {
+            panic!("RCPT")
+        };
+        s.policy_answer(c, Decision::pass());
+        assert!(matches!(s.command_with(b"DATA\r\n", true), Action::Data(_)));
+        // Before AUTH the same client is refused and disconnected.
+        let mut s = new();
+        s.command(b"EHLO c\r\n");
+        assert!(matches!(
+            s.command_with(b"DATA\r\n", true),
+            Action::Close(_)
+        ));
+        // A bare CR in an AUTH continuation line closes (reject mode).
+        let mut s = new();
+        s.command(b"EHLO c\r\n");
+        assert_eq!(text(s.command(b"AUTH LOGIN\r\n")), "334 VXNlcm5hbWU6\r\n");
+        assert!(text(s.command(b"YWxpY2U=\rQUIT\r\n")).starts_with("550 5.5.2"));
     }
 
     #[test]

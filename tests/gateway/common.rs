@@ -321,6 +321,10 @@ pub struct Opts {
     pub server_extra: String,
     /// More keys for the `[relay]` table (e.g. `verify_recipients = "off"`).
     pub relay_extra: String,
+    /// More keys for the `[checks]` table (e.g. `authserv_ids = [..]`).
+    pub checks_extra: String,
+    /// `[rules] on_error` ("tempfail" unless a test says otherwise).
+    pub on_error: String,
     pub extra: String,
     /// Run under `ulimit -n N` (soft and hard), to exhaust descriptors.
     pub nofile: Option<u64>,
@@ -349,6 +353,8 @@ impl Default for Opts {
             delivery_extra: String::new(),
             server_extra: String::new(),
             relay_extra: String::new(),
+            checks_extra: String::new(),
+            on_error: "tempfail".into(),
             extra: String::new(),
             nofile: None,
         }
@@ -444,11 +450,12 @@ spf = {checks}
 dkim = {checks}
 dmarc = {checks}
 deadline = "5s"
+{checks_extra}
 
 [rules]
 dir = "rules"
 max_operations = 100000
-on_error = "tempfail"
+on_error = "{on_error}"
 quarantine_score = 10
 
 [policies]
@@ -495,6 +502,8 @@ listen = "127.0.0.1:{metrics}"
             quarantine_extra = opts.quarantine_extra,
             delivery_extra = opts.delivery_extra,
             relay_extra = opts.relay_extra,
+            checks_extra = opts.checks_extra,
+            on_error = opts.on_error,
             extra = opts.extra,
         );
         std::fs::write(g.config_path(), cfg).unwrap();

@@ -24,3 +24,4 @@ mod smtp_front;
 mod submission;
 mod trust;
 mod verify;
+mod wire;
