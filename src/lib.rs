@@ -11,6 +11,9 @@ pub mod config;
 pub(crate) mod delivery;
 pub mod dkim;
 pub(crate) mod dns;
+/// The cargo-fuzz targets' door to the private cores (`fuzz/`).
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod gateway;
 pub(crate) mod intake;
 pub mod mail;

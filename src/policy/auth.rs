@@ -389,7 +389,7 @@ fn results_header(
 
 /// The authserv-id of an `Authentication-Results` value: its first token,
 /// comments (CFWS) skipped.
-fn authserv_id(value: &[u8]) -> String {
+pub(crate) fn authserv_id(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
     let mut out = String::new();
     let mut depth = 0usize;
