@@ -12,6 +12,9 @@ pub(crate) mod delivery;
 pub mod dkim;
 pub(crate) mod dns;
 pub mod fds;
+/// The cargo-fuzz targets' door to the private cores (`fuzz/`).
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod gateway;
 pub(crate) mod intake;
 pub mod mail;

@@ -1,7 +1,7 @@
 //! Delivery status notifications (RFC 3464): the bounce sent to the sender
 //! when recipients fail permanently or the message outlives `max_age`.
 
-use crate::mail::{Enhanced, headers};
+use crate::mail::{Enhanced, headers, one_line};
 use crate::store::{QueueEntry, Recipient};
 
 /// Why a bounce is not sent, as `postern_dsn_suppressed_total{reason}`
@@ -23,6 +23,12 @@ pub(crate) fn suppressed(entry: &QueueEntry, ours: impl Fn(&str) -> bool) -> Opt
     None
 }
 
+/// RFC 5322 2.1.1: no line longer than 998 octets (CRLF excluded).
+const MAX_LINE: usize = 998;
+/// Longest peer-supplied value in a report line (diagnostic, address,
+/// remote host), in bytes: with its field name it stays under [`MAX_LINE`].
+const MAX_VALUE: usize = 900;
+
 /// One failed recipient for the report.
 pub(crate) struct Failure<'a> {
     pub(crate) recipient: &'a Recipient,
@@ -30,6 +36,33 @@ pub(crate) struct Failure<'a> {
     pub(crate) status: Enhanced,
     /// The reply that failed it, as `Diagnostic-Code: smtp; ...` shows it.
     pub(crate) diagnostic: String,
+}
+
+/// Text a peer supplied (the remote reply, an address) as one report line:
+/// no control characters, at most [`MAX_VALUE`] bytes.
+fn value(s: &str) -> String {
+    let mut v = one_line(s);
+    let mut end = v.len().min(MAX_VALUE);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v.truncate(end);
+    v
+}
+
+/// The original's header section as the report quotes it: CRLF line ends
+/// only (a bare CR or LF ends a line too, as `smtp::data` would have
+/// made it), no empty lines, each line cut at [`MAX_LINE`] octets, whatever
+/// the stored message holds.
+fn quoted_header(original: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in headers::header_fields_only(original).split(|&b| b == b'\n' || b == b'\r') {
+        if !line.is_empty() {
+            out.extend_from_slice(&line[..line.len().min(MAX_LINE)]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
 }
 
 /// Build the multipart/report. `original` is the failed message; only its
@@ -48,22 +81,27 @@ pub(crate) fn build(
     let arrival = chrono::DateTime::from_timestamp(arrival_unix, 0)
         .unwrap_or(now)
         .to_rfc2822();
+    let sender = value(sender);
     let mut human = String::new();
     for f in failures {
-        human.push_str(&format!("<{}>: {}\r\n", f.recipient.address, f.diagnostic));
+        let (address, diagnostic) = (value(&f.recipient.address), value(&f.diagnostic));
+        human.push_str(&format!("<{address}>:\r\n    {diagnostic}\r\n"));
     }
     let mut per_rcpt = String::new();
     for f in failures {
         per_rcpt.push_str(&format!(
             "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
-            f.recipient.address, f.status
+            value(&f.recipient.address),
+            f.status
         ));
         if let Some(remote) = &f.recipient.remote {
-            per_rcpt.push_str(&format!("Remote-MTA: dns; {remote}\r\n"));
+            per_rcpt.push_str(&format!("Remote-MTA: dns; {}\r\n", value(remote)));
         }
-        per_rcpt.push_str(&format!("Diagnostic-Code: smtp; {}\r\n\r\n", f.diagnostic));
+        per_rcpt.push_str(&format!(
+            "Diagnostic-Code: smtp; {}\r\n\r\n",
+            value(&f.diagnostic)
+        ));
     }
-    let headers = headers::header_fields_only(original);
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
          To: <{sender}>\r\n\
@@ -101,10 +139,7 @@ pub(crate) fn build(
         ts = now.timestamp_micros(),
     )
     .into_bytes();
-    out.extend_from_slice(headers);
-    if !headers.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
+    out.extend_from_slice(&quoted_header(original));
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
 }
@@ -172,5 +207,52 @@ mod tests {
         assert!(t.contains("Status: 5.1.1"));
         assert!(t.contains("Subject: hi"));
         assert!(!t.contains("\r\nbody\r\n"));
+    }
+
+    fn crlf_only_and_short(dsn: &[u8]) {
+        for (i, &c) in dsn.iter().enumerate() {
+            match c {
+                b'\n' => assert!(i > 0 && dsn[i - 1] == b'\r', "bare LF at {i}"),
+                b'\r' => assert_eq!(dsn.get(i + 1), Some(&b'\n'), "bare CR at {i}"),
+                _ => {}
+            }
+        }
+        assert!(dsn.split(|&b| b == b'\n').all(|l| l.len() <= MAX_LINE + 1));
+    }
+
+    /// Found by `fuzz/` (target dsn): an original whose header section is a
+    /// lone CR was quoted raw, a bare CR in the report; so were long header
+    /// lines and a multi-line remote reply.
+    #[test]
+    fn the_quote_and_the_values_are_crlf_lines_of_998() {
+        let r = Recipient {
+            address: "x@y.test".into(),
+            status: RcptStatus::Failed,
+            last_reply: None,
+            remote: Some("mx\r\n.y.test".into()),
+            tls: None,
+        };
+        let diagnostic = format!("550-5.1.1 first\r\n550 5.1.1 {}", "\u{e9}".repeat(600));
+        let fail = |original: &[u8]| {
+            build(
+                "gw.test",
+                "s@a.test",
+                "00AB",
+                0,
+                &[Failure {
+                    recipient: &r,
+                    status: Enhanced::new(5, 1, 1),
+                    diagnostic: diagnostic.clone(),
+                }],
+                original,
+            )
+        };
+        crlf_only_and_short(&fail(b"\r"));
+        let long = format!("Subject: {}\nX: a\rY: b\r\n\r\nbody", "s".repeat(5000));
+        let dsn = fail(long.as_bytes());
+        crlf_only_and_short(&dsn);
+        let t = String::from_utf8_lossy(&dsn);
+        assert!(t.contains("\r\nX: a\r\nY: b\r\n"), "{t}");
+        assert!(t.contains("Remote-MTA: dns; mx  .y.test\r\n"));
     }
 }

@@ -390,7 +390,7 @@ fn results_header(
 /// The authserv-id of an `Authentication-Results` value: its first token
 /// or quoted string (RFC 8601 2.2: `authserv-id = value`), comments
 /// (CFWS, nested, with quoted pairs) and folding skipped.
-fn authserv_id(value: &[u8]) -> String {
+pub(crate) fn authserv_id(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
     let mut out = String::new();
     let mut depth = 0usize;

@@ -46,6 +46,12 @@ use limits::{Limited, LimiterRegistry, Limits};
 use rules::{Rules, StageArg};
 use script_api::{Conn, Msg};
 
+/// What `crate::fuzzing` wraps (the fuzz targets, `fuzz/`).
+#[cfg(fuzzing)]
+pub(crate) use {
+    auth::authserv_id, limits::parse_str as parse_ratelimits, script_api::Msg as RuleMsg,
+};
+
 /// What MAIL FROM and RCPT TO checks give: the decision, and the `hold`
 /// rate limit the transaction went over (the message is then accepted and
 /// kept in the queue's held state, see policies/ratelimits.toml).
