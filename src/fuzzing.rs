@@ -38,7 +38,12 @@ pub enum SmtpStep {
     Data(Vec<u8>),
     Close(Vec<u8>),
     Policy(SmtpCheck),
-    Auth { login: String, password: String },
+    Auth {
+        login: String,
+        password: String,
+    },
+    /// The core asks whether this local recipient exists (recipient verification).
+    Verify(String),
 }
 
 /// A MAIL or RCPT waiting for the rules.
@@ -66,6 +71,7 @@ fn smtp_step(a: Action) -> SmtpStep {
             login: c.login,
             password: c.password,
         },
+        Action::Verify(a) => SmtpStep::Verify(a),
     }
 }
 
@@ -106,11 +112,13 @@ impl SmtpSession {
                 } else {
                     Vec::new()
                 },
+                ..RelayConfig::default()
             },
             max_message_size: 10_000,
             max_recipients,
             tls_available,
             received_auth_user: true,
+            bare_newline: BareNewline::Reject,
         };
         let peer: SocketAddr = "127.0.0.1:40000".parse().expect("literal addr");
         SmtpSession(Session::new(Arc::new(cfg), kind, peer, tls))
@@ -121,7 +129,12 @@ impl SmtpSession {
     }
 
     pub fn command(&mut self, line: &[u8]) -> SmtpStep {
-        smtp_step(self.0.command(line))
+        smtp_step(self.0.command_with(line, false))
+    }
+
+    /// `pipelined`: the client already sent more bytes after this line.
+    pub fn command_with(&mut self, line: &[u8], pipelined: bool) -> SmtpStep {
+        smtp_step(self.0.command_with(line, pipelined))
     }
 
     pub fn policy_answer(&mut self, check: SmtpCheck, verdict: Option<Verdict>) -> SmtpStep {
@@ -134,6 +147,16 @@ impl SmtpSession {
     }
 
     /// The password check: `Some` logs in as `login` owning `addresses`.
+    /// `pick` 0: the recipient exists, 1: unknown, else the backend could not say.
+    pub fn verify_answer(&mut self, pick: u8) -> SmtpStep {
+        let answer = match pick % 3 {
+            0 => crate::verify::Verified::Known,
+            1 => crate::verify::Verified::Unknown,
+            _ => crate::verify::Verified::Unavailable,
+        };
+        smtp_step(self.0.verify_answer(answer))
+    }
+
     pub fn auth_result(&mut self, who: Option<(&str, &[&str])>) -> SmtpStep {
         smtp_step(
             self.0

@@ -97,9 +97,9 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         line.extend_from_slice(b"\r\n");
-        let mut step = s.command(&line);
+        let mut step = s.command_with(&line, pick & 0x20 != 0);
         // Answer what the core asks (an AUTH answer may be a reply only).
-        while let SmtpStep::Policy(_) | SmtpStep::Auth { .. } = step {
+        while let SmtpStep::Policy(_) | SmtpStep::Auth { .. } | SmtpStep::Verify(_) = step {
             step = match step {
                 SmtpStep::Policy(check) => {
                     if let Some((addr, local)) = check.rcpt() {
@@ -115,6 +115,7 @@ fuzz_target!(|data: &[u8]| {
                     }
                     s.policy_answer(check, verdict(pick.rotate_left(3)))
                 }
+                SmtpStep::Verify(_) => s.verify_answer(pick >> 2),
                 _ => {
                     let who =
                         (pick & 1 == 0).then_some(("alice@local.test", &["alice@local.test"][..]));

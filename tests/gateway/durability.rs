@@ -27,7 +27,10 @@ async fn kill_9_loses_no_acknowledged_message() {
             cl.cmd("EHLO load.test").await;
             for i in 0.. {
                 let tag = format!("c{c}-{i}");
-                let body = format!("Subject: {tag}\r\n\r\n{}", "payload payload\r\n".repeat(100));
+                let body = format!(
+                    "Subject: {tag}\r\n\r\n{}",
+                    "payload payload\r\n".repeat(100)
+                );
                 match cl
                     .try_mail("load@local.test", "bob@local.test", body.as_bytes())
                     .await
