@@ -75,8 +75,12 @@ def mail(a):
                           for i, r in enumerate(["alice@example.test", "alice@example.test", "bob@example.test"])]
     out["rate-limited"] = [smtp(p, "flood@far.test", ["bob@example.test"], "live-check flood") for _ in range(4)]
     out["rule error"] = [smtp(p, "boom@far.test", ["carol@example.test"], "live-check boom")]
-    out["bounce"] = [smtp(p, "bounced@far.test", ["bounce@example.test"], "live-check bounce")]
-    out["deferred"] = [smtp(p, "late@far.test", ["defer@example.test"], "live-check defer")]
+    # From outside, the backend's 550/451 for these would come at RCPT time
+    # ([relay] verify_recipients); a trusted client's mail is not verified, so
+    # the refusal comes at delivery: a bounce, and a deferral.
+    out["unknown user refused at rcpt"] = [smtp(p, "bounced@far.test", ["bounce@example.test"], "live-check unknown")]
+    out["bounce"] = [smtp(p, "app@example.test", ["bounce@example.test"], "live-check bounce", source=("127.0.0.1", 0))]
+    out["deferred"] = [smtp(p, "app@example.test", ["defer@example.test"], "live-check defer", source=("127.0.0.1", 0))]
     out["starttls"] = [smtp(p, "tls@far.test", ["alice@example.test"], "live-check tls", starttls=True)]
     out["trusted outbound"] = [smtp(p, "app@example.test", ["someone@foreign.test"], "live-check outbound",
                                     source=("127.0.0.1", 0))]
