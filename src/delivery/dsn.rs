@@ -77,7 +77,7 @@ pub(crate) fn build(
     original: &[u8],
 ) -> Vec<u8> {
     let now = chrono::Utc::now();
-    let boundary = format!("{queue_id}/{}.{hostname}", now.timestamp());
+    let quoted = quoted_header(original);
     let arrival = chrono::DateTime::from_timestamp(arrival_unix, 0)
         .unwrap_or(now)
         .to_rfc2822();
@@ -102,6 +102,10 @@ pub(crate) fn build(
             value(&f.diagnostic)
         ));
     }
+    let boundary = boundary_absent_from(
+        &format!("=_{queue_id}.{}", now.timestamp()),
+        &[&quoted, human.as_bytes(), per_rcpt.as_bytes()],
+    );
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
          To: <{sender}>\r\n\
@@ -139,9 +143,30 @@ pub(crate) fn build(
         ts = now.timestamp_micros(),
     )
     .into_bytes();
-    out.extend_from_slice(&quoted_header(original));
+    out.extend_from_slice(&quoted);
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
+}
+
+/// `base`, or `base.N` for the first N that occurs in none of `parts`: the
+/// quoted header is the sender's, and a boundary it could guess (found by
+/// fuzz/ target dsn: the queue id and the second are no secret) would let it
+/// end the report early and add parts of its own to the bounce. Short (RFC
+/// 2046: at most 70 characters) and never a substring of the content, so no
+/// content line starts with `--` and it.
+fn boundary_absent_from(base: &str, parts: &[&[u8]]) -> String {
+    let found = |b: &str| {
+        parts
+            .iter()
+            .any(|p| p.windows(b.len()).any(|w| w == b.as_bytes()))
+    };
+    let mut boundary = base.to_string();
+    let mut n = 0u64;
+    while found(&boundary) {
+        n += 1;
+        boundary = format!("{base}.{n}");
+    }
+    boundary
 }
 
 #[cfg(test)]
@@ -254,5 +279,39 @@ mod tests {
         let t = String::from_utf8_lossy(&dsn);
         assert!(t.contains("\r\nX: a\r\nY: b\r\n"), "{t}");
         assert!(t.contains("Remote-MTA: dns; mx  .y.test\r\n"));
+    }
+
+    #[test]
+    fn a_header_that_guesses_the_boundary_cannot_end_the_report() {
+        let now = chrono::Utc::now().timestamp();
+        let mut original = String::from("Subject: x\r\n");
+        for ts in now - 2..now + 3 {
+            original.push_str(&format!("X-A: --=_Q1.{ts}\r\nX-B: --=_Q1.{ts}.1\r\n"));
+        }
+        original.push_str("\r\nbody\r\n");
+        let r = Recipient {
+            address: "bob@local.test".into(),
+            status: RcptStatus::Failed,
+            last_reply: None,
+            remote: None,
+            tls: None,
+        };
+        let f = Failure {
+            recipient: &r,
+            status: Enhanced::new(5, 1, 1),
+            diagnostic: "550 no".into(),
+        };
+        let out = build(
+            "mx.test",
+            "a@far.test",
+            "Q1",
+            now,
+            &[f],
+            original.as_bytes(),
+        );
+        let m = mail_parser::MessageParser::default().parse(&out).unwrap();
+        // text, delivery-status, headers: three parts under the report.
+        assert_eq!(m.parts.len(), 4, "{}", String::from_utf8_lossy(&out));
+        assert_eq!(boundary_absent_from("b", &[b"xx b yy", b"b.1"]), "b.2");
     }
 }
