@@ -14,7 +14,7 @@
 #   senders     SENDERS (1000000) distinct MAIL FROM through a per-sender limit: RSS per key, and
 #               after the limiter's housekeeping (60 s; keys idle past their refill are dropped)
 #
-# Env: N HOLD EXCESS SLOW TLS SENDERS (0 skips a phase) HOLD_ROUNDS (1: more rounds show RSS reused, not grown) POSTERN (target/release/postern) KEEP (0|1)
+# Env: N HOLD EXCESS SLOW TLS SENDERS (0 skips a phase) HOLD_ROUNDS (1; more: RSS after each further round) POSTERN (target/release/postern) KEEP (0|1)
 # Everything is on loopback; `ulimit -n` is raised here. Processes started here are stopped by PID.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -116,13 +116,6 @@ if [ "$N" -gt 0 ]; then
   log "hold: $N connections for ${HOLD}s"
   flood hold -n "$N" --hold "$HOLD" --excess "$EXCESS" --per-ip 50 --per-ip-extra 10 --every 3 >"$T/hold.json"
   sleep 2
-  # More rounds of the same flood: memory is not given back to the system, but
-  # it is reused, so RSS stays at the first round's peak (bounded by the caps).
-  for r in $(seq 2 "${HOLD_ROUNDS:-1}"); do
-    log "hold round $r"
-    flood hold -n "$N" --hold 10 --excess 0 --per-ip 50 --per-ip-extra 0 --every 3 >"$T/hold-$r.json"
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"| hold round {sys.argv[2]}: {r[\"open\"][\"220\"]} connections again | RSS full {r[\"rss_full_kb\"]//1024} MiB, after close {r[\"rss_after_close_kb\"]//1024} MiB |")' "$T/hold-$r.json" "$r" >>"$T/rounds"
-  done
   python3 - "$T/hold.json" "$(delivered fresh-hold)" >>"$OUT" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1])); d = sys.argv[2]
@@ -133,6 +126,16 @@ print(f"| fresh client during the hold | greeted in {r['fresh_greeting_ms']} ms;
 print(f"| {sum(e.values())} beyond max_connections | 421: {e['421']}, 220: {e['220']}, errors: {e['error']} |")
 print(f"| {p['tried']} from one address (per-IP cap 50) | 220: {p['220']}, 421: {p['421']} |")
 EOF
+  # More rounds of the same flood: does RSS stay at the first round's peak?
+  for r in $(seq 2 "${HOLD_ROUNDS:-1}"); do
+    log "hold round $r"
+    flood hold -n "$N" --hold 10 --excess 0 --per-ip 50 --per-ip-extra 0 --every 3 >"$T/hold-$r.json"
+    python3 - "$T/hold-$r.json" "$r" >>"$T/rounds" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"| hold round {sys.argv[2]}: {r['open']['220']} connections again | RSS full {r['rss_full_kb']//1024} MiB, after close {r['rss_after_close_kb']//1024} MiB |")
+EOF
+  done
 fi
 [ -f "$T/rounds" ] && cat "$T/rounds" >>"$OUT"
 if [ "$SLOW" -gt 0 ]; then
