@@ -405,8 +405,11 @@ pub(crate) fn authserv_id(value: &[u8]) -> String {
                     out.push(next);
                 }
             }
+            // A quote opens a quoted-string only where the value starts; in
+            // the middle of a token it ends it (`mx.test"; ...` names mx.test,
+            // as a lenient reader would take it: found by fuzz/ message_rules).
             '"' if depth == 0 => {
-                if quoted {
+                if quoted || !out.is_empty() {
                     break;
                 }
                 quoted = true;
@@ -526,5 +529,12 @@ mod tests {
     fn pvalues() {
         assert_eq!(pvalue("a@b.test"), "a@b.test");
         assert_eq!(pvalue("a b"), "\"a b\"");
+    }
+
+    #[test]
+    fn a_quote_after_the_token_ends_it() {
+        assert_eq!(authserv_id(b"mx.local.test\"; dkim=pass"), "mx.local.test");
+        assert_eq!(authserv_id(b"e.EXE\"\r\n"), "e.EXE");
+        assert_eq!(authserv_id(b"\"mx.local.test\"; spf=pass"), "mx.local.test");
     }
 }
