@@ -14,7 +14,7 @@ MB_TAG=swaks
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/mailbox/common.sh"
 trap mb_cleanup EXIT
 
-mb_install_pkg swaks || mb_die "swaks is needed (apt-get install swaks)"
+mb_install_pkg swaks libnet-ssleay-perl || mb_die "swaks and its TLS (apt-get install swaks libnet-ssleay-perl)"
 command -v swaks >/dev/null || mb_die "swaks is not on PATH"
 
 USER_LOGIN=alice@local.test
