@@ -36,18 +36,14 @@ import sys
 import tempfile
 import time
 
+from loopback import free_port, smtp_reply
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = []
 NOVERIFY = ssl.create_default_context()
 NOVERIFY.check_hostname = False
 NOVERIFY.verify_mode = ssl.CERT_NONE
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def result(probe, bad, tried, what, note=""):
@@ -173,14 +169,7 @@ listen = "127.0.0.1:{ports['metrics']}"
 
 # ------------------------------------------------------------------ SMTP helpers
 async def reply(r, timeout=15):
-    out = b""
-    while True:
-        line = await asyncio.wait_for(r.readline(), timeout)
-        if not line:
-            return out.decode("latin1") or "(closed)"
-        out += line
-        if line[3:4] != b"-":
-            return out.decode("latin1")
+    return await smtp_reply(r, timeout, closed="(closed)")
 
 
 async def smtp(port, src="127.0.0.2"):

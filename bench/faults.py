@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from loopback import free_port, rss_kb, smtp_reply as reply
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 ROWS = []
@@ -43,23 +45,6 @@ ROWS = []
 def row(probe, outcome):
     ROWS.append((probe, outcome))
     print(f"[faults] {probe}: {outcome}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 # ------------------------------------------------------------------ the sink
@@ -229,17 +214,6 @@ listen = "127.0.0.1:{self.metrics}"
 
 
 # ------------------------------------------------------------------ a client
-async def reply(r, timeout=30):
-    out = b""
-    while True:
-        line = await asyncio.wait_for(r.readline(), timeout)
-        if not line:
-            raise ConnectionError("closed")
-        out += line
-        if line[3:4] != b"-":
-            return out.decode("latin1")
-
-
 async def send(port, mid, rcpt="user@example.net", src="127.0.0.2", size=2000, sender="load@faults.test"):
     """One message on a new connection; (final reply or error text, seconds, full message text)."""
     t0 = time.monotonic()

@@ -28,17 +28,7 @@ import statistics
 import sys
 import time
 
-
-def rss_kb(pid):
-    """VmRSS of pid in KiB (0 when unknown)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from loopback import rss_kb
 
 
 def sources(n_addrs, base="127.0.10."):
