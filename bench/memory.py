@@ -7,9 +7,10 @@ Starts target/release/postern on loopback with a temporary config and prints:
   after they close     RSS a few seconds after they all closed
   big messages         RSS right after M messages of SIZE bytes were sent concurrently and queued
   after idle           RSS after IDLE seconds of nothing
+  (the big-message round runs ROUNDS times: RSS that stays level is bounded)
 
-  python3 bench/memory.py            # N=10000 M=20 SIZE=5000000 IDLE=30
-  N=2000 python3 bench/memory.py     # env knobs: N M SIZE IDLE SOURCES POSTERN KEEP
+  python3 bench/memory.py            # N=10000 M=20 SIZE=5000000 IDLE=30 ROUNDS=3
+  N=2000 python3 bench/memory.py     # env knobs: N M SIZE IDLE ROUNDS SOURCES POSTERN KEEP
 
 Connections come from SOURCES (8) addresses 127.0.0.2..; the config exempts
 127.0.0.0/8 from the per-IP caps ([relay] networks) anyway. The script raises
@@ -26,29 +27,22 @@ import sys
 import tempfile
 import time
 
+from loopback import free_port, rss_kb
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 N = int(os.environ.get("N", "10000"))
 M = int(os.environ.get("M", "20"))
 SIZE = int(os.environ.get("SIZE", "5000000"))
 IDLE = float(os.environ.get("IDLE", "30"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SOURCES = int(os.environ.get("SOURCES", "8"))
 POSTERN = os.environ.get("POSTERN", os.path.join(REPO, "target/release/postern"))
 KEEP = os.environ.get("KEEP", "0") == "1"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return rss_kb(pid) * 1024
 
 
 def mb(b):
@@ -159,14 +153,16 @@ listen = "127.0.0.1:{metrics}"
         for _, w in conns:
             w.close()
         conns.clear()
-        time.sleep(5)
+        # asyncio.sleep, not time.sleep: the closes happen on the event loop.
+        await asyncio.sleep(5)
         print(f"after they close    {mb(rss(p.pid))}")
 
         bodies = [body(i) for i in range(M)]
-        ok = await asyncio.gather(*(send_big(smtp, i, b) for i, b in enumerate(bodies)))
-        print(f"{M} x {SIZE / 1e6:.0f} MB sent       {mb(rss(p.pid))}   ({sum(ok)} of {M} got 250)")
-        time.sleep(IDLE)
-        print(f"after {IDLE:.0f} s idle      {mb(rss(p.pid))}")
+        for r in range(1, ROUNDS + 1):
+            ok = await asyncio.gather(*(send_big(smtp, i, b) for i, b in enumerate(bodies)))
+            print(f"{M} x {SIZE / 1e6:.0f} MB sent, #{r}   {mb(rss(p.pid))}   ({sum(ok)} of {M} got 250)")
+            await asyncio.sleep(IDLE)
+            print(f"after {IDLE:.0f} s idle      {mb(rss(p.pid))}")
     finally:
         p.terminate()
         try:

@@ -229,6 +229,7 @@ impl Intake {
                     client_ip: peer.ip.to_string(),
                     helo: peer.helo.clone(),
                     trace: Some(trace.clone()),
+                    from_outside: !info.trusted,
                 };
                 reason = Some(template.reason.clone());
                 let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();

@@ -239,6 +239,12 @@ enum QuarantineCmd {
     Delete { id: String },
 }
 
+/// jemalloc with its background purging thread (the crate's `background_threads`
+/// feature): freed pages go back to the kernel seconds after a burst of
+/// connections or large messages, where glibc malloc kept its peak (issue 8).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `passwd` needs neither a configuration nor a runtime.

@@ -213,6 +213,15 @@ pub(crate) struct HeldEntry {
     /// How the message was decided (absent in records from before traces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) trace: Option<crate::policy::Trace>,
+    /// Came from a client neither trusted nor authenticated: once released,
+    /// its delivery failures get no DSN to a sender outside our domains
+    /// (backscatter). Records from before this field count as outside.
+    #[serde(default = "outside_by_default")]
+    pub(crate) from_outside: bool,
+}
+
+fn outside_by_default() -> bool {
+    true
 }
 
 pub(crate) fn id_key(id: u64) -> [u8; 8] {
@@ -541,6 +550,7 @@ impl Store {
             e.helo.clone(),
         );
         entry.trace = e.trace;
+        entry.from_outside = e.from_outside;
         self.enqueue(&entry, &body)?;
         Ok(Some(qid))
     }
@@ -683,6 +693,7 @@ pub(crate) fn test_held_template() -> HeldEntry {
         client_ip: String::new(),
         helo: String::new(),
         trace: None,
+        from_outside: true,
     }
 }
 

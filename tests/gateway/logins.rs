@@ -127,3 +127,106 @@ async fn parallel_wrong_smtp_auths_are_refused_and_other_addresses_log_in() {
     attack("smtp", gw.submissions).await;
     assert!(refused_metric(&gw, "smtp").await >= 41.0);
 }
+
+/// One login over IMAPS, POP3S or SMTPS (implicit TLS) from a chosen source
+/// address: `budget IMAPS POP3S SMTPS`. Prints a word per attempt:
+/// `ok`, `failed` (password checked and wrong) or `refused` (over the
+/// budget, not checked). Pairs run at once: the in-flight cap is 2, and the
+/// growing delay is waited per pair.
+const BUDGET_SCRIPT: &str = r#"
+import base64, socket, ssl, sys, threading
+ports = {'imap': int(sys.argv[1]), 'pop3': int(sys.argv[2]), 'smtp': int(sys.argv[3])}
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+
+def line(f):
+    return f.readline().decode(errors='replace').rstrip('\r\n')
+
+def attempt(proto, src, login, pw):
+    raw = socket.create_connection(('127.0.0.1', ports[proto]), timeout=60, source_address=(src, 0))
+    s = ctx.wrap_socket(raw)
+    f = s.makefile('rb')
+    line(f)
+    if proto == 'imap':
+        s.sendall(('a LOGIN %s %s\r\n' % (login, pw)).encode())
+        while True:
+            l = line(f)
+            if l.startswith('a ') or not l:
+                break
+        word = 'ok' if l.startswith('a OK') else 'refused' if 'UNAVAILABLE' in l else 'failed' if 'AUTHENTICATIONFAILED' in l else 'other ' + l
+    elif proto == 'pop3':
+        s.sendall(('USER %s\r\n' % login).encode()); line(f)
+        s.sendall(('PASS %s\r\n' % pw).encode()); l = line(f)
+        word = 'ok' if l.startswith('+OK') else 'refused' if '[SYS/TEMP]' in l else 'failed' if '[AUTH]' in l else 'other ' + l
+    else:
+        s.sendall(b'EHLO guesser.test\r\n')
+        while True:
+            l = line(f)
+            if l[3:4] != '-':
+                break
+        cred = base64.b64encode(('\0%s\0%s' % (login, pw)).encode()).decode()
+        s.sendall(('AUTH PLAIN %s\r\n' % cred).encode()); l = line(f)
+        word = 'ok' if l.startswith('235') else 'refused' if l.startswith('454 4.7.0') else 'failed' if l.startswith('535') else 'other ' + l
+    s.close()
+    return word
+
+def pair(proto, src, logins, pw):
+    out = [None, None]
+    def one(i):
+        out[i] = attempt(proto, src, logins[i], pw)
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    return out
+
+# The per-IP budget: 10 wrong passwords from 127.0.0.9, each for another
+# login (so no per-login budget is touched), spread over the three protocols.
+words = []
+for k, proto in enumerate(['imap', 'pop3', 'smtp', 'imap', 'pop3']):
+    words += pair(proto, '127.0.0.9', ['nobody%d@local.test' % (2 * k), 'nobody%d@local.test' % (2 * k + 1)], 'wrong')
+print('ip-budget', ' '.join(words))
+for proto in ['imap', 'pop3', 'smtp']:
+    print('same-ip', proto, attempt(proto, '127.0.0.9', 'alice@local.test', 'alice-pw'))
+print('neighbour', attempt('imap', '127.0.0.10', 'alice@local.test', 'alice-pw'))
+
+# The per-login budget: 5 wrong passwords for bob from 127.0.2.9.
+words = pair('imap', '127.0.2.9', ['bob@local.test'] * 2, 'wrong')
+words += pair('pop3', '127.0.2.9', ['bob@local.test'] * 2, 'wrong')
+words.append(attempt('smtp', '127.0.2.9', 'bob@local.test', 'wrong'))
+print('login-budget', ' '.join(words))
+print('login-same-net', attempt('imap', '127.0.2.10', 'bob@local.test', 'bob-pw'))
+print('login-other-net', attempt('imap', '127.0.3.10', 'bob@local.test', 'bob-pw'))
+"#;
+
+/// The budgets over time, across protocols: 10 failures from one address
+/// (IMAP, POP3 and SMTP AUTH together) and that address is refused even
+/// the right password on all three, while its neighbour logs in; 5
+/// failures for one login from one /24 and that login is refused from the
+/// /24, but not from another network. (About 30 s: the delay grows per
+/// failure, as it must.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_failure_budgets_per_address_and_per_login_hold_across_protocols() {
+    let gw = Gateway::start(opts()).await;
+    let (imaps, pop3s, smtps) = (
+        gw.imaps.to_string(),
+        gw.pop3s.to_string(),
+        gw.submissions.to_string(),
+    );
+    let out = python(BUDGET_SCRIPT, &[&imaps, &pop3s, &smtps]);
+    println!("{out}");
+    let value = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or("missing")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(value("ip-budget "), ["failed"; 10].join(" "), "{out}");
+    assert_eq!(value("same-ip imap "), "refused", "{out}");
+    assert_eq!(value("same-ip pop3 "), "refused", "{out}");
+    assert_eq!(value("same-ip smtp "), "refused", "{out}");
+    assert_eq!(value("neighbour "), "ok", "{out}");
+    assert_eq!(value("login-budget "), ["failed"; 5].join(" "), "{out}");
+    assert_eq!(value("login-same-net "), "refused", "{out}");
+    assert_eq!(value("login-other-net "), "ok", "{out}");
+    assert!(refused_metric(&gw, "pop3").await >= 1.0);
+}

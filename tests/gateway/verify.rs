@@ -256,3 +256,60 @@ async fn no_bounce_goes_to_an_outside_sender_of_mail_from_outside() {
         gw.log_plain()
     );
 }
+
+/// Mail from outside that was quarantined and then released keeps its
+/// origin: when the backend refuses it at delivery, the bounce to the
+/// outside sender is dropped as for mail that was never held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_message_from_outside_gets_no_bounce_to_an_outside_sender() {
+    let sink = Sink::start(false).await;
+    sink.reject.lock().unwrap().push("ghost@local.test".into());
+    let gw = Gateway::start(Opts {
+        relay_extra: "verify_recipients = \"off\"".into(),
+        rules: vec![(
+            "hold.rhai".into(),
+            r#"fn data(m) { if m.subject == "[hold]" { return quarantine("held"); } }"#.into(),
+        )],
+        ..Opts::sink(sink.port)
+    })
+    .await;
+    let mut c = outsider(&gw).await;
+    let r = c
+        .mail(
+            "forged@far.test",
+            &["ghost@local.test"],
+            b"Subject: [hold]\r\n\r\nx",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    let (_, list, _) = gw.admin(&["quarantine", "list"]);
+    let id = list
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(list.contains("ghost@local.test"), "not held: {list}");
+    let (ok, out, err) = gw.admin(&["quarantine", "release", &id]);
+    assert!(ok, "release {id}: {out}{err}");
+    let suppressed = || async {
+        let m = gw.metrics_text().await;
+        series(
+            &m,
+            "postern_dsn_suppressed_total",
+            &["reason=\"outside_sender\""],
+        )
+    };
+    let mut seen = false;
+    for _ in 0..100 {
+        if suppressed().await == Some(1) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "log:\n{}", gw.log_text());
+    let (_, out, _) = gw.admin(&["queue", "list"]);
+    assert!(out.contains("0 message(s)"), "{out}");
+    assert_eq!(sink.count(), 0, "{:?}", sink.messages());
+}
