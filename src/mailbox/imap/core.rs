@@ -88,7 +88,8 @@ impl Selected {
         let before = self.keywords.len();
         for m in &self.msgs {
             for f in &m.flags {
-                if !f.starts_with('\\') && !self.keywords.contains(f) {
+                if !f.starts_with('\\') && !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(f))
+                {
                     self.keywords.insert(f.clone());
                 }
             }

@@ -27,11 +27,13 @@ pub(super) fn flag_responses(keywords: &BTreeSet<String>, read_only: bool) -> Ve
     format!("* FLAGS ({flags})\r\n* OK [PERMANENTFLAGS ({perm})] Flags permitted\r\n").into_bytes()
 }
 
-/// The keywords (flags without a backslash) the messages use.
+/// The keywords (flags without a backslash) the messages use, each once
+/// whatever its case (flag names are case-insensitive).
 fn keywords_of(msgs: &[ViewMsg]) -> BTreeSet<String> {
+    let mut seen = std::collections::HashSet::new();
     msgs.iter()
         .flat_map(|m| m.flags.iter())
-        .filter(|f| !f.starts_with('\\'))
+        .filter(|f| !f.starts_with('\\') && seen.insert(f.to_ascii_lowercase()))
         .cloned()
         .collect()
 }

@@ -152,16 +152,18 @@ fn key(account: &Account) -> Vec<u8> {
     format!("imap/v1/{}", account.login.to_ascii_lowercase()).into_bytes()
 }
 
-/// Canonical order: system flags first in a fixed order, then keywords sorted.
+/// Canonical order: system flags first in a fixed order, then keywords sorted. Flag
+/// names are case-insensitive (RFC 3501 2.3.2): `$junk` added to `$Junk` is the same
+/// keyword, and the first spelling stays.
 pub(crate) fn normalize(flags: &mut Vec<String>) {
     const ORDER: [&str; 5] = ["\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"];
-    flags.sort_by_key(|f| {
+    flags.sort_by_cached_key(|f| {
         (
             ORDER.iter().position(|o| o == f).unwrap_or(ORDER.len()),
-            f.clone(),
+            f.to_ascii_lowercase(),
         )
     });
-    flags.dedup();
+    flags.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     flags.truncate(MAX_FLAGS);
 }
 
@@ -462,6 +464,13 @@ mod tests {
     use super::*;
     use crate::mailbox::accounts::Role;
     use crate::mailbox::store::MemStore;
+
+    #[test]
+    fn keywords_are_case_insensitive() {
+        let old = vec!["$Junk".to_string()];
+        let new = changed_flags(&old, FlagOp::Add(&["$junk".into(), "\\Seen".into()]));
+        assert_eq!(new, vec!["\\Seen".to_string(), "$Junk".to_string()]);
+    }
 
     #[test]
     fn uids_are_stable_and_persist() {
