@@ -640,6 +640,11 @@ mod tests {
         text(a.handle(b"x EXPUNGE\r\n"));
         let r = text(b.handle(b"f FETCH 2 (BODY.PEEK[HEADER.FIELDS (Subject)])\r\n"));
         assert!(r.contains("Subject: Win big") && r.contains("f OK"), "{r}");
+        let r = text(b.handle(b"t STORE 1:2 +FLAGS (\\Flagged)\r\n"));
+        assert!(
+            !r.contains("FETCH") && r.contains("t NO [EXPUNGEISSUED]"),
+            "{r}"
+        );
         let r = text(b.handle(b"n NOOP\r\n"));
         assert!(r.contains("* 2 EXPUNGE\r\n* 1 EXPUNGE\r\nn OK"), "{r}");
     }

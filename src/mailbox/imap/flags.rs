@@ -54,17 +54,21 @@ impl ImapCore {
             Err(e) => return Step::Reply(unavailable(tag, "STORE", &e)),
         };
         let mut out = Vec::new();
+        // Messages removed elsewhere (their EXPUNGE not yet sent) keep no flags:
+        // no FETCH claims a change for them, and the NO says so (RFC 2180 4.2.1).
+        let mut missing = false;
         for &idx in &idxs {
             let m = &mut sel.msgs[idx];
-            if let Some(flags) = result.get(&m.meta.id) {
-                m.flags = flags.clone();
+            match result.get(&m.meta.id) {
+                Some(flags) => m.flags = flags.clone(),
+                None => missing = true,
             }
         }
         // A keyword new to the folder is announced before any FETCH shows it.
         sel.announce_keywords(&mut out);
         for idx in idxs {
             let m = &sel.msgs[idx];
-            if response == StoreResponse::Answer {
+            if response == StoreResponse::Answer && result.contains_key(&m.meta.id) {
                 let uid_part = if uid {
                     format!(" UID {}", m.uid)
                 } else {
@@ -81,7 +85,15 @@ impl ImapCore {
             }
         }
         self.sync_after(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));
+        if missing {
+            out.extend_from_slice(&tagged(
+                tag,
+                "NO",
+                "[EXPUNGEISSUED] Some of the messages were removed meanwhile; the others were changed",
+            ));
+        } else {
+            out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));
+        }
         Step::Reply(out)
     }
 }
