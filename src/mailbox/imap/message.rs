@@ -91,8 +91,10 @@ fn address_list(out: &mut Vec<u8>, addr: Option<&Address<'_>>) {
     };
     let mut inner = Vec::new();
     match addr {
+        // An entry without an address is a comment kept as a name (`To: (none)`):
+        // as an address structure it would read as a mailbox with no name.
         Address::List(list) => {
-            for a in list {
+            for a in list.iter().filter(|a| a.address.is_some()) {
                 addr_struct(&mut inner, a.name.as_deref(), a.address.as_deref());
             }
         }
@@ -609,7 +611,7 @@ mod tests {
     #[test]
     fn envelope_groups_and_routes() {
         let p = parse(
-            b"From: <@relay.test:eve@evil.test>\r\nTo: undisclosed-recipients: (none) ;\r\nCc: Team: a@x.test, (just a note) b@x.test;\r\nSubject: s\r\n\r\nbody\r\n",
+            b"From: <@relay.test:eve@evil.test>\r\nTo: undisclosed-recipients: (none) ;\r\nCc: Team: a@x.test, (just a note) b@x.test;\r\nBcc: (nobody)\r\nSubject: s\r\n\r\nbody\r\n",
         );
         let env = String::from_utf8(p.envelope()).unwrap();
         assert!(
@@ -624,7 +626,10 @@ mod tests {
             env.contains("((NIL NIL \"Team\" NIL)(NIL NIL \"a\" \"x.test\")("),
             "{env}"
         );
-        assert!(env.contains("\"b\" \"x.test\")(NIL NIL NIL NIL))"), "{env}");
+        assert!(
+            env.contains("\"b\" \"x.test\")(NIL NIL NIL NIL)) NIL NIL NIL)"),
+            "Bcc with only a comment is NIL: {env}"
+        );
     }
 
     /// BODY[1.TEXT] of an attached multipart message runs to the part's end,
