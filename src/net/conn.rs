@@ -131,6 +131,14 @@ impl Conn {
         }
     }
 
+    /// Waiting for a command again: give back what a burst grew (a line
+    /// reader outside this file calls it before its first fill).
+    pub(crate) fn shrink_idle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > FIRST_READ {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Bytes received and not yet consumed.
     pub(crate) fn buffered(&self) -> &[u8] {
         &self.buf
@@ -174,10 +182,7 @@ impl Conn {
         stoppable: bool,
     ) -> std::io::Result<Line> {
         let deadline = self.deadline_in(self.deadlines.idle);
-        if self.buf.is_empty() && self.buf.capacity() > FIRST_READ {
-            // Waiting for a command again: give back what a burst grew.
-            self.buf = BytesMut::new();
-        }
+        self.shrink_idle();
         let mut scanned = 0;
         let mut too_long = false;
         loop {

@@ -224,7 +224,8 @@ async fn isolation_admin_and_restart_keeps_uids_and_flags() {
     assert_eq!(a2["uidvalidity"], a["uidvalidity"], "{a} {a2}");
     let f = a2["fetch"].to_string();
     assert!(f.contains("UID 1 FLAGS (\\\\Flagged $Checked)"), "{f}");
-    assert!(f.contains("UID 2 FLAGS ()"), "{f}");
+    // Held since the last session: \Recent for this one (RFC 3501 2.3.2).
+    assert!(f.contains("UID 2 FLAGS (\\\\Recent)"), "{f}");
     assert!(s.ctx.logins.with_label_values(&["imap", "ok"]).get() >= 1);
     s.stop().await;
 }

@@ -6,5 +6,6 @@
 mod common;
 mod failing;
 mod imap;
+mod imap_conformance;
 mod pop3;
 mod robustness;

@@ -12,7 +12,8 @@ const MAX_AUTH_FAILURES: u32 = 3;
 
 impl ImapCore {
     pub(super) fn capabilities(&self) -> String {
-        let mut c = String::from("IMAP4rev1 SASL-IR IDLE UIDPLUS MOVE UNSELECT");
+        let mut c =
+            String::from("IMAP4rev1 LITERAL+ SASL-IR ID NAMESPACE IDLE UIDPLUS MOVE UNSELECT");
         if self.account.is_none() {
             if self.tls {
                 c.push_str(" AUTH=PLAIN");
@@ -40,6 +41,12 @@ impl ImapCore {
                 Step::Reply(out)
             }
             CommandBody::Noop => self.noop(tag, "NOOP"),
+            // RFC 2971: what the client says is not used; we say only our name.
+            CommandBody::Id { .. } => {
+                let mut out = b"* ID (\"name\" \"Postern\")\r\n".to_vec();
+                out.extend_from_slice(&tagged(tag, "OK", "ID completed"));
+                Step::Reply(out)
+            }
             CommandBody::Check => self.noop(tag, "CHECK"),
             CommandBody::Logout => {
                 let mut out = format!("* BYE {} logging out\r\n", self.hostname).into_bytes();

@@ -32,7 +32,10 @@ impl ImapCore {
         if is_move && self.sel.as_ref().is_some_and(|s| s.read_only) {
             return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
         }
-        let idxs = self.resolve(set, uid);
+        let idxs = match self.resolve_checked(tag, set, uid) {
+            Ok(i) => i,
+            Err(bad) => return bad,
+        };
         let mut out = Vec::new();
         let (released, failed) = self.release(&idxs, is_move, &mut out);
         if let Some(e) = failed {
@@ -66,7 +69,7 @@ impl ImapCore {
         let mut done = Vec::new();
         let mut failed = None;
         for &i in idxs {
-            match self.shared.store.release(sel.msgs[i].meta.id) {
+            match self.shared.release(sel.msgs[i].meta.id) {
                 Ok(r) => {
                     if r {
                         released += 1;
@@ -87,7 +90,8 @@ impl ImapCore {
         if is_move {
             for &i in done.iter().rev() {
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                sel.msgs.remove(i);
+                let gone = sel.msgs.remove(i);
+                sel.recent.remove(&gone.uid);
             }
         }
         (released, failed)

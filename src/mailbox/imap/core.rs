@@ -7,7 +7,7 @@
 //! Store calls are synchronous and made here, so the shell runs every call into a logged-in
 //! core on the blocking pool. A store failure answers `NO [UNAVAILABLE]`, never success.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use imap_codec::CommandCodec;
@@ -18,7 +18,8 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 
 use crate::mailbox::accounts::Account;
-use crate::mailbox::imap::resp::{flag_list, tag_of};
+use crate::mailbox::imap::resp::{msg_flags, tag_of};
+use crate::mailbox::imap::select::flag_responses;
 use crate::mailbox::imap::state::{Shared, ViewMsg};
 use crate::mailbox::store::QuarantineError;
 
@@ -67,6 +68,36 @@ pub(super) struct Selected {
     pub(super) folder: Folder,
     pub(super) read_only: bool,
     pub(super) msgs: Vec<ViewMsg>,
+    /// UIDs that are `\Recent` in this session (RFC 3501 2.3.2): this
+    /// session was the first to be told of them.
+    pub(super) recent: HashSet<u32>,
+    /// The keywords this session announced in FLAGS; a new one in use gets
+    /// an untagged FLAGS before the FETCH that shows it (RFC 3501 7.2.6).
+    pub(super) keywords: BTreeSet<String>,
+}
+
+impl Selected {
+    /// A message's flags as this session shows them (`\Recent` included).
+    pub(super) fn flags_of(&self, m: &ViewMsg) -> String {
+        msg_flags(&m.flags, self.recent.contains(&m.uid))
+    }
+
+    /// FLAGS and PERMANENTFLAGS again if the messages now use keywords this
+    /// session has not announced.
+    pub(super) fn announce_keywords(&mut self, out: &mut Vec<u8>) {
+        let before = self.keywords.len();
+        for m in &self.msgs {
+            for f in &m.flags {
+                if !f.starts_with('\\') && !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(f))
+                {
+                    self.keywords.insert(f.clone());
+                }
+            }
+        }
+        if self.keywords.len() != before {
+            out.extend_from_slice(&flag_responses(&self.keywords, self.read_only));
+        }
+    }
 }
 
 pub(crate) struct ImapCore {
@@ -202,6 +233,7 @@ impl ImapCore {
             | CommandBody::Logout
             | CommandBody::StartTLS
             | CommandBody::Login { .. }
+            | CommandBody::Id { .. }
             | CommandBody::Authenticate { .. }) => self.any_state(&tag, body),
             _ if self.account.is_none() => Step::Reply(tagged(&tag, "NO", "Log in first")),
             body => self.authenticated(&tag, body),
@@ -221,9 +253,15 @@ impl ImapCore {
                 "NO",
                 "[CANNOT] The quarantine has the fixed folders INBOX and Release",
             )),
-            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => {
-                Step::Reply(tagged(tag, "OK", "Done"))
-            }
+            CommandBody::Subscribe { mailbox } => self.subscribe(tag, &mailbox, true),
+            CommandBody::Unsubscribe { mailbox } => self.subscribe(tag, &mailbox, false),
+            CommandBody::Namespace => Step::Reply(
+                [
+                    &b"* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n"[..],
+                    &tagged(tag, "OK", "NAMESPACE completed"),
+                ]
+                .concat(),
+            ),
             CommandBody::List {
                 reference,
                 mailbox_wildcard,
@@ -289,6 +327,8 @@ impl ImapCore {
 
     /// Bring the selected INBOX up to date, reporting differences as untagged responses.
     /// `expunge`: whether EXPUNGE responses may be sent now (not during FETCH/STORE/SEARCH).
+    /// Until its EXPUNGE is sent a message removed elsewhere keeps its sequence number and
+    /// stays readable (`Shared::body`).
     pub(super) fn sync(&mut self, out: &mut Vec<u8>, expunge: bool) -> Result<(), QuarantineError> {
         let (Some(account), Some(sel)) = (&self.account, &mut self.sel) else {
             return Ok(());
@@ -302,32 +342,58 @@ impl ImapCore {
             for i in (0..sel.msgs.len()).rev() {
                 if !by_id.contains_key(&sel.msgs[i].meta.id) {
                     out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                    sel.msgs.remove(i);
+                    let gone = sel.msgs.remove(i);
+                    sel.recent.remove(&gone.uid);
                 }
             }
         }
+        let mut fetches = Vec::new();
         for (i, m) in sel.msgs.iter_mut().enumerate() {
             if let Some(v) = by_id.get(&m.meta.id)
                 && v.flags != m.flags
             {
                 m.flags = v.flags.clone();
-                out.extend_from_slice(
-                    format!(
-                        "* {} FETCH (UID {} FLAGS {})\r\n",
-                        i + 1,
-                        m.uid,
-                        flag_list(&m.flags)
-                    )
-                    .as_bytes(),
-                );
+                fetches.push(i);
             }
         }
         let last = sel.msgs.last().map_or(0, |m| m.uid);
         let before = sel.msgs.len();
         sel.msgs
             .extend(view.msgs.iter().filter(|m| m.uid > last).cloned());
+        // Keywords first, so that no FETCH shows one the client was not told of.
+        sel.announce_keywords(out);
+        for i in fetches {
+            let m = &sel.msgs[i];
+            out.extend_from_slice(
+                format!(
+                    "* {} FETCH (UID {} FLAGS {})\r\n",
+                    i + 1,
+                    m.uid,
+                    sel.flags_of(m)
+                )
+                .as_bytes(),
+            );
+        }
         if sel.msgs.len() != before {
-            out.extend_from_slice(format!("* {} EXISTS\r\n", sel.msgs.len()).as_bytes());
+            // The first SELECT session told of a message gets it as \Recent;
+            // EXAMINE shows it so but leaves it to the next SELECT.
+            let newest = sel.msgs.last().map_or(0, |m| m.uid);
+            let claim = (!sel.read_only).then_some(newest);
+            let from = self.shared.recent_from(account, claim)?;
+            sel.recent.extend(
+                sel.msgs[before..]
+                    .iter()
+                    .map(|m| m.uid)
+                    .filter(|&u| u > from),
+            );
+            out.extend_from_slice(
+                format!(
+                    "* {} EXISTS\r\n* {} RECENT\r\n",
+                    sel.msgs.len(),
+                    sel.recent.len()
+                )
+                .as_bytes(),
+            );
         }
         Ok(())
     }
@@ -339,6 +405,34 @@ impl ImapCore {
         if let Err(e) = self.sync(out, expunge) {
             tracing::warn!(error = %e, "IMAP: mailbox updates postponed, the store failed");
         }
+    }
+
+    /// Indices (ascending) of the selected messages a set names; for sequence numbers (not
+    /// UIDs) a number beyond EXISTS, or `*` in an empty folder, is the client's error and
+    /// gets the BAD to answer (RFC 3501 9: a sequence number is never above EXISTS). UID
+    /// sets name what exists of them (RFC 3501 6.4.8).
+    pub(super) fn resolve_checked(
+        &mut self,
+        tag: &str,
+        set: &SequenceSet,
+        uid: bool,
+    ) -> Result<Vec<usize>, Step> {
+        let n = self.sel.as_ref().map_or(0, |s| s.msgs.len()) as u32;
+        if !uid {
+            let invalid = |s: &SeqOrUid| match s {
+                SeqOrUid::Value(v) => v.get() > n,
+                SeqOrUid::Asterisk => n == 0,
+            };
+            let bad = set.0.as_ref().iter().any(|s| match s {
+                Sequence::Single(x) => invalid(x),
+                Sequence::Range(a, b) => invalid(a) || invalid(b),
+            });
+            if bad {
+                let text = format!("Invalid message sequence number (the folder has {n})");
+                return Err(self.bad(Some(tag), &text));
+            }
+        }
+        Ok(self.resolve(set, uid))
     }
 
     /// Indices (ascending) of the selected messages a set names.
@@ -454,7 +548,7 @@ mod tests {
         assert!(!r.contains("\\Seen"));
         let r = text(c.handle(b"f2 UID FETCH 2 (BODY[]<0.4>)\r\n"));
         assert!(
-            r.contains("* 2 FETCH (UID 2 BODY[]<0> {4}\r\nSubj FLAGS (\\Seen))"),
+            r.contains("* 2 FETCH (UID 2 BODY[]<0> {4}\r\nSubj FLAGS (\\Seen \\Recent))"),
             "{r}"
         );
         let r = text(c.handle(b"q SEARCH UNSEEN\r\n"));
@@ -464,7 +558,11 @@ mod tests {
         let r = text(c.handle(b"q UID SEARCH OR SEEN LARGER 100000\r\n"));
         assert!(r.contains("* SEARCH 2\r\n"), "{r}");
         let r = text(c.handle(b"st STORE 1 +FLAGS (\\Deleted $Junk)\r\n"));
-        assert!(r.contains("* 1 FETCH (FLAGS (\\Deleted $Junk))"), "{r}");
+        assert!(
+            r.starts_with("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Junk)\r\n")
+                && r.contains("* 1 FETCH (FLAGS (\\Deleted $Junk \\Recent))"),
+            "{r}"
+        );
         let r = text(c.handle(b"x EXPUNGE\r\n"));
         assert!(r.contains("* 1 EXPUNGE\r\nx OK"), "{r}");
         assert_eq!(mem.deleted(), vec![1]);
@@ -491,19 +589,64 @@ mod tests {
         mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
         let r = text(b.handle(b"n NOOP\r\n"));
         assert!(
-            r.contains("* 1 FETCH (UID 1 FLAGS (\\Flagged))") && r.contains("* 2 EXISTS"),
+            r.contains("* 1 FETCH (UID 1 FLAGS (\\Flagged))")
+                && r.contains("* 2 EXISTS\r\n* 1 RECENT"),
             "{r}"
         );
         text(a.handle(b"t STORE 1 +FLAGS.SILENT (\\Deleted)\r\n"));
         text(a.handle(b"c CLOSE\r\n"));
         let r = text(b.handle(b"i IDLE\r\n"));
         assert!(r.contains("* 1 EXPUNGE\r\n+ idling\r\n"), "{r}");
-        text(a.handle(b"s SELECT INBOX\r\n"));
+        let r = text(a.handle(b"s SELECT INBOX\r\n"));
+        assert!(r.contains("* 0 RECENT"), "{r}");
         text(a.handle(b"t STORE 1 +FLAGS.SILENT (\\Seen)\r\n"));
         let r = String::from_utf8_lossy(&b.idle_update()).into_owned();
-        assert_eq!(r, "* 1 FETCH (UID 2 FLAGS (\\Seen))\r\n");
+        // B was the first session told of message 2 (at its NOOP): it is \Recent there.
+        assert_eq!(r, "* 1 FETCH (UID 2 FLAGS (\\Seen \\Recent))\r\n");
         let r = String::from_utf8_lossy(&b.idle_done(b"DONE")).into_owned();
         assert_eq!(r, "i OK IDLE terminated\r\n");
+    }
+
+    /// A message removed by another process (not through these sessions) cannot be read
+    /// before its EXPUNGE is sent: FETCH and content SEARCH say NO [EXPUNGEISSUED] and
+    /// send what they could (RFC 2180 4.1.2); one removed over IMAP stays readable.
+    #[test]
+    fn removed_elsewhere_before_expunge() {
+        let mem = Arc::new(MemStore::new());
+        let ids = mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let shared = Arc::new(Shared::new(mem.clone()));
+        let mut a = ImapCore::new(shared.clone(), "h", true);
+        let mut b = ImapCore::new(shared.clone(), "h", true);
+        a.login_result("l", Some(alice()));
+        b.login_result("l", Some(alice()));
+        text(a.handle(b"s SELECT INBOX\r\n"));
+        text(b.handle(b"s SELECT INBOX\r\n"));
+        assert!(crate::mailbox::store::QuarantineStore::delete(mem.as_ref(), ids[0]).unwrap());
+        let r = text(b.handle(b"f FETCH 1:2 (UID BODY.PEEK[HEADER.FIELDS (Subject)])\r\n"));
+        assert!(
+            !r.contains("* 1 FETCH")
+                && r.contains("* 2 FETCH (UID 2 ")
+                && r.contains("f NO [EXPUNGEISSUED]"),
+            "{r}"
+        );
+        let r = text(b.handle(b"q SEARCH SUBJECT win\r\n"));
+        assert!(r.contains("* SEARCH 2\r\nq NO [EXPUNGEISSUED]"), "{r}");
+        // Flag keys need no body: still answered.
+        assert!(text(b.handle(b"q SEARCH ALL\r\n")).contains("* SEARCH 1 2\r\nq OK"));
+        // Expunged over IMAP by A: B reads it until told.
+        text(a.handle(b"n NOOP\r\n"));
+        text(a.handle(b"t STORE 1 +FLAGS.SILENT (\\Deleted)\r\n"));
+        text(a.handle(b"x EXPUNGE\r\n"));
+        let r = text(b.handle(b"f FETCH 2 (BODY.PEEK[HEADER.FIELDS (Subject)])\r\n"));
+        assert!(r.contains("Subject: Win big") && r.contains("f OK"), "{r}");
+        let r = text(b.handle(b"t STORE 1:2 +FLAGS (\\Flagged)\r\n"));
+        assert!(
+            !r.contains("FETCH") && r.contains("t NO [EXPUNGEISSUED]"),
+            "{r}"
+        );
+        let r = text(b.handle(b"n NOOP\r\n"));
+        assert!(r.contains("* 2 EXPUNGE\r\n* 1 EXPUNGE\r\nn OK"), "{r}");
     }
 
     /// Random and mutated command bytes never panic and always get an answer.

@@ -28,9 +28,10 @@ impl ImapCore {
             let in_set = uids.is_none_or(|s| set_contains(s, m.uid, max_uid));
             if marked && in_set {
                 // Ok(false): gone already (released or deleted elsewhere); expunged either way.
-                self.shared.store.delete(m.meta.id)?;
+                self.shared.delete(m.meta.id)?;
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                sel.msgs.remove(i);
+                let gone = sel.msgs.remove(i);
+                sel.recent.remove(&gone.uid);
             }
         }
         Ok(())

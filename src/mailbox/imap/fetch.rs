@@ -9,7 +9,7 @@ use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::core::{ImapCore, Step, tagged, unavailable};
 use crate::mailbox::imap::message::{self, Parsed};
-use crate::mailbox::imap::resp::{self, flag_list, internal_date, is_atom_char};
+use crate::mailbox::imap::resp::{self, internal_date, is_atom_char, msg_flags};
 use crate::mailbox::imap::state::{FlagOp, ViewMsg, normalize};
 use crate::mailbox::store::QuarantineError;
 
@@ -154,15 +154,14 @@ fn render_item(
     line: &mut Vec<u8>,
     item: &MessageDataItemName<'_>,
     m: &ViewMsg,
+    flags: &str,
     raw: Option<&[u8]>,
     parsed: Option<&Parsed<'_>>,
 ) -> bool {
     let empty: &[u8] = &[];
     match item {
         MessageDataItemName::Uid => line.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
-        MessageDataItemName::Flags => {
-            line.extend_from_slice(format!("FLAGS {}", flag_list(&m.flags)).as_bytes())
-        }
+        MessageDataItemName::Flags => line.extend_from_slice(format!("FLAGS {flags}").as_bytes()),
         MessageDataItemName::InternalDate => line.extend_from_slice(
             format!("INTERNALDATE {}", internal_date(m.meta.received_unix)).as_bytes(),
         ),
@@ -199,12 +198,14 @@ fn render_item(
     true
 }
 
-/// `* n FETCH (...)` for one message. `flags_changed`: FETCH set `\Seen`,
-/// so FLAGS goes out even if it was not asked for.
+/// `* n FETCH (...)` for one message with its `flags` as shown (`\Recent`
+/// included). `flags_changed`: FETCH set `\Seen`, so FLAGS goes out even if
+/// it was not asked for.
 fn render_message(
     plan: &Plan<'_>,
     seq: usize,
     m: &ViewMsg,
+    flags: &str,
     raw: Option<&[u8]>,
     flags_changed: bool,
 ) -> Vec<u8> {
@@ -216,7 +217,7 @@ fn render_message(
         if !first {
             line.push(b' ');
         }
-        if render_item(&mut line, item, m, raw, parsed.as_ref()) {
+        if render_item(&mut line, item, m, flags, raw, parsed.as_ref()) {
             first = false;
         } else {
             line.truncate(mark);
@@ -226,7 +227,7 @@ fn render_message(
         if !first {
             line.push(b' ');
         }
-        line.extend_from_slice(format!("FLAGS {}", flag_list(&m.flags)).as_bytes());
+        line.extend_from_slice(format!("FLAGS {flags}").as_bytes());
     }
     line.extend_from_slice(b")\r\n");
     line
@@ -241,7 +242,10 @@ impl ImapCore {
         uid: bool,
     ) -> Step {
         let plan = Plan::new(what, uid);
-        let idxs = self.resolve(set, uid);
+        let idxs = match self.resolve_checked(tag, set, uid) {
+            Ok(i) => i,
+            Err(bad) => return bad,
+        };
         let mut out = Vec::new();
         let mut seen_updates = Vec::new();
         let read = self.fetch_each(&plan, &idxs, &mut out, &mut seen_updates);
@@ -254,38 +258,57 @@ impl ImapCore {
                 .map(|_| ()),
             _ => Ok(()),
         };
-        if let Err(e) = read.and(saved) {
-            out.extend_from_slice(&unavailable(tag, "FETCH", &e));
-            return Step::Reply(out);
-        }
+        let missing = match read.and_then(|missing| saved.map(|()| missing)) {
+            Ok(missing) => missing,
+            Err(e) => {
+                out.extend_from_slice(&unavailable(tag, "FETCH", &e));
+                return Step::Reply(out);
+            }
+        };
         self.sync_after(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "FETCH completed"));
+        if missing {
+            // RFC 2180 4.1.2 for what we can no longer read (RFC 5530 EXPUNGEISSUED).
+            out.extend_from_slice(&tagged(
+                tag,
+                "NO",
+                "[EXPUNGEISSUED] Some of the messages were removed meanwhile; the others were sent",
+            ));
+        } else {
+            out.extend_from_slice(&tagged(tag, "OK", "FETCH completed"));
+        }
         Step::Reply(out)
     }
 
     /// Render the messages at `idxs` into `out`, marking them `\Seen` in this
     /// session where the plan says so (the ids go to `seen_updates`, to be saved).
+    /// A message removed elsewhere whose EXPUNGE this session has not sent yet is
+    /// read from what the process kept of it (`Shared::body`); true if some such
+    /// message could not be read at all (removed by another process, or long ago).
     fn fetch_each(
         &mut self,
         plan: &Plan<'_>,
         idxs: &[usize],
         out: &mut Vec<u8>,
         seen_updates: &mut Vec<u64>,
-    ) -> Result<(), QuarantineError> {
+    ) -> Result<bool, QuarantineError> {
         let Some(sel) = &mut self.sel else {
-            return Ok(());
+            return Ok(false);
         };
+        let mut missing = false;
         for &idx in idxs {
-            let m = &mut sel.msgs[idx];
             let raw = if plan.needs_body {
-                match self.shared.store.body(m.meta.id)? {
+                match self.shared.body(sel.msgs[idx].meta.id)? {
                     Some(b) => Some(b),
-                    // Released or deleted elsewhere; its EXPUNGE comes at the next sync.
-                    None => continue,
+                    None => {
+                        missing = true;
+                        continue;
+                    }
                 }
             } else {
                 None
             };
+            let recent = sel.recent.contains(&sel.msgs[idx].uid);
+            let m = &mut sel.msgs[idx];
             let mut flags_changed = false;
             if plan.marks_seen && !sel.read_only && !m.flags.iter().any(|f| f == "\\Seen") {
                 m.flags.push("\\Seen".to_string());
@@ -297,10 +320,11 @@ impl ImapCore {
                 plan,
                 idx + 1,
                 m,
-                raw.as_deref(),
+                &msg_flags(&m.flags, recent),
+                raw.as_deref().map(Vec::as_slice),
                 flags_changed,
             ));
         }
-        Ok(())
+        Ok(missing)
     }
 }

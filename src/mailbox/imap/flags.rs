@@ -6,7 +6,6 @@ use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::core::{ImapCore, Step, tagged, unavailable};
-use crate::mailbox::imap::resp::flag_list;
 use crate::mailbox::imap::state::{FlagOp, MAX_FLAG_LEN};
 
 /// A flag as we store it; extension flags and overlong keywords are dropped,
@@ -35,7 +34,10 @@ impl ImapCore {
             return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
         }
         let given: Vec<String> = flags.iter().filter_map(flag_string).collect();
-        let idxs = self.resolve(set, uid);
+        let idxs = match self.resolve_checked(tag, set, uid) {
+            Ok(i) => i,
+            Err(bad) => return bad,
+        };
         let (Some(sel), Some(account)) = (&mut self.sel, &self.account) else {
             return Step::Reply(tagged(tag, "NO", "Select a mailbox first"));
         };
@@ -52,12 +54,21 @@ impl ImapCore {
             Err(e) => return Step::Reply(unavailable(tag, "STORE", &e)),
         };
         let mut out = Vec::new();
-        for idx in idxs {
+        // Messages removed elsewhere (their EXPUNGE not yet sent) keep no flags:
+        // no FETCH claims a change for them, and the NO says so (RFC 2180 4.2.1).
+        let mut missing = false;
+        for &idx in &idxs {
             let m = &mut sel.msgs[idx];
-            if let Some(flags) = result.get(&m.meta.id) {
-                m.flags = flags.clone();
+            match result.get(&m.meta.id) {
+                Some(flags) => m.flags = flags.clone(),
+                None => missing = true,
             }
-            if response == StoreResponse::Answer {
+        }
+        // A keyword new to the folder is announced before any FETCH shows it.
+        sel.announce_keywords(&mut out);
+        for idx in idxs {
+            let m = &sel.msgs[idx];
+            if response == StoreResponse::Answer && result.contains_key(&m.meta.id) {
                 let uid_part = if uid {
                     format!(" UID {}", m.uid)
                 } else {
@@ -67,14 +78,22 @@ impl ImapCore {
                     format!(
                         "* {} FETCH (FLAGS {}{uid_part})\r\n",
                         idx + 1,
-                        flag_list(&m.flags)
+                        sel.flags_of(m)
                     )
                     .as_bytes(),
                 );
             }
         }
         self.sync_after(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));
+        if missing {
+            out.extend_from_slice(&tagged(
+                tag,
+                "NO",
+                "[EXPUNGEISSUED] Some of the messages were removed meanwhile; the others were changed",
+            ));
+        } else {
+            out.extend_from_slice(&tagged(tag, "OK", "STORE completed"));
+        }
         Step::Reply(out)
     }
 }

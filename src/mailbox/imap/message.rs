@@ -51,10 +51,22 @@ fn unfold(s: &str) -> Vec<u8> {
     v
 }
 
+/// One address structure (RFC 3501 7.4.2: name, source route, mailbox, host). An
+/// obsolete source route (`<@relay:user@host>`, RFC 5322 4.4) goes in the route field,
+/// so the mailbox name is the local part alone.
 fn addr_struct(out: &mut Vec<u8>, name: Option<&str>, address: Option<&str>) {
     out.push(b'(');
     nstring(out, name.map(text_word).as_deref());
-    out.extend_from_slice(b" NIL ");
+    out.push(b' ');
+    let (route, address) = match address {
+        Some(a) if a.starts_with('@') => match a.split_once(':') {
+            Some((route, rest)) => (Some(route), Some(rest)),
+            None => (None, Some(a)),
+        },
+        other => (None, other),
+    };
+    nstring(out, route.map(str::as_bytes));
+    out.push(b' ');
     match address {
         Some(a) => match a.rsplit_once('@') {
             Some((local, host)) => {
@@ -79,8 +91,10 @@ fn address_list(out: &mut Vec<u8>, addr: Option<&Address<'_>>) {
     };
     let mut inner = Vec::new();
     match addr {
+        // An entry without an address is a comment kept as a name (`To: (none)`):
+        // as an address structure it would read as a mailbox with no name.
         Address::List(list) => {
-            for a in list {
+            for a in list.iter().filter(|a| a.address.is_some()) {
                 addr_struct(&mut inner, a.name.as_deref(), a.address.as_deref());
             }
         }
@@ -92,7 +106,9 @@ fn address_list(out: &mut Vec<u8>, addr: Option<&Address<'_>>) {
                     string(&mut inner, &text_word(name));
                     inner.extend_from_slice(b" NIL)");
                 }
-                for a in &g.addresses {
+                // A member without an address is a comment the parser kept as
+                // a name (`undisclosed-recipients: (none) ;`), not a member.
+                for a in g.addresses.iter().filter(|a| a.address.is_some()) {
                     addr_struct(&mut inner, a.name.as_deref(), a.address.as_deref());
                 }
                 if g.name.is_some() {
@@ -436,14 +452,12 @@ impl<'a> Parsed<'a> {
                         let m = self.msg.as_ref()?;
                         let (owner, idx) = resolve_root(m, &path(p), 0)?;
                         match &owner.parts.get(idx)?.body {
-                            PartType::Message(inner) => {
-                                let raw: &[u8] = &inner.raw_message;
-                                let (start, end) = inner
-                                    .parts
-                                    .first()
-                                    .map(|r| (r.offset_header as usize, r.offset_end as usize))
-                                    .unwrap_or((0, raw.len()));
-                                let whole = raw.get(start..end.max(start)).unwrap_or(raw);
+                            // The encapsulated message is the part's whole body: its
+                            // TEXT runs to the part's end, an inner multipart's epilogue
+                            // included (the inner parse's root part ends at its last
+                            // boundary).
+                            PartType::Message(_) => {
+                                let whole = part_body(owner, idx);
                                 let h = header_end(whole);
                                 Some((whole[..h].to_vec(), whole[h..].to_vec()))
                             }
@@ -516,9 +530,11 @@ impl<'a> Parsed<'a> {
         s
     }
 
-    /// The sent date (Date header) as a unix time.
-    pub(crate) fn sent_unix(&self) -> Option<i64> {
-        self.msg.as_ref()?.date().map(|d| d.to_timestamp())
+    /// The sent date: the day the Date header names, in its own zone, not
+    /// converted to UTC (RFC 3501 6.4.4 SENTBEFORE/SENTON/SENTSINCE).
+    pub(crate) fn sent_date(&self) -> Option<chrono::NaiveDate> {
+        let d = self.msg.as_ref()?.date()?;
+        chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
     }
 
     /// The decoded text of the body parts, for SEARCH BODY/TEXT.
@@ -588,6 +604,61 @@ mod tests {
                 .ends_with(b"boundary=\"b1\"\r\n\r\n")
         );
         assert!(p.header_text("subject").contains("Café"));
+    }
+
+    /// RFC 3501 7.4.2: a group holding only a comment has no member, and a
+    /// source route goes to the route field, not into the mailbox name.
+    #[test]
+    fn envelope_groups_and_routes() {
+        let p = parse(
+            b"From: <@relay.test:eve@evil.test>\r\nTo: undisclosed-recipients: (none) ;\r\nCc: Team: a@x.test, (just a note) b@x.test;\r\nBcc: (nobody)\r\nSubject: s\r\n\r\nbody\r\n",
+        );
+        let env = String::from_utf8(p.envelope()).unwrap();
+        assert!(
+            env.contains(" ((NIL \"@relay.test\" \"eve\" \"evil.test\")) "),
+            "{env}"
+        );
+        assert!(
+            env.contains(" ((NIL NIL \"undisclosed-recipients\" NIL)(NIL NIL NIL NIL)) "),
+            "{env}"
+        );
+        assert!(
+            env.contains("((NIL NIL \"Team\" NIL)(NIL NIL \"a\" \"x.test\")("),
+            "{env}"
+        );
+        assert!(
+            env.contains("\"b\" \"x.test\")(NIL NIL NIL NIL)) NIL NIL NIL)"),
+            "Bcc with only a comment is NIL: {env}"
+        );
+    }
+
+    /// BODY[1.TEXT] of an attached multipart message runs to the part's end,
+    /// the inner epilogue included (RFC 3501 6.4.5).
+    #[test]
+    fn encapsulated_text_keeps_the_epilogue() {
+        let raw = b"Subject: outer\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nContent-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\nplain\r\n--i--\r\ninner epilogue\r\n--o--\r\n";
+        let p = parse(raw);
+        let one = imap_codec::imap_types::fetch::Part(
+            vec![std::num::NonZeroU32::new(1).unwrap()]
+                .try_into()
+                .unwrap(),
+        );
+        let text = p.section(Some(&Section::Text(Some(one.clone()))));
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "--i\r\nContent-Type: text/plain\r\n\r\nplain\r\n--i--\r\ninner epilogue"
+        );
+        let header = p.section(Some(&Section::Header(Some(one.clone()))));
+        assert!(header.ends_with(b"boundary=i\r\n\r\n"), "{header:?}");
+        let whole = p.section(Some(&Section::Part(one)));
+        assert!(whole.ends_with(b"inner epilogue"), "{whole:?}");
+    }
+
+    /// SENTON compares the day the Date header names, in its own zone.
+    #[test]
+    fn sent_date_is_the_header_own_day() {
+        let p = parse(b"Date: Fri, 27 Nov 2026 00:30:00 +0200\r\n\r\nx\r\n");
+        assert_eq!(p.sent_date(), chrono::NaiveDate::from_ymd_opt(2026, 11, 27));
     }
 
     #[test]

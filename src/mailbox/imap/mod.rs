@@ -1,5 +1,6 @@
-//! IMAP4rev1 (RFC 3501) with IDLE (RFC 2177), UIDPLUS (RFC 4315), MOVE (RFC 6851) and
-//! UNSELECT over the quarantine.
+//! IMAP4rev1 (RFC 3501) with IDLE (RFC 2177), UIDPLUS (RFC 4315), MOVE (RFC 6851),
+//! UNSELECT (RFC 3691), LITERAL+ (RFC 7888), ID (RFC 2971) and NAMESPACE (RFC 2342) over
+//! the quarantine.
 //!
 //! Folders: `INBOX` shows the held entries the user may see. `Release` is a drop box: COPY
 //! or MOVE into it re-queues each entry for delivery (`QuarantineStore::release`), after

@@ -39,6 +39,17 @@ pub(crate) fn flag_list(flags: &[String]) -> String {
     format!("({})", flags.join(" "))
 }
 
+/// A message's flags in a FETCH: the stored ones, and `\Recent` if it is recent in this session.
+pub(crate) fn msg_flags(flags: &[String], recent: bool) -> String {
+    if recent {
+        let mut all = flags.to_vec();
+        all.push("\\Recent".to_string());
+        flag_list(&all)
+    } else {
+        flag_list(flags)
+    }
+}
+
 /// INTERNALDATE form: `"27-Nov-2026 02:24:54 +0000"`.
 pub(crate) fn internal_date(unix: i64) -> String {
     let dt = chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default();

@@ -39,6 +39,8 @@ struct SearchCtx<'a> {
     max_seq: u32,
     max_uid: u32,
     msg: &'a ViewMsg,
+    /// `\Recent` in this session.
+    recent: bool,
     parsed: Option<&'a Parsed<'a>>,
 }
 
@@ -58,10 +60,7 @@ impl SearchCtx<'_> {
     }
 
     fn sent(&self) -> Option<chrono::NaiveDate> {
-        self.parsed
-            .and_then(|p| p.sent_unix())
-            .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-            .map(|d| d.date_naive())
+        self.parsed.and_then(|p| p.sent_date())
     }
 }
 
@@ -83,9 +82,9 @@ fn eval_meta(key: &SearchKey<'_>, c: &SearchCtx<'_>) -> Option<bool> {
         SearchKey::Unseen => !c.has("\\Seen"),
         SearchKey::Keyword(k) => c.has(k.as_ref()),
         SearchKey::Unkeyword(k) => !c.has(k.as_ref()),
-        // This server keeps no \Recent: nothing is recent, so nothing is new.
-        SearchKey::New | SearchKey::Recent => false,
-        SearchKey::Old => true,
+        SearchKey::Recent => c.recent,
+        SearchKey::New => c.recent && !c.has("\\Seen"),
+        SearchKey::Old => !c.recent,
         SearchKey::Before(d) => c.internal() < *d.as_ref(),
         SearchKey::On(d) => c.internal() == *d.as_ref(),
         SearchKey::Since(d) => c.internal() >= *d.as_ref(),
@@ -161,22 +160,28 @@ impl ImapCore {
         let max_seq = sel.msgs.len() as u32;
         let max_uid = sel.msgs.last().map_or(0, |m| m.uid);
         let mut hits = Vec::new();
+        let mut missing = false;
         for (i, m) in sel.msgs.iter().enumerate() {
-            // A message gone meanwhile (Ok(None)) matches no content key.
+            // A message removed elsewhere is searched as FETCH reads it (`Shared::body`);
+            // one that can no longer be read matches no content key, and the NO says so.
             let raw = if body {
-                match self.shared.store.body(m.meta.id) {
-                    Ok(b) => b,
+                match self.shared.body(m.meta.id) {
+                    Ok(b) => {
+                        missing |= b.is_none();
+                        b
+                    }
                     Err(e) => return Step::Reply(unavailable(tag, "SEARCH", &e)),
                 }
             } else {
                 None
             };
-            let parsed = raw.as_deref().map(message::parse);
+            let parsed = raw.as_deref().map(|r| message::parse(r));
             let c = SearchCtx {
                 seq: i as u32 + 1,
                 max_seq,
                 max_uid,
                 msg: m,
+                recent: sel.recent.contains(&m.uid),
                 parsed: parsed.as_ref(),
             };
             if eval(key, &c) {
@@ -189,7 +194,15 @@ impl ImapCore {
         }
         out.extend_from_slice(b"\r\n");
         self.sync_after(&mut out, uid);
-        out.extend_from_slice(&tagged(tag, "OK", "SEARCH completed"));
+        if missing {
+            out.extend_from_slice(&tagged(
+                tag,
+                "NO",
+                "[EXPUNGEISSUED] Some messages were removed meanwhile and could not be searched",
+            ));
+        } else {
+            out.extend_from_slice(&tagged(tag, "OK", "SEARCH completed"));
+        }
         Step::Reply(out)
     }
 }

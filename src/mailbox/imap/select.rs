@@ -1,13 +1,42 @@
 //! Folder commands: SELECT/EXAMINE, LIST/LSUB, STATUS, CLOSE/UNSELECT. The folders are fixed:
 //! `INBOX` (the held entries the user may see) and `Release` (a drop box, always empty).
 
+use std::collections::{BTreeSet, HashSet};
+
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::status::StatusDataItemName;
 
 use super::core::{Folder, ImapCore, Selected, Step, folder_of, tagged, unavailable};
 use crate::mailbox::imap::state::ViewMsg;
 
-const SYSTEM_FLAGS: &str = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)";
+const SYSTEM_FLAGS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
+
+/// `* FLAGS` with the keywords in use, and PERMANENTFLAGS (RFC 3501 7.2.6): the same list,
+/// plus `\*` (any new keyword is kept) unless the folder is read-only.
+pub(super) fn flag_responses(keywords: &BTreeSet<String>, read_only: bool) -> Vec<u8> {
+    let mut flags = SYSTEM_FLAGS.to_string();
+    for k in keywords {
+        flags.push(' ');
+        flags.push_str(k);
+    }
+    let perm = if read_only {
+        String::new()
+    } else {
+        format!("{flags} \\*")
+    };
+    format!("* FLAGS ({flags})\r\n* OK [PERMANENTFLAGS ({perm})] Flags permitted\r\n").into_bytes()
+}
+
+/// The keywords (flags without a backslash) the messages use, each once
+/// whatever its case (flag names are case-insensitive).
+fn keywords_of(msgs: &[ViewMsg]) -> BTreeSet<String> {
+    let mut seen = std::collections::HashSet::new();
+    msgs.iter()
+        .flat_map(|m| m.flags.iter())
+        .filter(|f| !f.starts_with('\\') && seen.insert(f.to_ascii_lowercase()))
+        .cloned()
+        .collect()
+}
 
 /// A folder as a user sees it now.
 struct FolderView {
@@ -47,15 +76,14 @@ pub(super) fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
 }
 
 /// The untagged responses that open a folder (RFC 3501 6.3.1).
-fn select_responses(v: &FolderView, read_only: bool) -> Vec<u8> {
-    let mut out = format!("* FLAGS {SYSTEM_FLAGS}\r\n").into_bytes();
-    let perm = if read_only {
-        "()"
-    } else {
-        "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
-    };
-    out.extend_from_slice(format!("* OK [PERMANENTFLAGS {perm}] Flags permitted\r\n").as_bytes());
-    out.extend_from_slice(format!("* {} EXISTS\r\n* 0 RECENT\r\n", v.msgs.len()).as_bytes());
+fn select_responses(
+    v: &FolderView,
+    keywords: &BTreeSet<String>,
+    recent: usize,
+    read_only: bool,
+) -> Vec<u8> {
+    let mut out = flag_responses(keywords, read_only);
+    out.extend_from_slice(format!("* {} EXISTS\r\n* {recent} RECENT\r\n", v.msgs.len()).as_bytes());
     if let Some(i) = v
         .msgs
         .iter()
@@ -126,12 +154,29 @@ impl ImapCore {
             Ok(v) => v,
             Err(step) => return step,
         };
-        let mut out = select_responses(&v, read_only);
+        // SELECT claims what no session was told of yet as \Recent; EXAMINE
+        // shows the same messages as recent and leaves them to the next SELECT.
+        let newest = v.msgs.last().map(|m| m.uid);
+        let recent: HashSet<u32> = match (&self.account, v.folder, newest) {
+            (Some(account), Folder::Inbox, Some(newest)) => {
+                let claim = (!read_only).then_some(newest);
+                let from = match self.shared.recent_from(account, claim) {
+                    Ok(f) => f,
+                    Err(e) => return Step::Reply(unavailable(tag, verb, &e)),
+                };
+                v.msgs.iter().map(|m| m.uid).filter(|&u| u > from).collect()
+            }
+            _ => HashSet::new(),
+        };
+        let keywords = keywords_of(&v.msgs);
+        let mut out = select_responses(&v, &keywords, recent.len(), read_only);
         out.extend_from_slice(&tagged(tag, "OK", &format!("{code} {verb} completed")));
         self.sel = Some(Selected {
             folder: v.folder,
             read_only,
             msgs: v.msgs,
+            recent,
+            keywords,
         });
         Step::Reply(out)
     }
@@ -152,6 +197,13 @@ impl ImapCore {
             ListMailbox::Token(t) => t.as_ref(),
             ListMailbox::String(s) => s.as_ref(),
         };
+        let unsubscribed = match (&self.account, lsub) {
+            (Some(account), true) => match self.shared.unsubscribed(account) {
+                Ok(u) => u,
+                Err(e) => return Step::Reply(unavailable(tag, verb, &e)),
+            },
+            _ => BTreeSet::new(),
+        };
         let mut out = Vec::new();
         if pat.is_empty() {
             // RFC 3501 6.3.8: an empty pattern asks for the hierarchy delimiter.
@@ -162,7 +214,7 @@ impl ImapCore {
             let mut full = reference.clone();
             full.extend_from_slice(pat);
             for name in ["INBOX", "Release"] {
-                if wildcard_match(&full, name.as_bytes()) {
+                if wildcard_match(&full, name.as_bytes()) && !unsubscribed.contains(name) {
                     out.extend_from_slice(
                         format!("* {verb} (\\HasNoChildren) \"/\" {name}\r\n").as_bytes(),
                     );
@@ -171,6 +223,28 @@ impl ImapCore {
         }
         out.extend_from_slice(&tagged(tag, "OK", &format!("{verb} completed")));
         Step::Reply(out)
+    }
+
+    /// SUBSCRIBE (`on`) and UNSUBSCRIBE: per user, kept in the store with the
+    /// flags. Only the existing folders can be subscribed (RFC 3501 6.3.6
+    /// lets a server refuse others); UNSUBSCRIBE of a name that is no folder
+    /// answers OK, as there is nothing subscribed under it.
+    pub(super) fn subscribe(&mut self, tag: &str, mailbox: &Mailbox<'_>, on: bool) -> Step {
+        let verb = if on { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+        let Some(folder) = folder_of(mailbox) else {
+            return Step::Reply(if on {
+                tagged(tag, "NO", "[NONEXISTENT] No such mailbox")
+            } else {
+                tagged(tag, "OK", "UNSUBSCRIBE completed")
+            });
+        };
+        let Some(account) = &self.account else {
+            return Step::Reply(tagged(tag, "NO", "Log in first"));
+        };
+        match self.shared.subscribe(account, folder.name(), on) {
+            Ok(()) => Step::Reply(tagged(tag, "OK", &format!("{verb} completed"))),
+            Err(e) => Step::Reply(unavailable(tag, verb, &e)),
+        }
     }
 
     pub(super) fn status(
@@ -183,6 +257,14 @@ impl ImapCore {
             Ok(v) => v,
             Err(step) => return step,
         };
+        // What a SELECT now would get as \Recent.
+        let recent = match (&self.account, v.folder) {
+            (Some(account), Folder::Inbox) => match self.shared.recent_from(account, None) {
+                Ok(from) => v.msgs.iter().filter(|m| m.uid > from).count(),
+                Err(e) => return Step::Reply(unavailable(tag, "STATUS", &e)),
+            },
+            _ => 0,
+        };
         let count = |f: &str| {
             v.msgs
                 .iter()
@@ -193,7 +275,7 @@ impl ImapCore {
         for item in items {
             let s = match item {
                 StatusDataItemName::Messages => format!("MESSAGES {}", v.msgs.len()),
-                StatusDataItemName::Recent => "RECENT 0".to_string(),
+                StatusDataItemName::Recent => format!("RECENT {recent}"),
                 StatusDataItemName::UidNext => format!("UIDNEXT {}", v.uidnext),
                 StatusDataItemName::UidValidity => format!("UIDVALIDITY {}", v.uidvalidity),
                 StatusDataItemName::Unseen => format!("UNSEEN {}", v.msgs.len() - count("\\Seen")),

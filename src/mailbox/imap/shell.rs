@@ -12,7 +12,7 @@ use crate::mailbox::MailboxCtx;
 use crate::mailbox::imap::core::{ImapCore, Step};
 use crate::mailbox::imap::resp::tag_of;
 use crate::mailbox::store::offload;
-use crate::net::{Conn, Line, stopped as wait_shutdown};
+use crate::net::{Conn, Fill, Line, stopped as wait_shutdown};
 
 /// One command line (a command may have several, joined by literals).
 const MAX_LINE: usize = 8192;
@@ -23,13 +23,15 @@ const MAX_COMMAND: usize = 256 * 1024;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Framed {
     Command(Vec<u8>),
-    /// A line or the whole command was too long (the tag, if one was read).
+    /// A line or the whole command was too long (the tag, if one was read); the rest of
+    /// the line was read and thrown away.
     TooLong(Option<String>),
     /// A synchronising literal larger than allowed was announced; the client waits for our
     /// answer and will not send it.
     LiteralRefused(Option<String>),
-    /// A non-synchronising literal larger than allowed: we cannot find the next command.
-    Fatal,
+    /// A non-synchronising literal larger than allowed: we cannot find the next command
+    /// (the tag, if one was read).
+    Fatal(Option<String>),
     Eof,
     /// The command was not complete within the idle deadline.
     Timeout,
@@ -54,15 +56,98 @@ pub(crate) fn literal_suffix(line: &[u8]) -> Option<(usize, bool)> {
     Some((usize::try_from(n).ok()?, sync))
 }
 
+/// What [`read_line_kept`] read.
+enum CmdLine {
+    /// Without its line end.
+    Data(Vec<u8>),
+    /// Over the bound; read and thrown away to its end. `head` is its start
+    /// (enough for a tag), `non_sync_literal` whether it ended by announcing
+    /// a non-synchronising literal (whose octets would follow).
+    TooLong {
+        head: Vec<u8>,
+        non_sync_literal: bool,
+    },
+    Eof,
+    Timeout,
+}
+
+/// How much of an over-long line is kept: more than the longest tag we accept.
+const HEAD: usize = 80;
+
+/// Like [`Conn::read_line`], but an over-long line keeps its start, so that
+/// the BAD can carry the command's tag (RFC 3501 7.1.5: a client waits for
+/// its tag), and its end, to see whether a literal follows.
+async fn read_line_kept(conn: &mut Conn, max: usize) -> std::io::Result<CmdLine> {
+    let deadline = conn.deadline_in(conn.deadlines().idle);
+    conn.shrink_idle();
+    let mut scanned = 0;
+    let mut head: Option<Vec<u8>> = None;
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let buf = conn.buffered();
+        if let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n') {
+            let end = scanned + pos + 1;
+            let mut line = buf[..end].to_vec();
+            conn.consume(end);
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if head.is_none() && line.len() <= max {
+                return Ok(CmdLine::Data(line));
+            }
+            let head = head.unwrap_or_else(|| line[..line.len().min(HEAD)].to_vec());
+            tail.extend_from_slice(&line);
+            let keep = tail.len().saturating_sub(16);
+            tail.drain(..keep);
+            let non_sync_literal = literal_suffix(&tail).is_some_and(|(_, sync)| !sync);
+            return Ok(CmdLine::TooLong {
+                head,
+                non_sync_literal,
+            });
+        }
+        if buf.len() > max + 2 {
+            // Keep the start and the last octets; discard the rest as it comes.
+            if head.is_none() {
+                head = Some(buf[..HEAD].to_vec());
+            }
+            tail.extend_from_slice(&buf[buf.len().saturating_sub(16)..]);
+            let keep = tail.len().saturating_sub(16);
+            tail.drain(..keep);
+            let n = buf.len();
+            conn.consume(n);
+            scanned = 0;
+        } else {
+            scanned = buf.len();
+        }
+        match conn.fill(deadline).await? {
+            Fill::Data(_) => {}
+            Fill::Eof => return Ok(CmdLine::Eof),
+            Fill::Timeout => return Ok(CmdLine::Timeout),
+        }
+    }
+}
+
 /// Read one complete command, answering synchronising literals with `+`.
 pub(crate) async fn read_command(conn: &mut Conn, max_literal: usize) -> std::io::Result<Framed> {
     let mut cmd: Vec<u8> = Vec::new();
     loop {
-        let line = match conn.read_line(MAX_LINE).await? {
-            Line::Eof | Line::Shutdown => return Ok(Framed::Eof),
-            Line::Timeout => return Ok(Framed::Timeout),
-            Line::TooLong => return Ok(Framed::TooLong(tag_of(&cmd).map(str::to_string))),
-            Line::Data(l) => l,
+        let line = match read_line_kept(conn, MAX_LINE).await? {
+            CmdLine::Eof => return Ok(Framed::Eof),
+            CmdLine::Timeout => return Ok(Framed::Timeout),
+            // The literal's octets would be read as commands: no way back in step.
+            CmdLine::TooLong {
+                non_sync_literal: true,
+                head,
+            } => {
+                let first = if cmd.is_empty() { &head } else { &cmd };
+                return Ok(Framed::Fatal(tag_of(first).map(str::to_string)));
+            }
+            CmdLine::TooLong { head, .. } => {
+                let first = if cmd.is_empty() { &head } else { &cmd };
+                return Ok(Framed::TooLong(tag_of(first).map(str::to_string)));
+            }
+            CmdLine::Data(l) => l,
         };
         let lit = literal_suffix(&line);
         cmd.extend_from_slice(&line);
@@ -71,10 +156,11 @@ pub(crate) async fn read_command(conn: &mut Conn, max_literal: usize) -> std::io
             return Ok(Framed::Command(cmd));
         };
         if n > max_literal || cmd.len().saturating_add(n) > MAX_COMMAND {
+            let tag = tag_of(&cmd).map(str::to_string);
             return Ok(if sync {
-                Framed::LiteralRefused(tag_of(&cmd).map(str::to_string))
+                Framed::LiteralRefused(tag)
             } else {
-                Framed::Fatal
+                Framed::Fatal(tag)
             });
         }
         if sync {
@@ -202,8 +288,16 @@ impl Session {
             Framed::Command(bytes) => core.handle(&bytes),
             Framed::TooLong(tag) => core.too_long(tag.as_deref()),
             Framed::LiteralRefused(tag) => core.too_long(tag.as_deref()),
-            Framed::Fatal => {
-                conn.write(b"* BYE Literal too large\r\n").await?;
+            Framed::Fatal(tag) => {
+                // BYE, then the command's own answer, then close (RFC 7888 4: TOOBIG).
+                let mut out = b"* BYE Command or literal too large\r\n".to_vec();
+                if let Some(tag) = tag {
+                    out.extend_from_slice(
+                        format!("{tag} BAD [TOOBIG] Command or literal too large\r\n").as_bytes(),
+                    );
+                }
+                conn.write(&out).await?;
+                conn.shutdown().await;
                 return Ok(None);
             }
         };

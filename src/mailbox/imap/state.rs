@@ -1,8 +1,13 @@
-//! Per-user IMAP state kept in the store's state space: UIDVALIDITY, the next UID, and for each
-//! visible quarantine entry its UID and flags. One JSON value per user under `imap/v1/<login>`,
+//! Per-user IMAP state kept in the store's state space: UIDVALIDITY, the next UID, for each
+//! visible quarantine entry its UID and flags, the highest UID some session was told is
+//! `\Recent`, and the folders unsubscribed. One JSON value per user under `imap/v1/<login>`,
 //! decoded once and cached with the user's view until the quarantine changes.
+//!
+//! Also here: the bodies of entries this process removed (EXPUNGE, MOVE/COPY to Release),
+//! kept for a while so that another session that was not yet told of the EXPUNGE can still
+//! read them (RFC 2180 4.1.1, as Dovecot does).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +33,14 @@ struct UserState {
     uidnext: u32,
     #[serde(default)]
     msgs: BTreeMap<u64, MsgState>,
+    /// Messages with a UID above this were never reported to a SELECT session:
+    /// the next one to see them gets them as `\Recent` (RFC 3501 2.3.2).
+    #[serde(default)]
+    recent_upto: u32,
+    /// Folders (canonical names) the user unsubscribed; all are subscribed
+    /// by default, so a new user's LSUB shows INBOX and Release.
+    #[serde(default)]
+    unsubscribed: BTreeSet<String>,
 }
 
 /// One message as a session sees it.
@@ -56,6 +69,43 @@ pub(crate) struct Shared {
     pub(crate) releases: prometheus::IntCounter,
     inner: Mutex<Inner>,
     changes: broadcast::Sender<()>,
+    ghosts: Mutex<Ghosts>,
+}
+
+/// Bodies of entries removed through [`Shared::delete`] and [`Shared::release`], newest
+/// last, bounded in count and bytes: a session that still shows such a message (its
+/// EXPUNGE not yet sent, as during FETCH, STORE and SEARCH) reads it from here.
+#[derive(Default)]
+struct Ghosts {
+    bodies: VecDeque<(u64, Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+const MAX_GHOSTS: usize = 256;
+const MAX_GHOST_BYTES: usize = 32 * 1024 * 1024;
+
+impl Ghosts {
+    fn keep(&mut self, id: u64, body: Vec<u8>) {
+        if body.len() > MAX_GHOST_BYTES {
+            return;
+        }
+        self.bytes += body.len();
+        self.bodies.push_back((id, Arc::new(body)));
+        while self.bodies.len() > MAX_GHOSTS || self.bytes > MAX_GHOST_BYTES {
+            match self.bodies.pop_front() {
+                Some((_, b)) => self.bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<Vec<u8>>> {
+        self.bodies
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == id)
+            .map(|(_, b)| b.clone())
+    }
 }
 
 /// Under [`Shared`]'s lock.
@@ -102,16 +152,18 @@ fn key(account: &Account) -> Vec<u8> {
     format!("imap/v1/{}", account.login.to_ascii_lowercase()).into_bytes()
 }
 
-/// Canonical order: system flags first in a fixed order, then keywords sorted.
+/// Canonical order: system flags first in a fixed order, then keywords sorted. Flag
+/// names are case-insensitive (RFC 3501 2.3.2): `$junk` added to `$Junk` is the same
+/// keyword, and the first spelling stays.
 pub(crate) fn normalize(flags: &mut Vec<String>) {
     const ORDER: [&str; 5] = ["\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"];
-    flags.sort_by_key(|f| {
+    flags.sort_by_cached_key(|f| {
         (
             ORDER.iter().position(|o| o == f).unwrap_or(ORDER.len()),
-            f.clone(),
+            f.to_ascii_lowercase(),
         )
     });
-    flags.dedup();
+    flags.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     flags.truncate(MAX_FLAGS);
 }
 
@@ -152,7 +204,41 @@ impl Shared {
             }),
             store,
             changes: broadcast::channel(64).0,
+            ghosts: Mutex::new(Ghosts::default()),
         }
+    }
+
+    fn ghosts(&self) -> std::sync::MutexGuard<'_, Ghosts> {
+        self.ghosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The held message, or the body of one this process removed lately
+    /// (for sessions not yet told of its EXPUNGE); `Ok(None)` if neither.
+    pub(crate) fn body(&self, id: u64) -> QResult<Option<Arc<Vec<u8>>>> {
+        if let Some(b) = self.store.body(id)? {
+            return Ok(Some(Arc::new(b)));
+        }
+        Ok(self.ghosts().get(id))
+    }
+
+    /// Keep the body of an entry about to be removed, for [`Shared::body`].
+    fn keep_ghost(&self, id: u64) -> QResult<()> {
+        if let Some(b) = self.store.body(id)? {
+            self.ghosts().keep(id, b);
+        }
+        Ok(())
+    }
+
+    /// [`QuarantineStore::delete`], keeping the body readable for the other sessions.
+    pub(crate) fn delete(&self, id: u64) -> QResult<bool> {
+        self.keep_ghost(id)?;
+        self.store.delete(id)
+    }
+
+    /// [`QuarantineStore::release`], keeping the body readable for the other sessions.
+    pub(crate) fn release(&self, id: u64) -> QResult<bool> {
+        self.keep_ghost(id)?;
+        self.store.release(id)
     }
 
     pub(crate) fn subscribe_changes(&self) -> broadcast::Receiver<()> {
@@ -178,7 +264,7 @@ impl Shared {
                 UserState {
                     uidvalidity: (chrono::Utc::now().timestamp() as u32).max(1),
                     uidnext: 1,
-                    msgs: BTreeMap::new(),
+                    ..UserState::default()
                 },
                 true,
             ),
@@ -299,6 +385,66 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Read or change the user's stored state under the lock; `f` says
+    /// whether it changed anything, and only then is it saved (and cached).
+    fn with_state<R>(
+        &self,
+        account: &Account,
+        f: impl FnOnce(&mut UserState) -> (R, bool),
+    ) -> QResult<R> {
+        let mut g = self.lock();
+        g.refresh();
+        // Work on a copy: if saving fails, the cache keeps what is stored.
+        let mut st = match g.cached(account) {
+            Some(c) => c.state.clone(),
+            None => self.load(account)?.0,
+        };
+        let (r, changed) = f(&mut st);
+        if changed {
+            self.save(account, &st)?;
+            let login = account.login.to_ascii_lowercase();
+            if let Some(c) = g.cache.get_mut(&login).filter(|c| c.account == *account) {
+                c.state = st;
+            }
+        }
+        Ok(r)
+    }
+
+    /// The UID above which messages are still `\Recent` for whoever claims
+    /// them; with `claim_upto`, this session claims those up to that UID, so
+    /// that no other session sees them as recent (EXAMINE claims nothing).
+    pub(crate) fn recent_from(&self, account: &Account, claim_upto: Option<u32>) -> QResult<u32> {
+        self.with_state(account, |st| {
+            let before = st.recent_upto;
+            match claim_upto {
+                Some(upto) if upto > before => {
+                    st.recent_upto = upto;
+                    (before, true)
+                }
+                _ => (before, false),
+            }
+        })
+    }
+
+    /// The folders (canonical names) this user unsubscribed.
+    pub(crate) fn unsubscribed(&self, account: &Account) -> QResult<BTreeSet<String>> {
+        self.with_state(account, |st| (st.unsubscribed.clone(), false))
+    }
+
+    /// SUBSCRIBE (`on`) or UNSUBSCRIBE a folder, by canonical name.
+    pub(crate) fn subscribe(&self, account: &Account, folder: &str, on: bool) -> QResult<()> {
+        self.with_state(account, |st| {
+            let changed = if on {
+                st.unsubscribed.remove(folder)
+            } else {
+                st.unsubscribed.insert(folder.to_string())
+            };
+            ((), changed)
+        })
+    }
+}
+
 /// A flag change, as STORE gives it.
 #[derive(Clone, Copy)]
 pub(crate) enum FlagOp<'a> {
@@ -318,6 +464,13 @@ mod tests {
     use super::*;
     use crate::mailbox::accounts::Role;
     use crate::mailbox::store::MemStore;
+
+    #[test]
+    fn keywords_are_case_insensitive() {
+        let old = vec!["$Junk".to_string()];
+        let new = changed_flags(&old, FlagOp::Add(&["$junk".into(), "\\Seen".into()]));
+        assert_eq!(new, vec!["\\Seen".to_string(), "$Junk".to_string()]);
+    }
 
     #[test]
     fn uids_are_stable_and_persist() {
