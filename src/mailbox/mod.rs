@@ -176,17 +176,27 @@ pub(crate) async fn check_login(
 ) -> Login {
     // For the log: the name tried, made safe; the password never leaves here.
     let tried = crate::mail::token(&login);
-    let ticket = match ctx.guard.begin(ip, &login, std::time::Instant::now()) {
-        Ok(t) => t,
-        Err(why) => {
-            ctx.logins.with_label_values(&[protocol, "refused"]).inc();
-            let why = match why {
-                Refusal::OverBudget => "over the failure budget",
-                Refusal::TooManyAtOnce => "too many checks at once",
-            };
-            tracing::warn!(%ip, protocol, login = %tried, why, "login refused without a password check");
-            return Login::Refused;
-        }
+    let queued_until = tokio::time::Instant::now() + crate::policy::login_guard::MAX_QUEUE_WAIT;
+    let ticket = loop {
+        let freed = ctx.guard.slot_freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let why = match ctx.guard.begin(ip, &login, std::time::Instant::now()) {
+            Ok(t) => break t,
+            // Wait for the IP's turn, then ask the budget again.
+            Err(Refusal::TooManyAtOnce) if tokio::time::Instant::now() < queued_until => {
+                let _ = tokio::time::timeout_at(queued_until, freed).await;
+                continue;
+            }
+            Err(why) => why,
+        };
+        ctx.logins.with_label_values(&[protocol, "refused"]).inc();
+        let why = match why {
+            Refusal::OverBudget => "over the failure budget",
+            Refusal::TooManyAtOnce => "waited too long for a check slot",
+        };
+        tracing::warn!(%ip, protocol, login = %tried, why, "login refused without a password check");
+        return Login::Refused;
     };
     if !ticket.delay.is_zero() {
         tokio::time::sleep(ticket.delay).await;

@@ -6,7 +6,10 @@
 //! - the delay (0.25 s doubling to 16 s per recent failure of the IP)
 //!   slows one client; it alone is beaten by sending many at once, so
 //! - at most [`MAX_IN_FLIGHT_PER_IP`] checks of one IP run at a time; more
-//!   are refused at once, without checking the password;
+//!   wait their turn (at most [`MAX_QUEUE_WAIT`]) and are then measured
+//!   against the budget like any other: users behind one NAT address who
+//!   log in together all get in, while parallel guesses are checked no
+//!   faster than sequential ones;
 //! - past [`IP_BUDGET`] failures in [`WINDOW`] an IP is refused outright
 //!   until the window passes (a success clears its count);
 //! - past [`LOGIN_BUDGET`] failures for one login from one network
@@ -37,6 +40,10 @@ pub(crate) const LOGIN_BUDGET: u32 = 5;
 pub(crate) const MAX_IN_FLIGHT_PER_IP: u32 = 2;
 /// Keys kept per map.
 pub(crate) const MAX_KEYS: usize = 100_000;
+/// How long an attempt waits for one of its IP's check slots before it is
+/// refused; longer than the delays up to the IP budget take (about 32 s
+/// for two at a time).
+pub(crate) const MAX_QUEUE_WAIT: Duration = Duration::from_secs(45);
 
 #[derive(Default)]
 struct IpState {
@@ -64,6 +71,8 @@ pub(crate) enum Refusal {
 #[derive(Default)]
 pub(crate) struct LoginGuard {
     state: Mutex<State>,
+    /// Told whenever a check slot frees, for attempts waiting their turn.
+    freed: tokio::sync::Notify,
 }
 
 /// An admitted attempt: wait `delay`, check, then [`Ticket::finish`].
@@ -98,6 +107,13 @@ fn fresh(since: Option<Instant>, now: Instant) -> bool {
 }
 
 impl LoginGuard {
+    /// Resolves when some check slot frees. Create (and `enable`) it before
+    /// the [`LoginGuard::begin`] that may say [`Refusal::TooManyAtOnce`], so
+    /// a slot freed in between is not missed.
+    pub(crate) fn slot_freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
     /// Admit an attempt by `login` from `ip` at `now`, or refuse it.
     pub(crate) fn begin(
         &self,
@@ -194,6 +210,8 @@ impl Drop for Ticket<'_> {
         if let Some(s) = st.ips.get_mut(&self.ip) {
             s.in_flight = s.in_flight.saturating_sub(1);
         }
+        drop(st);
+        self.guard.freed.notify_waiters();
     }
 }
 

@@ -8,13 +8,22 @@
 //! ([`cache`]); `list` matches the `recipients` file ([`list`]), reloaded
 //! with the policies. The SMTP core asks through `Action::Verify` and gets
 //! a [`Verified`] back.
+//!
+//! Probes are bounded: one at a time per address (sessions asking for an
+//! address already being probed wait for that probe's answer, so a burst
+//! of RCPTs for one user costs the backend one connection), at most
+//! [`PROBES_AT_ONCE`] in all, and an answer within [`VERIFY_DEADLINE`] or
+//! `451 4.4.3`.
 
 pub(crate) mod cache;
 pub(crate) mod list;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, watch};
 
 use prometheus::IntCounterVec;
 
@@ -45,14 +54,51 @@ pub fn check(cfg: &Config) -> Result<Option<String>, Vec<Problem>> {
         .map(|r| Some(format!("{}: {} recipient entries", file.display(), r.len())))
 }
 
+/// Backend probes running at once, over all addresses: the backend sees
+/// at most this many verification connections from us.
+pub(crate) const PROBES_AT_ONCE: usize = 16;
+/// Waiting for a probe slot plus the probe itself; past it the client is
+/// told `451 4.4.3` (the probe has its own, shorter deadline).
+pub(crate) const VERIFY_DEADLINE: Duration = Duration::from_secs(15);
+
+/// An address being probed: the answer, once there is one.
+type InFlight = watch::Receiver<Option<Verified>>;
+
 /// The one verifier of a gateway, shared by every SMTP session.
 pub(crate) struct Verifier {
     mode: VerifyRecipients,
     file: std::path::PathBuf,
     list: RwLock<Arc<Recipients>>,
     cache: Mutex<Cache>,
+    /// Probes running, by cache key, for sessions asking the same meanwhile.
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    probes: Semaphore,
     delivery: Arc<Delivery>,
     metric: IntCounterVec,
+}
+
+/// Whether this session probes an address or waits for another's probe.
+enum Role {
+    Lead(watch::Sender<Option<Verified>>),
+    Follow(InFlight),
+}
+
+/// Takes the leader's entry out of `in_flight` however its probe ends
+/// (answered, or the session gone mid-probe: its followers then see the
+/// sender dropped and one of them probes).
+struct Leading<'a> {
+    verifier: &'a Verifier,
+    key: &'a str,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.verifier
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
+    }
 }
 
 impl Verifier {
@@ -76,6 +122,8 @@ impl Verifier {
             file,
             list: RwLock::new(Arc::new(list)),
             cache: Mutex::default(),
+            in_flight: Mutex::default(),
+            probes: Semaphore::new(PROBES_AT_ONCE),
             delivery,
             metric,
         })
@@ -141,6 +189,63 @@ impl Verifier {
             self.count(v, true);
             return v;
         }
+        let deadline = tokio::time::Instant::now() + VERIFY_DEADLINE;
+        loop {
+            let role = {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                match in_flight.get(&key) {
+                    Some(rx) => Role::Follow(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        in_flight.insert(key.clone(), rx);
+                        Role::Lead(tx)
+                    }
+                }
+            };
+            match role {
+                Role::Lead(tx) => {
+                    let _leading = Leading {
+                        verifier: self,
+                        key: &key,
+                    };
+                    let v = match tokio::time::timeout_at(deadline, self.probe(address, &key)).await
+                    {
+                        Ok(v) => v,
+                        Err(_) => {
+                            tracing::warn!(rcpt = %crate::mail::token(address), "recipient verification: no probe slot in time");
+                            self.count(Verified::Unavailable, false);
+                            Verified::Unavailable
+                        }
+                    };
+                    let _ = tx.send(Some(v));
+                    return v;
+                }
+                Role::Follow(mut rx) => {
+                    match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+                        // Answered by another session's probe: no probe of
+                        // our own, so it counts as cached.
+                        Ok(Ok(answer)) => {
+                            let v = (*answer).unwrap_or(Verified::Unavailable);
+                            drop(answer);
+                            self.count(v, true);
+                            return v;
+                        }
+                        // The leader's session went away mid-probe: ask again.
+                        Ok(Err(_)) => continue,
+                        Err(_) => {
+                            self.count(Verified::Unavailable, true);
+                            return Verified::Unavailable;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One backend probe (within the global slot limit); caches a definite
+    /// answer under `key` before the waiting sessions are told.
+    async fn probe(&self, address: &str, key: &str) -> Verified {
+        let _slot = self.probes.acquire().await.ok();
         let v = match self.delivery.probe(address).await {
             Probe::Known => Verified::Known,
             Probe::Unknown(reply) => {
@@ -154,7 +259,7 @@ impl Verifier {
         };
         if v != Verified::Unavailable {
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).put(
-                key,
+                key.to_string(),
                 v == Verified::Known,
                 Instant::now(),
             );

@@ -178,6 +178,16 @@ def pair(proto, src, logins, pw):
     for t in ts: t.join()
     return out
 
+# People behind one NAT address logging in together: 12 at once, all
+# right, over the three protocols: every one gets in (they wait their turn).
+nat = [None] * 12
+def good(i):
+    nat[i] = attempt(['imap', 'pop3', 'smtp'][i % 3], '127.0.5.9', 'alice@local.test', 'alice-pw')
+ts = [threading.Thread(target=good, args=(i,)) for i in range(12)]
+for t in ts: t.start()
+for t in ts: t.join()
+print('nat', ' '.join(nat))
+
 # The per-IP budget: 10 wrong passwords from 127.0.0.9, each for another
 # login (so no per-login budget is touched), spread over the three protocols.
 words = []
@@ -197,7 +207,9 @@ print('login-same-net', attempt('imap', '127.0.2.10', 'bob@local.test', 'bob-pw'
 print('login-other-net', attempt('imap', '127.0.3.10', 'bob@local.test', 'bob-pw'))
 "#;
 
-/// The budgets over time, across protocols: 10 failures from one address
+/// The budgets over time, across protocols: 12 people behind one address
+/// logging in at once all get in (beyond 2 at a time they wait); 10
+/// failures from one address
 /// (IMAP, POP3 and SMTP AUTH together) and that address is refused even
 /// the right password on all three, while its neighbour logs in; 5
 /// failures for one login from one /24 and that login is refused from the
@@ -220,6 +232,7 @@ async fn the_failure_budgets_per_address_and_per_login_hold_across_protocols() {
             .trim()
             .to_string()
     };
+    assert_eq!(value("nat "), ["ok"; 12].join(" "), "{out}");
     assert_eq!(value("ip-budget "), ["failed"; 10].join(" "), "{out}");
     assert_eq!(value("same-ip imap "), "refused", "{out}");
     assert_eq!(value("same-ip pop3 "), "refused", "{out}");

@@ -313,3 +313,85 @@ async fn a_released_message_from_outside_gets_no_bounce_to_an_outside_sender() {
     assert!(out.contains("0 message(s)"), "{out}");
     assert_eq!(sink.count(), 0, "{:?}", sink.messages());
 }
+
+/// A backend that takes its time over RCPT (300 ms) and knows only bob;
+/// counts its connections.
+async fn slow_backend() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                let _ = w.write_all(b"220 slow.test\r\n").await;
+                let mut line = String::new();
+                while r.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    let cmd = line.to_ascii_uppercase();
+                    let answer: &[u8] = if cmd.starts_with("RCPT") {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if cmd.contains("<BOB@") {
+                            b"250 ok\r\n"
+                        } else {
+                            b"550 5.1.1 no such user\r\n"
+                        }
+                    } else if cmd.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(answer).await.is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, connections)
+}
+
+/// 20 sessions ask for one unknown address at the same moment: the backend
+/// is probed once, and every session gets the 550.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_asking_for_one_address_at_once_share_one_probe() {
+    let (port, connections) = slow_backend().await;
+    let gw = Gateway::start(Opts::sink(port)).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut c = outsider(&gw).await;
+        let r = c.cmd("MAIL FROM:<someone@far.test>").await;
+        assert!(r.starts_with("250"), "{r}");
+        clients.push(c);
+    }
+    let answers = futures::future::join_all(
+        clients
+            .iter_mut()
+            .map(|c| c.cmd("RCPT TO:<ghost@local.test>")),
+    )
+    .await;
+    for a in &answers {
+        assert!(a.starts_with("550 5.1.1"), "{answers:?}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "one probe for 20 askers; log:\n{}",
+        gw.log_text()
+    );
+    let m = gw.metrics_text().await;
+    let unknown = |cached: &str| {
+        series(
+            &m,
+            "postern_recipient_verify_total",
+            &["result=\"unknown\"", &format!("cached=\"{cached}\"")],
+        )
+    };
+    assert_eq!(unknown("false"), Some(1), "{m}");
+    assert_eq!(unknown("true"), Some(19), "{m}");
+}
