@@ -50,14 +50,36 @@ pub(crate) enum Step {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Folder {
     Inbox,
+    /// Drop boxes, always empty: COPY/MOVE into them acts (see `copy`).
     Release,
+    ReleaseAllow,
+    Block,
 }
 
 impl Folder {
+    pub(super) const ALL: [Folder; 4] = [
+        Folder::Inbox,
+        Folder::Release,
+        Folder::ReleaseAllow,
+        Folder::Block,
+    ];
+
     pub(super) fn name(self) -> &'static str {
         match self {
             Folder::Inbox => "INBOX",
             Folder::Release => "Release",
+            Folder::ReleaseAllow => "Release and allow sender",
+            Folder::Block => "Block sender",
+        }
+    }
+
+    /// The name as an IMAP astring: quoted when it has spaces.
+    pub(super) fn wire_name(self) -> String {
+        let n = self.name();
+        if n.contains(' ') {
+            format!("\"{n}\"")
+        } else {
+            n.to_string()
         }
     }
 }
@@ -136,13 +158,10 @@ pub(super) fn folder_of(m: &Mailbox<'_>) -> Option<Folder> {
         Mailbox::Inbox => Some(Folder::Inbox),
         Mailbox::Other(o) => {
             let name: &[u8] = o.as_ref();
-            if name.eq_ignore_ascii_case(b"INBOX") {
-                Some(Folder::Inbox)
-            } else if name.eq_ignore_ascii_case(b"Release") {
-                Some(Folder::Release)
-            } else {
-                None
-            }
+            // INBOX is case-insensitive (RFC 3501 5.1); so are the others here.
+            Folder::ALL
+                .into_iter()
+                .find(|f| name.eq_ignore_ascii_case(f.name().as_bytes()))
         }
     }
 }
@@ -251,7 +270,7 @@ impl ImapCore {
             | CommandBody::Append { .. } => Step::Reply(tagged(
                 tag,
                 "NO",
-                "[CANNOT] The quarantine has the fixed folders INBOX and Release",
+                "[CANNOT] The quarantine has fixed folders only",
             )),
             CommandBody::Subscribe { mailbox } => self.subscribe(tag, &mailbox, true),
             CommandBody::Unsubscribe { mailbox } => self.subscribe(tag, &mailbox, false),
