@@ -414,7 +414,11 @@ async fn quarantine_release(
         Ok(i) => i,
         Err(r) => return Ok(r),
     };
-    Ok(match store.release_held(id).await? {
+    let who = store::Releaser {
+        by: "operator".into(),
+        via: store::Via::Cli,
+    };
+    Ok(match store.release_held(id, &who).await? {
         Some(qid) => {
             if let Some(s) = scheduler {
                 s.now(qid);
@@ -425,7 +429,10 @@ async fn quarantine_release(
                 fmt_id(qid)
             ))
         }
-        None => fail(format!("no quarantined message {}", fmt_id(id))),
+        None => fail(format!(
+            "no quarantined message {} (already released or deleted?)",
+            fmt_id(id)
+        )),
     })
 }
 

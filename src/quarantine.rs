@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use crate::mailbox::store::{HeldMeta, QResult, QuarantineError, QuarantineStore};
+use crate::mailbox::store::{
+    HeldMeta, ListKind, QResult, QuarantineError, QuarantineStore, Releaser,
+};
+use crate::store::lists::{ListEntry, Scope};
 use crate::store::wake::Scheduler;
 use crate::store::{Store, StoreError};
 
@@ -70,18 +73,40 @@ impl QuarantineStore for SledQuarantine {
     /// Runs on the blocking pool (the mailbox shells put every store call
     /// there), so it may wait for the group commit: the message is queued
     /// durably, with the fdatasync, before the held copy goes.
-    fn release(&self, id: u64) -> QResult<bool> {
+    fn release(&self, id: u64, who: &Releaser) -> QResult<bool> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return Err(QuarantineError::Unavailable(
                 "release needs the runtime's group commit".into(),
             ));
         };
         let qid = rt
-            .block_on(self.store.release_held(id))
+            .block_on(self.store.release_held(id, who))
             .map_err(|e| unavailable("release", e))?;
         let Some(qid) = qid else { return Ok(false) };
-        tracing::info!(id = %crate::store::fmt_id(id), queued = %crate::store::fmt_id(qid), "released from quarantine");
+        tracing::info!(id = %crate::store::fmt_id(id), queued = %crate::store::fmt_id(qid), by = %who.by, via = who.via.as_str(), "released from quarantine");
         self.scheduler.now(qid);
+        Ok(true)
+    }
+
+    /// Same runtime need as [`SledQuarantine::release`]: waits until the entry is durable.
+    fn list_sender(&self, login: &str, sender: &str, list: ListKind) -> QResult<bool> {
+        if sender.trim().is_empty() {
+            return Ok(false);
+        }
+        let Ok(entry) = ListEntry::parse(sender) else {
+            return Ok(false);
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Err(QuarantineError::Unavailable(
+                "listing needs the runtime's group commit".into(),
+            ));
+        };
+        rt.block_on(
+            self.store
+                .list_add_durable(Scope::User(login), list, &entry),
+        )
+        .map_err(|e| unavailable("list", e))?;
+        tracing::info!(user = %login, sender = %entry.as_text(), list = list.as_str(), "sender listed from a mailbox folder");
         Ok(true)
     }
 
@@ -135,7 +160,11 @@ mod tests {
             scheduler,
         });
         let release = |q: Arc<SledQuarantine>| async move {
-            tokio::task::spawn_blocking(move || q.release(id))
+            let who = Releaser {
+                by: "alice".into(),
+                via: crate::store::Via::Imap,
+            };
+            tokio::task::spawn_blocking(move || q.release(id, &who))
                 .await
                 .unwrap()
         };
@@ -143,7 +172,13 @@ mod tests {
         let (_, qid) = woken.recv().await.unwrap();
         let queued = store.entry(qid).unwrap().unwrap();
         assert_eq!(queued.recipients[0].address, "a@l.test");
-        assert_eq!(&*store.body(qid).unwrap().unwrap(), b"body");
+        let body = store.body(qid).unwrap().unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("X-Postern-Released: by alice via imap; ")
+                && body.ends_with("\r\nbody"),
+            "{body}"
+        );
         assert!(store.held_entry(id).unwrap().is_none());
         // Gone now: Ok(false), not an error.
         assert!(!release(q).await.unwrap());

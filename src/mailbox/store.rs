@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
+pub use crate::store::lists::ListKind;
+pub use crate::store::{Releaser, Via};
+
 /// One quarantine entry: one held message for ONE recipient (a message for 3 recipients is 3 entries sharing a body).
 #[derive(Clone, Debug)]
 pub struct HeldMeta {
@@ -38,9 +41,15 @@ pub trait QuarantineStore: Send + Sync + 'static {
     fn body(&self, id: u64) -> QResult<Option<Vec<u8>>>;
     /// Remove the entry; `Ok(false)` if it was already gone.
     fn delete(&self, id: u64) -> QResult<bool>;
-    /// Re-queue the message for delivery to the entry's recipient (durably)
-    /// and remove the entry; `Ok(false)` if it was already gone.
-    fn release(&self, id: u64) -> QResult<bool>;
+    /// Re-queue the message for delivery to the entry's recipient (durably,
+    /// marked as released by `who`) and remove the entry, as one
+    /// compare-and-swap: of callers racing for one entry exactly one gets
+    /// `Ok(true)`; `Ok(false)` if it was already released or gone.
+    fn release(&self, id: u64, who: &Releaser) -> QResult<bool>;
+    /// Put `sender` on user `login`'s allow or block list (durably);
+    /// `Ok(false)` when it cannot be listed: a bounce's empty sender, or
+    /// no address.
+    fn list_sender(&self, login: &str, sender: &str, list: ListKind) -> QResult<bool>;
     /// Small persistent key/value space for per-user mailbox state (UIDVALIDITY, UID maps, flags).
     fn get_state(&self, key: &[u8]) -> QResult<Option<Vec<u8>>>;
     fn put_state(&self, key: &[u8], value: &[u8]) -> QResult<()>;
@@ -68,8 +77,9 @@ struct MemInner {
     next_id: u64,
     entries: BTreeMap<u64, (HeldMeta, std::sync::Arc<Vec<u8>>)>,
     state: HashMap<Vec<u8>, Vec<u8>>,
-    released: Vec<HeldMeta>,
+    released: Vec<(HeldMeta, Releaser)>,
     deleted: Vec<u64>,
+    listed: Vec<(String, String, ListKind)>,
 }
 
 /// In-memory [`QuarantineStore`] for tests; records releases and deletions,
@@ -152,7 +162,25 @@ impl MemStore {
 
     /// Entries released so far (in order).
     pub fn released(&self) -> Vec<HeldMeta> {
-        self.lock().released.clone()
+        self.lock()
+            .released
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
+    /// Who released each of [`MemStore::released`].
+    pub fn releasers(&self) -> Vec<Releaser> {
+        self.lock()
+            .released
+            .iter()
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// `(login, sender, list)` put on lists so far (in order).
+    pub fn listed(&self) -> Vec<(String, String, ListKind)> {
+        self.lock().listed.clone()
     }
 
     /// Ids deleted so far (in order).
@@ -191,12 +219,12 @@ impl QuarantineStore for MemStore {
         Ok(gone)
     }
 
-    fn release(&self, id: u64) -> QResult<bool> {
+    fn release(&self, id: u64, who: &Releaser) -> QResult<bool> {
         let gone = {
             let mut g = self.inner()?;
             match g.entries.remove(&id) {
                 Some((m, _)) => {
-                    g.released.push(m);
+                    g.released.push((m, who.clone()));
                     true
                 }
                 None => false,
@@ -206,6 +234,15 @@ impl QuarantineStore for MemStore {
             let _ = self.tx.send(());
         }
         Ok(gone)
+    }
+
+    fn list_sender(&self, login: &str, sender: &str, list: ListKind) -> QResult<bool> {
+        let mut g = self.inner()?;
+        if sender.trim().is_empty() {
+            return Ok(false);
+        }
+        g.listed.push((login.to_string(), sender.to_string(), list));
+        Ok(true)
     }
 
     fn get_state(&self, key: &[u8]) -> QResult<Option<Vec<u8>>> {

@@ -228,6 +228,57 @@ pub(crate) fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
+/// How a release was asked for: the label of `postern_releases_total{via}`
+/// and the `via` of the `X-Postern-Released` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Imap,
+    Pop3,
+    Web,
+    Cli,
+}
+
+impl Via {
+    pub const ALL: [Via; 4] = [Via::Imap, Via::Pop3, Via::Web, Via::Cli];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Imap => "imap",
+            Via::Pop3 => "pop3",
+            Via::Web => "web",
+            Via::Cli => "cli",
+        }
+    }
+}
+
+/// Who released a held message and how, for the header the released copy carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Releaser {
+    /// A login, or `operator` for the CLI.
+    pub by: String,
+    pub via: Via,
+}
+
+impl Releaser {
+    /// `X-Postern-Released: by alice via imap; <RFC 5322 date>` and its CRLF.
+    /// `by` is reduced to printable ASCII without `;` so the header stays one
+    /// well-formed line whatever a users file holds.
+    fn header(&self, at: chrono::DateTime<chrono::Utc>) -> String {
+        let by: String = self
+            .by
+            .chars()
+            .filter(|c| c.is_ascii_graphic() && *c != ';')
+            .take(256)
+            .collect();
+        let by = if by.is_empty() { "unknown".into() } else { by };
+        format!(
+            "X-Postern-Released: by {by} via {}; {}\r\n",
+            self.via.as_str(),
+            at.to_rfc2822()
+        )
+    }
+}
+
 fn key_id(k: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
 }
@@ -531,40 +582,81 @@ impl Store {
         self.held.len()
     }
 
-    /// Queue a held entry's message for its recipient (not yet durable).
-    fn requeue_held(&self, id: u64) -> Result<Option<u64>> {
-        let Some(e) = self.held_entry(id)? else {
-            return Ok(None);
-        };
-        let Some(body) = self.held_body(&e)? else {
-            self.unhold(id)?;
-            return Ok(None);
-        };
-        let qid = self.next_id()?;
-        let mut entry = QueueEntry::new(
-            qid,
-            e.sender.clone(),
-            [e.recipient.clone()],
-            body.len() as u64,
-            e.client_ip.clone(),
-            e.helo.clone(),
-        );
-        entry.trace = e.trace;
-        entry.from_outside = e.from_outside;
-        self.enqueue(&entry, &body)?;
-        Ok(Some(qid))
-    }
-
-    /// Release a quarantine entry: queue its message for its recipient and
-    /// drop the entry. Returns the new queue id, or None if it was gone.
-    /// Queued durably before the held copy goes: a crash leaves at worst both.
-    pub(crate) async fn release_held(&self, id: u64) -> Result<Option<u64>> {
-        let qid = self.requeue_held(id)?;
+    /// Release a quarantine entry: queue its message (with an
+    /// `X-Postern-Released` header naming `who`) for its recipient and drop
+    /// the entry, in one sled transaction over the five trees, so of any
+    /// number of callers at once exactly one wins and the others get
+    /// `None` ("already released or gone"); a crash leaves the one or the
+    /// other, never both. Returns the new queue id once it is durable.
+    pub(crate) async fn release_held(&self, id: u64, who: &Releaser) -> Result<Option<u64>> {
+        let qid = self.swap_held_for_queued(id, who)?;
         if qid.is_some() {
+            let _ = self.changes.send(());
             self.durable().await?;
-            self.unhold(id)?;
         }
         Ok(qid)
+    }
+
+    /// The compare-and-swap of [`Store::release_held`] (not yet durable).
+    fn swap_held_for_queued(&self, id: u64, who: &Releaser) -> Result<Option<u64>> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
+        let qid = self.next_id()?;
+        let header = who.header(chrono::Utc::now());
+        let k = id_key(id);
+        let done = (
+            &self.held,
+            &self.held_refs,
+            &self.held_body,
+            &self.queue,
+            &self.body,
+        )
+            .transaction(|(held, refs, held_body, queue, body)| {
+                let Some(v) = held.get(k)? else {
+                    return Ok(None);
+                };
+                let e: HeldEntry = decode(&v, id).map_err(Abort::Abort)?;
+                let bk = id_key(e.body_key);
+                let held_bytes = held_body.get(bk)?;
+                held.remove(&k)?;
+                match refs.get(bk)?.as_deref().and_then(key_id) {
+                    Some(n) if n > 1 => {
+                        refs.insert(&bk, &(n - 1).to_be_bytes())?;
+                    }
+                    _ => {
+                        refs.remove(&bk)?;
+                        held_body.remove(&bk)?;
+                    }
+                }
+                // A held entry without its body is dropped, not queued.
+                let Some(held_bytes) = held_bytes else {
+                    return Ok(None);
+                };
+                let mut out = Vec::with_capacity(header.len() + held_bytes.len());
+                out.extend_from_slice(header.as_bytes());
+                out.extend_from_slice(&held_bytes);
+                let mut entry = QueueEntry::new(
+                    qid,
+                    e.sender.clone(),
+                    [e.recipient.clone()],
+                    out.len() as u64,
+                    e.client_ip.clone(),
+                    e.helo.clone(),
+                );
+                entry.trace = e.trace.clone();
+                entry.from_outside = e.from_outside;
+                body.insert(&id_key(qid), out)?;
+                queue.insert(&id_key(qid), encode(&entry))?;
+                Ok(Some(entry.state))
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        Ok(done.map(|state| {
+            self.count(None, Some(state));
+            qid
+        }))
     }
 
     /// Delete quarantine entries received before `cutoff` (unix seconds).
@@ -716,5 +808,52 @@ mod quarantine_tests {
         s.unhold(ids[1]).unwrap();
         assert!(s.held_body(&first).unwrap().is_none());
         assert_eq!(s.held_count(), 0);
+    }
+
+    /// Many callers releasing one entry at the same moment: one queue
+    /// entry, one winner; the shared body stays for the other recipient.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_release_is_won_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let t = test_held_template();
+        for _ in 0..20 {
+            let ids = s
+                .quarantine(&t, &["a@l.test".into(), "b@l.test".into()], b"body")
+                .unwrap();
+            let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (s, b, id) = (s.clone(), barrier.clone(), ids[0]);
+                    tokio::spawn(async move {
+                        b.wait().await;
+                        let who = Releaser {
+                            by: "a\r\nBcc: x@y; z".into(),
+                            via: Via::Cli,
+                        };
+                        s.release_held(id, &who).await.unwrap()
+                    })
+                })
+                .collect();
+            let mut won = Vec::new();
+            for t in tasks {
+                won.extend(t.await.unwrap());
+            }
+            assert_eq!(won.len(), 1, "{won:?}");
+            let body = s.body(won[0]).unwrap().unwrap();
+            assert!(
+                body.starts_with(b"X-Postern-Released: by aBcc:x@yz via cli; "),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            let other = s.held_entry(ids[1]).unwrap().unwrap();
+            assert_eq!(&*s.held_body(&other).unwrap().unwrap(), b"body");
+            s.unhold(ids[1]).unwrap();
+            s.remove(won[0]).unwrap();
+        }
+        assert_eq!(s.held_count(), 0);
+        assert_eq!(s.queue_entries().unwrap().len(), 0);
+        assert_eq!(s.held_body.len(), 0);
+        assert_eq!(s.held_refs.len(), 0);
     }
 }

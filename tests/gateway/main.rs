@@ -9,6 +9,7 @@ mod dkim;
 mod dns;
 mod durability;
 mod fds;
+mod folders;
 mod limits;
 mod lists;
 mod logins;

@@ -1,12 +1,33 @@
-//! COPY and MOVE (RFC 6851) into `Release`: each message is re-queued for delivery to its
-//! recipient (durably, through the store's group commit) and leaves the quarantine.
-//! Nothing can be copied into INBOX.
+//! COPY and MOVE (RFC 6851) into the drop boxes: `Release` re-queues each message for
+//! delivery to its recipient (durably, through the store's group commit, once however
+//! many sessions ask at the same moment); `Release and allow sender` does that and puts
+//! the envelope sender on the user's allow list; `Block sender` puts it on the user's
+//! block list and deletes the message. Either way the message leaves the quarantine.
+//! Bounces (empty sender) are never listed. Nothing can be copied into INBOX.
 
 use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::core::{Folder, ImapCore, Step, folder_of, tagged, unavailable};
-use crate::mailbox::store::QuarantineError;
+use crate::mailbox::store::{ListKind, QuarantineError, Releaser, Via};
+
+/// What a drop box does to each message put into it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Release,
+    ReleaseAllow,
+    Block,
+}
+
+impl Act {
+    fn done(self) -> &'static str {
+        match self {
+            Act::Release => "released for delivery",
+            Act::ReleaseAllow => "released for delivery, sender allowed",
+            Act::Block => "deleted, sender blocked",
+        }
+    }
+}
 
 impl ImapCore {
     pub(super) fn copy_move(
@@ -18,8 +39,10 @@ impl ImapCore {
         is_move: bool,
     ) -> Step {
         let verb = if is_move { "MOVE" } else { "COPY" };
-        match folder_of(dest) {
-            Some(Folder::Release) => {}
+        let act = match folder_of(dest) {
+            Some(Folder::Release) => Act::Release,
+            Some(Folder::ReleaseAllow) => Act::ReleaseAllow,
+            Some(Folder::Block) => Act::Block,
             Some(Folder::Inbox) => {
                 return Step::Reply(tagged(
                     tag,
@@ -28,7 +51,7 @@ impl ImapCore {
                 ));
             }
             None => return Step::Reply(tagged(tag, "NO", "[TRYCREATE] No such mailbox")),
-        }
+        };
         if is_move && self.sel.as_ref().is_some_and(|s| s.read_only) {
             return Step::Reply(tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only"));
         }
@@ -37,10 +60,10 @@ impl ImapCore {
             Err(bad) => return bad,
         };
         let mut out = Vec::new();
-        let (released, failed) = self.release(&idxs, is_move, &mut out);
+        let (acted, failed) = self.act(act, &idxs, is_move, &mut out);
         if let Some(e) = failed {
-            // Those released so far are gone (and, for MOVE, reported); the rest stay.
-            let what = format!("{verb} after {released} release(s)");
+            // Those handled so far are gone (and, for MOVE, reported); the rest stay.
+            let what = format!("{verb} after {acted} message(s)");
             out.extend_from_slice(&unavailable(tag, &what, &e));
             return Step::Reply(out);
         }
@@ -48,35 +71,61 @@ impl ImapCore {
         out.extend_from_slice(&tagged(
             tag,
             "OK",
-            &format!("{verb} completed; {released} message(s) released for delivery"),
+            &format!("{verb} completed; {acted} message(s) {}", act.done()),
         ));
         Step::Reply(out)
     }
 
-    /// Release the messages at `idxs` (ascending), stopping at the first store
-    /// failure. For MOVE each one handled (released, or gone already) is
-    /// expunged from the session. Returns how many were released, and the failure.
-    fn release(
+    /// Do `act` to the messages at `idxs` (ascending), stopping at the first
+    /// store failure. For MOVE each one handled (acted on, or gone already)
+    /// is expunged from the session. Returns on how many this session acted
+    /// (a release another session won does not count), and the failure.
+    fn act(
         &mut self,
+        act: Act,
         idxs: &[usize],
         is_move: bool,
         out: &mut Vec<u8>,
     ) -> (usize, Option<QuarantineError>) {
-        let Some(sel) = &mut self.sel else {
+        let (Some(sel), Some(account)) = (&mut self.sel, &self.account) else {
             return (0, None);
         };
-        let mut released = 0;
+        let who = Releaser {
+            by: account.login.clone(),
+            via: Via::Imap,
+        };
+        let mut acted = 0;
         let mut done = Vec::new();
         let mut failed = None;
         for &i in idxs {
-            match self.shared.release(sel.msgs[i].meta.id) {
+            let meta = &sel.msgs[i].meta;
+            let r = match act {
+                Act::Release => self.shared.release(meta.id, &who),
+                Act::ReleaseAllow => self.shared.release(meta.id, &who).and_then(|r| {
+                    // Listed even when another session won the release: the
+                    // user asked for the sender to be allowed.
+                    self.shared
+                        .store
+                        .list_sender(&account.login, &meta.sender, ListKind::Allow)?;
+                    Ok(r)
+                }),
+                Act::Block => self
+                    .shared
+                    .store
+                    .list_sender(&account.login, &meta.sender, ListKind::Block)
+                    .and_then(|_| self.shared.delete(meta.id)),
+            };
+            match r {
                 Ok(r) => {
                     if r {
-                        released += 1;
-                        self.shared.releases.inc();
+                        acted += 1;
+                        if act != Act::Block {
+                            self.shared.releases.inc();
+                        }
                         tracing::info!(
-                            id = sel.msgs[i].meta.id,
-                            "quarantine entry released over IMAP"
+                            id = meta.id,
+                            action = act.done(),
+                            "quarantine entry handled over IMAP"
                         );
                     }
                     done.push(i);
@@ -94,6 +143,6 @@ impl ImapCore {
                 sel.recent.remove(&gone.uid);
             }
         }
-        (released, failed)
+        (acted, failed)
     }
 }

@@ -50,14 +50,36 @@ pub(crate) enum Step {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Folder {
     Inbox,
+    /// Drop boxes, always empty: COPY/MOVE into them acts (see `copy`).
     Release,
+    ReleaseAllow,
+    Block,
 }
 
 impl Folder {
+    pub(super) const ALL: [Folder; 4] = [
+        Folder::Inbox,
+        Folder::Release,
+        Folder::ReleaseAllow,
+        Folder::Block,
+    ];
+
     pub(super) fn name(self) -> &'static str {
         match self {
             Folder::Inbox => "INBOX",
             Folder::Release => "Release",
+            Folder::ReleaseAllow => "Release and allow sender",
+            Folder::Block => "Block sender",
+        }
+    }
+
+    /// The name as an IMAP astring: quoted when it has spaces.
+    pub(super) fn wire_name(self) -> String {
+        let n = self.name();
+        if n.contains(' ') {
+            format!("\"{n}\"")
+        } else {
+            n.to_string()
         }
     }
 }
@@ -136,13 +158,10 @@ pub(super) fn folder_of(m: &Mailbox<'_>) -> Option<Folder> {
         Mailbox::Inbox => Some(Folder::Inbox),
         Mailbox::Other(o) => {
             let name: &[u8] = o.as_ref();
-            if name.eq_ignore_ascii_case(b"INBOX") {
-                Some(Folder::Inbox)
-            } else if name.eq_ignore_ascii_case(b"Release") {
-                Some(Folder::Release)
-            } else {
-                None
-            }
+            // INBOX is case-insensitive (RFC 3501 5.1); so are the others here.
+            Folder::ALL
+                .into_iter()
+                .find(|f| name.eq_ignore_ascii_case(f.name().as_bytes()))
         }
     }
 }
@@ -251,7 +270,7 @@ impl ImapCore {
             | CommandBody::Append { .. } => Step::Reply(tagged(
                 tag,
                 "NO",
-                "[CANNOT] The quarantine has the fixed folders INBOX and Release",
+                "[CANNOT] The quarantine has fixed folders only",
             )),
             CommandBody::Subscribe { mailbox } => self.subscribe(tag, &mailbox, true),
             CommandBody::Unsubscribe { mailbox } => self.subscribe(tag, &mailbox, false),
@@ -458,7 +477,7 @@ mod tests {
     use super::*;
     use crate::mailbox::accounts::Role;
     use crate::mailbox::imap::select::wildcard_match;
-    use crate::mailbox::store::MemStore;
+    use crate::mailbox::store::{ListKind, MemStore};
 
     const MSG: &[u8] = b"From: Eve <eve@evil.test>\r\nTo: alice@example.test\r\nSubject: Win big\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\nBody line\r\n";
 
@@ -713,6 +732,56 @@ mod tests {
         assert!(wildcard_match(b"*", b"a/b"));
         assert!(!wildcard_match(b"%", b"a/b"));
         assert!(wildcard_match(b"inbox", b"INBOX"));
+    }
+
+    /// The acting drop boxes: listed, empty when selected; COPY/MOVE into
+    /// them release and allow, or block and delete; bounces are never listed.
+    #[test]
+    fn folders_that_act() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        mem.add("pal@good.test", &["alice@example.test"], "spam", MSG);
+        mem.add("", &["alice@example.test"], "bounce", MSG);
+        let (mut c, _) = session(&mem);
+        let r = text(c.handle(b"l LIST \"\" *\r\n"));
+        assert!(
+            r.contains("\"/\" \"Release and allow sender\"\r\n")
+                && r.contains("\"/\" \"Block sender\"\r\n"),
+            "{r}"
+        );
+        let r = text(c.handle(b"e EXAMINE \"block SENDER\"\r\n"));
+        assert!(r.contains("* 0 EXISTS") && r.contains("e OK"), "{r}");
+        let r = text(c.handle(b"st STATUS \"Release and allow sender\" (MESSAGES)\r\n"));
+        assert!(
+            r.contains("* STATUS \"Release and allow sender\" (MESSAGES 0)"),
+            "{r}"
+        );
+        text(c.handle(b"s SELECT INBOX\r\n"));
+        let r = text(c.handle(b"m UID MOVE 1 \"Block sender\"\r\n"));
+        assert!(r.contains("* 1 EXPUNGE\r\nm OK"), "{r}");
+        assert_eq!(mem.deleted(), vec![1]);
+        let r = text(c.handle(b"c UID COPY 2 \"Release and allow sender\"\r\n"));
+        assert!(r.contains("c OK"), "{r}");
+        assert_eq!(mem.released()[0].sender, "pal@good.test");
+        assert_eq!(mem.releasers()[0].by, "alice");
+        let r = text(c.handle(b"b UID MOVE 3 \"Block sender\"\r\n"));
+        assert!(r.contains("b OK"), "{r}");
+        assert_eq!(
+            mem.listed(),
+            vec![
+                (
+                    "alice".to_string(),
+                    "eve@evil.test".to_string(),
+                    ListKind::Block
+                ),
+                (
+                    "alice".to_string(),
+                    "pal@good.test".to_string(),
+                    ListKind::Allow
+                ),
+            ]
+        );
+        assert_eq!(mem.deleted(), vec![1, 3]);
     }
 
     /// A failing store answers NO [UNAVAILABLE] and changes nothing.

@@ -1,5 +1,6 @@
 //! Folder commands: SELECT/EXAMINE, LIST/LSUB, STATUS, CLOSE/UNSELECT. The folders are fixed:
-//! `INBOX` (the held entries the user may see) and `Release` (a drop box, always empty).
+//! `INBOX` (the held entries the user may see) and the drop boxes `Release`, `Release and
+//! allow sender` and `Block sender` (always empty: COPY/MOVE into them acts).
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -103,7 +104,7 @@ fn select_responses(
 
 impl ImapCore {
     /// The messages, UIDVALIDITY and UIDNEXT of a folder as this user sees
-    /// it (Release is a drop box and always empty); or the NO to answer.
+    /// it (the drop boxes are always empty); or the NO to answer.
     fn folder_view(
         &self,
         tag: &str,
@@ -133,7 +134,7 @@ impl ImapCore {
                     uidnext: v.uidnext,
                 }
             }
-            Folder::Release => FolderView {
+            Folder::Release | Folder::ReleaseAllow | Folder::Block => FolderView {
                 folder,
                 msgs: Vec::new(),
                 uidvalidity: 1,
@@ -213,10 +214,12 @@ impl ImapCore {
         } else if pat.len() <= 256 && reference.len() <= 256 {
             let mut full = reference.clone();
             full.extend_from_slice(pat);
-            for name in ["INBOX", "Release"] {
+            for f in Folder::ALL {
+                let name = f.name();
                 if wildcard_match(&full, name.as_bytes()) && !unsubscribed.contains(name) {
                     out.extend_from_slice(
-                        format!("* {verb} (\\HasNoChildren) \"/\" {name}\r\n").as_bytes(),
+                        format!("* {verb} (\\HasNoChildren) \"/\" {}\r\n", f.wire_name())
+                            .as_bytes(),
                     );
                 }
             }
@@ -285,8 +288,12 @@ impl ImapCore {
             };
             parts.push(s);
         }
-        let mut out =
-            format!("* STATUS {} ({})\r\n", v.folder.name(), parts.join(" ")).into_bytes();
+        let mut out = format!(
+            "* STATUS {} ({})\r\n",
+            v.folder.wire_name(),
+            parts.join(" ")
+        )
+        .into_bytes();
         out.extend_from_slice(&tagged(tag, "OK", "STATUS completed"));
         Step::Reply(out)
     }

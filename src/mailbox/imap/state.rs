@@ -3,7 +3,7 @@
 //! `\Recent`, and the folders unsubscribed. One JSON value per user under `imap/v1/<login>`,
 //! decoded once and cached with the user's view until the quarantine changes.
 //!
-//! Also here: the bodies of entries this process removed (EXPUNGE, MOVE/COPY to Release),
+//! Also here: the bodies of entries this process removed (EXPUNGE, MOVE/COPY to a drop box),
 //! kept for a while so that another session that was not yet told of the EXPUNGE can still
 //! read them (RFC 2180 4.1.1, as Dovecot does).
 
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::mailbox::accounts::Account;
-use crate::mailbox::store::{HeldMeta, QResult, QuarantineStore};
+use crate::mailbox::store::{HeldMeta, QResult, QuarantineStore, Releaser};
 
 /// Keywords and flags per message are bounded so that the state stays small.
 pub(crate) const MAX_FLAGS: usize = 32;
@@ -38,7 +38,7 @@ struct UserState {
     #[serde(default)]
     recent_upto: u32,
     /// Folders (canonical names) the user unsubscribed; all are subscribed
-    /// by default, so a new user's LSUB shows INBOX and Release.
+    /// by default, so a new user's LSUB shows every folder.
     #[serde(default)]
     unsubscribed: BTreeSet<String>,
 }
@@ -236,9 +236,9 @@ impl Shared {
     }
 
     /// [`QuarantineStore::release`], keeping the body readable for the other sessions.
-    pub(crate) fn release(&self, id: u64) -> QResult<bool> {
+    pub(crate) fn release(&self, id: u64, who: &Releaser) -> QResult<bool> {
         self.keep_ghost(id)?;
-        self.store.release(id)
+        self.store.release(id, who)
     }
 
     pub(crate) fn subscribe_changes(&self) -> broadcast::Receiver<()> {
