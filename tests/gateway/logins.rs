@@ -179,10 +179,12 @@ def pair(proto, src, logins, pw):
     return out
 
 # People behind one NAT address logging in together: 12 at once, all
-# right, over the three protocols: every one gets in (they wait their turn).
+# right, over IMAP and SMTP AUTH: every one gets in (they wait their turn).
+# (Not POP3: it locks a maildrop to one session, RFC 1939, so parallel
+# POP3 logins of one user get -ERR [IN-USE] by design.)
 nat = [None] * 12
 def good(i):
-    nat[i] = attempt(['imap', 'pop3', 'smtp'][i % 3], '127.0.5.9', 'alice@local.test', 'alice-pw')
+    nat[i] = attempt(['imap', 'smtp'][i % 2], '127.0.5.9', 'alice@local.test', 'alice-pw')
 ts = [threading.Thread(target=good, args=(i,)) for i in range(12)]
 for t in ts: t.start()
 for t in ts: t.join()
