@@ -580,6 +580,19 @@ listen = "127.0.0.1:{metrics}"
         }
     }
 
+    /// The id of the first entry `postern quarantine list` shows ("" when
+    /// none), and the whole listing.
+    pub fn first_held(&self) -> (String, String) {
+        let (_, list, _) = self.admin(&["quarantine", "list"]);
+        let id = list
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        (id, list)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -243,13 +243,7 @@ async fn first_scrape_has_every_family_at_zero_and_traffic_moves_them() {
             == 3)
         .await
     );
-    let (_, list, _) = gw.admin(&["quarantine", "list"]);
-    let id = list
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_default()
-        .to_string();
+    let (id, _) = gw.first_held();
     let (ok, out, err) = gw.admin(&["quarantine", "release", &id]);
     assert!(ok, "release {id}: {out}{err}");
     assert!(

@@ -16,6 +16,23 @@ fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<u64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// Waits (up to 10 s) for `postern_dsn_suppressed_total{reason="outside_sender"}` to read 1.
+async fn one_bounce_dropped_for_an_outside_sender(gw: &Gateway) -> bool {
+    for _ in 0..100 {
+        let m = gw.metrics_text().await;
+        let n = series(
+            &m,
+            "postern_dsn_suppressed_total",
+            &["reason=\"outside_sender\""],
+        );
+        if n == Some(1) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn outsider(gw: &Gateway) -> Client<tokio::net::TcpStream> {
     let mut c = Client::connect(gw.smtp).await;
     let r = c.cmd("EHLO far.test").await;
@@ -215,23 +232,11 @@ async fn no_bounce_goes_to_an_outside_sender_of_mail_from_outside() {
         )
         .await;
     assert!(r.starts_with("250"), "{r}");
-    let suppressed = || async {
-        let m = gw.metrics_text().await;
-        series(
-            &m,
-            "postern_dsn_suppressed_total",
-            &["reason=\"outside_sender\""],
-        )
-    };
-    let mut seen = false;
-    for _ in 0..100 {
-        if suppressed().await == Some(1) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "log:\n{}", gw.log_text());
+    assert!(
+        one_bounce_dropped_for_an_outside_sender(&gw).await,
+        "log:\n{}",
+        gw.log_text()
+    );
     let (_, out, _) = gw.admin(&["queue", "list"]);
     assert!(out.contains("0 message(s)"), "{out}");
     assert_eq!(sink.count(), 0, "{:?}", sink.messages());
@@ -282,33 +287,15 @@ async fn a_released_message_from_outside_gets_no_bounce_to_an_outside_sender() {
         )
         .await;
     assert!(r.starts_with("250"), "{r}");
-    let (_, list, _) = gw.admin(&["quarantine", "list"]);
-    let id = list
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_default()
-        .to_string();
+    let (id, list) = gw.first_held();
     assert!(list.contains("ghost@local.test"), "not held: {list}");
     let (ok, out, err) = gw.admin(&["quarantine", "release", &id]);
     assert!(ok, "release {id}: {out}{err}");
-    let suppressed = || async {
-        let m = gw.metrics_text().await;
-        series(
-            &m,
-            "postern_dsn_suppressed_total",
-            &["reason=\"outside_sender\""],
-        )
-    };
-    let mut seen = false;
-    for _ in 0..100 {
-        if suppressed().await == Some(1) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "log:\n{}", gw.log_text());
+    assert!(
+        one_bounce_dropped_for_an_outside_sender(&gw).await,
+        "log:\n{}",
+        gw.log_text()
+    );
     let (_, out, _) = gw.admin(&["queue", "list"]);
     assert!(out.contains("0 message(s)"), "{out}");
     assert_eq!(sink.count(), 0, "{:?}", sink.messages());

@@ -593,17 +593,23 @@ mod tests {
         assert!(r.contains("m2 NO [TRYCREATE]"), "{r}");
     }
 
-    #[test]
-    fn sessions_see_each_other() {
-        let mem = Arc::new(MemStore::new());
-        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+    /// Two sessions of alice on one shared state, INBOX selected in both.
+    fn two_alice_sessions(mem: &Arc<MemStore>) -> (ImapCore, ImapCore) {
         let shared = Arc::new(Shared::new(mem.clone()));
         let mut a = ImapCore::new(shared.clone(), "h", true);
-        let mut b = ImapCore::new(shared.clone(), "h", true);
+        let mut b = ImapCore::new(shared, "h", true);
         a.login_result("l", Some(alice()));
         b.login_result("l", Some(alice()));
         text(a.handle(b"s SELECT INBOX\r\n"));
         text(b.handle(b"s SELECT INBOX\r\n"));
+        (a, b)
+    }
+
+    #[test]
+    fn sessions_see_each_other() {
+        let mem = Arc::new(MemStore::new());
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut a, mut b) = two_alice_sessions(&mem);
         text(a.handle(b"t STORE 1 +FLAGS.SILENT (\\Flagged)\r\n"));
         mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
         let r = text(b.handle(b"n NOOP\r\n"));
@@ -634,13 +640,7 @@ mod tests {
         let mem = Arc::new(MemStore::new());
         let ids = mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
         mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
-        let shared = Arc::new(Shared::new(mem.clone()));
-        let mut a = ImapCore::new(shared.clone(), "h", true);
-        let mut b = ImapCore::new(shared.clone(), "h", true);
-        a.login_result("l", Some(alice()));
-        b.login_result("l", Some(alice()));
-        text(a.handle(b"s SELECT INBOX\r\n"));
-        text(b.handle(b"s SELECT INBOX\r\n"));
+        let (mut a, mut b) = two_alice_sessions(&mem);
         assert!(crate::mailbox::store::QuarantineStore::delete(mem.as_ref(), ids[0]).unwrap());
         let r = text(b.handle(b"f FETCH 1:2 (UID BODY.PEEK[HEADER.FIELDS (Subject)])\r\n"));
         assert!(
