@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::quarantine::digest::Digester;
 use crate::store::lists::{Added, ListEntry, ListKind, Scope};
 use crate::store::wake::Scheduler;
 use crate::store::{
@@ -50,6 +51,12 @@ pub enum Request {
     ListsAdd(ListRequest),
     ListsRemove(ListRequest),
     ListsShow(ListRequest),
+    /// `quarantine digest`: a digest round now, for every user or one;
+    /// `all` lists all their held mail, not only what is new to them.
+    QuarantineDigest {
+        user: Option<String>,
+        all: bool,
+    },
 }
 
 /// `postern lists allow|block add|remove|show [--user LOGIN] [ENTRY]`.
@@ -146,6 +153,53 @@ pub async fn execute(store: &Store, scheduler: Option<&Scheduler>, req: Request)
     }
 }
 
+/// A request with no gateway running: the CLI opened the store itself.
+/// A digest queued here goes out when `serve` starts.
+pub async fn execute_offline(cfg: &crate::config::Config, store: &Store, req: Request) -> Response {
+    match req {
+        Request::QuarantineDigest { user, all } => {
+            let key = match crate::quarantine::links::LinkKey::load_or_create(&cfg.server.data_dir)
+            {
+                Ok(k) => Arc::new(k),
+                Err(e) => return fail(format!("the digest link key: {e}")),
+            };
+            let d = Digester {
+                cfg: Arc::new(cfg.clone()),
+                store: store.clone(),
+                key,
+                scheduler: None,
+                sent: None,
+            };
+            digest(&d, user.as_deref(), all).await
+        }
+        req => execute(store, None, req).await,
+    }
+}
+
+/// `quarantine digest`: one line per digest queued.
+pub(crate) async fn digest(d: &Digester, user: Option<&str>, all: bool) -> Response {
+    match d.run(user, all).await {
+        Ok(sent) if sent.is_empty() => ok(match user {
+            Some(u) => format!("no digest for {u}: no held mail that is new to them\n"),
+            None => "no digests: no user has held mail that is new to them\n".to_string(),
+        }),
+        Ok(sent) => ok(sent
+            .iter()
+            .map(|s| {
+                format!(
+                    "digest for {} to {}: {} message{} (queued as {})\n",
+                    s.login,
+                    s.to,
+                    s.messages,
+                    if s.messages == 1 { "" } else { "s" },
+                    fmt_id(s.queue_id)
+                )
+            })
+            .collect::<String>()),
+        Err(e) => fail(format!("digest: {e}")),
+    }
+}
+
 /// Dispatches one request to its handler; each handler answers a bad id
 /// or a missing message with a failed `Response`, store errors with `Err`.
 async fn run(
@@ -184,6 +238,8 @@ async fn run(
         Request::ListsRemove(r) => lists_remove(store, &r).await,
         Request::ListsShow(r) => lists_show(store, &r),
         Request::RecentExport { since_ms, dir } => Ok(recent_export(store, since_ms, dir).await),
+        // Needs the configuration: see `serve_control` and `execute_offline`.
+        Request::QuarantineDigest { .. } => Ok(fail("a digest needs the gateway's configuration")),
     }
 }
 
@@ -576,6 +632,7 @@ pub(crate) async fn serve_control(
     scheduler: Scheduler,
     server: crate::net::Server,
     releases: prometheus::IntCounter,
+    digester: Arc<Digester>,
 ) -> std::io::Result<()> {
     use crate::net::{Admission, AdmissionConfig, Deadlines, Line, ListenerSpec};
     use std::os::unix::fs::PermissionsExt;
@@ -601,7 +658,7 @@ pub(crate) async fn serve_control(
     });
     crate::net::serve(listener, spec, server, move |mut conn, _peer| {
         let (store, scheduler, releases) = (store.clone(), scheduler.clone(), releases.clone());
-        let export_root = export_root.clone();
+        let (export_root, digester) = (export_root.clone(), digester.clone());
         async move {
             let resp = match conn.read_line(MAX_CONTROL_LINE).await {
                 Ok(Line::Data(line)) => match serde_json::from_slice::<Request>(&line) {
@@ -612,6 +669,9 @@ pub(crate) async fn serve_control(
                             "an export goes directly under {}",
                             export_root.display()
                         ))
+                    }
+                    Ok(Request::QuarantineDigest { user, all }) => {
+                        digest(&digester, user.as_deref(), all).await
                     }
                     Ok(req) => {
                         let release = matches!(req, Request::QuarantineRelease(_));

@@ -591,6 +591,14 @@ pub(crate) struct QuarantineConfig {
     pub(crate) max_connections_per_ip: usize,
     /// From the greeting to a successful login; then `-ERR` / `* BYE` and close.
     pub(crate) login_timeout: DurationStr,
+    /// HTTP listeners for the pages digest links open; empty = no pages.
+    pub(crate) web: Vec<SocketAddr>,
+    /// Serve those pages over TLS with the `[tls]` certificate.
+    pub(crate) web_tls: bool,
+    /// The base URL written into digests (a TLS proxy in front, usually).
+    pub(crate) web_url: String,
+    pub(crate) digest: DigestSchedule,
+    pub(crate) link_lifetime: DurationStr,
 }
 
 impl Default for QuarantineConfig {
@@ -604,7 +612,59 @@ impl Default for QuarantineConfig {
             max_connections: 1000,
             max_connections_per_ip: 20,
             login_timeout: DurationStr(Duration::from_secs(60)),
+            web: vec![],
+            web_tls: false,
+            web_url: "http://127.0.0.1:2080".into(),
+            digest: DigestSchedule::Off,
+            link_lifetime: DurationStr(Duration::from_secs(14 * 86400)),
         }
+    }
+}
+
+/// `[quarantine] digest`: when each user hears of their newly held mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DigestSchedule {
+    Off,
+    /// Every day at this local time (the server's time zone).
+    Daily {
+        hour: u32,
+        minute: u32,
+    },
+    Every(Duration),
+}
+
+impl DigestSchedule {
+    pub(crate) fn parse(s: &str) -> Result<DigestSchedule, ValueError> {
+        let t = s.trim();
+        let help = "write \"off\", \"daily HH:MM\" or \"every DURATION\" (e.g. \"every 4h\")";
+        if t.eq_ignore_ascii_case("off") {
+            return Ok(DigestSchedule::Off);
+        }
+        if let Some(at) = t.strip_prefix("daily ") {
+            let bad = || format!("\"{s}\": {:?} is not a time HH:MM; {help}", at.trim());
+            let (h, m) = at.trim().split_once(':').ok_or_else(bad)?;
+            let (hour, minute) = match (h.parse::<u32>(), m.parse::<u32>()) {
+                (Ok(hh), Ok(mm)) if hh < 24 && mm < 60 && m.len() == 2 => (hh, mm),
+                _ => return Err(bad().into()),
+            };
+            return Ok(DigestSchedule::Daily { hour, minute });
+        }
+        if let Some(every) = t.strip_prefix("every ") {
+            let d = humantime::parse_duration(every.trim())
+                .map_err(|e| format!("\"{s}\": bad duration ({e}); {help}"))?;
+            if d < Duration::from_secs(1) {
+                return Err(format!("\"{s}\": the period must be at least 1s").into());
+            }
+            return Ok(DigestSchedule::Every(d));
+        }
+        Err(format!("\"{s}\" is not a schedule; {help}").into())
+    }
+}
+
+impl<'de> Deserialize<'de> for DigestSchedule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DigestSchedule::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -897,6 +957,24 @@ impl Config {
         if self.smtp.max_recipients == 0 {
             err("smtp", "max_recipients", "must be at least 1".into());
         }
+        let url = self.quarantine.web_url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.len() < "http://x".len()
+            || url.contains(char::is_whitespace)
+        {
+            err(
+                "quarantine",
+                "web_url",
+                format!("\"{url}\" is not an http:// or https:// URL"),
+            );
+        }
+        if self.quarantine.link_lifetime.0 < Duration::from_secs(60) {
+            err(
+                "quarantine",
+                "link_lifetime",
+                "must be at least 1m (a digest link must live long enough to be clicked)".into(),
+            );
+        }
         if self.smtp.max_line_length < 512 {
             err(
                 "smtp",
@@ -1003,6 +1081,55 @@ mod tests {
             .to_string();
         assert!(e.starts_with("x.toml:2:"), "{e}");
         assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn digest_settings_parse_or_name_their_line() {
+        let c = Config::from_str(Config::DEFAULT_TOML, Path::new("postern.toml")).unwrap();
+        assert_eq!(
+            c.quarantine.digest,
+            DigestSchedule::Daily { hour: 8, minute: 0 }
+        );
+        for (text, want) in [
+            ("off", DigestSchedule::Off),
+            (
+                "daily 23:59",
+                DigestSchedule::Daily {
+                    hour: 23,
+                    minute: 59,
+                },
+            ),
+            (
+                "every 4h",
+                DigestSchedule::Every(Duration::from_secs(4 * 3600)),
+            ),
+        ] {
+            assert_eq!(DigestSchedule::parse(text), Ok(want), "{text}");
+        }
+        for (value, says) in [
+            ("daily 24:00", "is not a time HH:MM"),
+            ("daily 8:5", "is not a time HH:MM"),
+            ("every 0s", "at least 1s"),
+            ("weekly", "is not a schedule"),
+        ] {
+            let t = format!("[quarantine]\nretention = \"30d\"\ndigest = \"{value}\"\n");
+            let e = Config::from_str(&t, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("x.toml:3:") && e.contains(says),
+                "{value}: {e}"
+            );
+        }
+        let t = "[quarantine]\nweb_url = \"127.0.0.1:2080\"\nlink_lifetime = \"5s\"\n";
+        let e = Config::from_str(t, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.toml:2: [quarantine] web_url")
+                && e.contains("x.toml:3: [quarantine] link_lifetime"),
+            "{e}"
+        );
     }
 
     #[test]

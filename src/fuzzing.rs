@@ -551,3 +551,26 @@ pub fn users(text: &str) -> Result<usize, String> {
 pub fn suite_cases(dir: &Path) -> Result<usize, Vec<Problem>> {
     crate::policy::suite::load(dir, "local.test").map(|c| c.len())
 }
+
+// ---- digest links ------------------------------------------------------------
+
+/// Check `token` (the path segment a web client sends) against a fixed key;
+/// `Some(login, id, action)` when it verifies.
+pub fn link_verify(token: &str, now: i64) -> Option<(String, u64, &'static str)> {
+    let key = crate::quarantine::links::LinkKey::from_bytes(&[42; 32]);
+    key.verify(token, now)
+        .ok()
+        .map(|l| (l.login, l.id, l.action.as_str()))
+}
+
+/// Sign a link for `login` under the fixed key of [`link_verify`].
+pub fn link_sign(login: &str, id: u64, action: u8, expires: i64) -> String {
+    use crate::quarantine::links::{Action, Link, LinkKey};
+    let action = Action::ALL[usize::from(action) % Action::ALL.len()];
+    LinkKey::from_bytes(&[42; 32]).sign(&Link {
+        login: login.to_string(),
+        id,
+        action,
+        expires,
+    })
+}

@@ -17,6 +17,8 @@ use crate::metrics::{self, Metrics};
 use crate::net::{self, Admission, AdmissionConfig, Deadlines, ListenerSpec, bind_all};
 use crate::policy::Policy;
 use crate::quarantine::SledQuarantine;
+use crate::quarantine::digest::Digester;
+use crate::quarantine::links::LinkKey;
 use crate::smtp::server::SmtpContext;
 use crate::smtp::session::{ListenerKind, SessionConfig, reply};
 use crate::store::Store;
@@ -104,12 +106,34 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Duration::from_secs(1),
         move || reload_accounts(&watch_cfg, &watch_mailbox),
     );
+    // Digest links are signed with a key kept in the data dir.
+    let key = Arc::new(
+        LinkKey::load_or_create(&cfg.server.data_dir).with_context(|| {
+            format!(
+                "the digest link key {}",
+                crate::quarantine::links::key_path(&cfg.server.data_dir).display()
+            )
+        })?,
+    );
+    let digester = Arc::new(Digester {
+        cfg: cfg.clone(),
+        store: core.store.clone(),
+        key: key.clone(),
+        scheduler: Some(core.scheduler.clone()),
+        sent: Some(core.metrics.digests_sent.clone()),
+    });
+    start_web(&core, &server, key, mailbox.clone()).await?;
+    let digests = tokio::spawn(crate::quarantine::digest::schedule_loop(
+        digester.clone(),
+        cfg.quarantine.digest,
+    ));
     tokio::spawn(admin::serve_control(
         admin::socket_path(&cfg.server.data_dir),
         core.store.clone(),
         core.scheduler.clone(),
         server.clone(),
         core.metrics.releases.with_label_values(&["cli"]),
+        digester,
     ));
     let dispatcher = tokio::spawn(delivery::run(
         delivery.clone(),
@@ -147,9 +171,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
         _ = int.recv() => {},
     }
     crate::notify::stopping();
-    for task in [watcher, purge, recent, accounts_watch, housekeeping, hup]
-        .into_iter()
-        .chain(recipients_watch)
+    for task in [
+        watcher,
+        purge,
+        recent,
+        accounts_watch,
+        housekeeping,
+        hup,
+        digests,
+    ]
+    .into_iter()
+    .chain(recipients_watch)
     {
         task.abort();
     }
@@ -372,6 +404,56 @@ async fn start_mailbox(core: &Core, server: &net::Server) -> Result<Arc<MailboxC
         }
     }
     Ok(mailbox)
+}
+
+/// `[quarantine] web`: the pages digest links open, over the shared
+/// connection layer (its caps and deadlines), over TLS with `web_tls`.
+async fn start_web(
+    core: &Core,
+    server: &net::Server,
+    key: Arc<LinkKey>,
+    mailbox: Arc<MailboxCtx>,
+) -> Result<()> {
+    let q = &core.cfg.quarantine;
+    if q.web.is_empty() {
+        return Ok(());
+    }
+    let app = crate::web::router(Arc::new(crate::web::WebCtx {
+        store: core.store.clone(),
+        key,
+        mailbox,
+        scheduler: core.scheduler.clone(),
+        releases: core.metrics.releases.with_label_values(&["web"]),
+    }));
+    let spec = Arc::new(ListenerSpec {
+        label: "web",
+        tls: q.web_tls.then(|| core.tls.clone()),
+        admission: Admission::new(AdmissionConfig {
+            max_connections: 256,
+            max_per_ip: 32,
+            rate_per_ip: None,
+            exempt: Vec::new(),
+        }),
+        overload:
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        deadlines: Deadlines {
+            handshake: core.cfg.smtp.handshake_timeout.0,
+            ..Deadlines::default()
+        },
+        on_accept: None,
+    });
+    for l in bind_all(&q.web).await? {
+        tracing::info!(addr = %l.local_addr()?, tls = q.web_tls, "quarantine web pages listening");
+        let app = app.clone();
+        tokio::spawn(net::serve(
+            l,
+            spec.clone(),
+            server.clone(),
+            move |conn, _peer| crate::web::serve_conn(conn, app.clone()),
+        ));
+    }
+    Ok(())
 }
 
 /// After the shutdown signal: sessions get `[server] shutdown_grace`, then

@@ -35,5 +35,6 @@ pub(crate) mod testing;
 pub(crate) mod tls;
 pub mod verify;
 pub(crate) mod watch;
+pub(crate) mod web;
 
 pub(crate) use net::stopped;

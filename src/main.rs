@@ -237,6 +237,16 @@ enum QuarantineCmd {
     Release { id: String },
     /// Delete a held message.
     Delete { id: String },
+    /// Send the quarantine digest now: to every user with held mail new to
+    /// them, or to one.
+    Digest {
+        /// Only this user (a login from policies/users.toml).
+        #[arg(long)]
+        user: Option<String>,
+        /// List all their held mail, not only what no digest has listed yet.
+        #[arg(long)]
+        now: bool,
+    },
 }
 
 /// jemalloc with its background purging thread (the crate's `background_threads`
@@ -402,6 +412,16 @@ fn main() -> ExitCode {
                         QuarantineCmd::Show { id } => Request::QuarantineShow(id),
                         QuarantineCmd::Release { id } => Request::QuarantineRelease(id),
                         QuarantineCmd::Delete { id } => Request::QuarantineDelete(id),
+                        QuarantineCmd::Digest { user, now } => {
+                            let user = match user.map(|u| known_user(&cfg, &u)).transpose() {
+                                Ok(u) => u,
+                                Err(e) => {
+                                    eprintln!("postern: {e}");
+                                    return ExitCode::FAILURE;
+                                }
+                            };
+                            Request::QuarantineDigest { user, all: now }
+                        }
                     },
                 )
                 .await
@@ -487,7 +507,7 @@ async fn admin_cmd(cfg: &Config, req: Request) -> ExitCode {
             }
             match Store::open(&path) {
                 Ok(store) => {
-                    let r = admin::execute(&store, None, req).await;
+                    let r = admin::execute_offline(cfg, &store, req).await;
                     let _ = store.flush();
                     r
                 }

@@ -31,6 +31,8 @@ pub(crate) struct Metrics {
     pub(crate) smtp_tls_sessions: IntCounterVec,
     pub(crate) queue_oldest_age: IntGauge,
     pub(crate) releases: IntCounterVec,
+    /// `postern_digests_sent_total`: one per digest mail queued.
+    pub(crate) digests_sent: IntCounter,
     /// RCPT-time recipient checks (`[relay] verify_recipients`).
     pub(crate) recipient_verify: IntCounterVec,
     /// DSNs not sent because they would have been backscatter.
@@ -101,9 +103,7 @@ impl Metrics {
             "Quarantine entries currently held (one per held recipient).",
         );
         let bounces = plain_counter(&r, "postern_bounces_total", "DSN bounces generated.");
-        // Registered so dashboards and alerts see it at 0; the quarantine
-        // digest (issue 10) keeps the handle and counts in it.
-        plain_counter(
+        let digests_sent = plain_counter(
             &r,
             "postern_digests_sent_total",
             "Quarantine digest mails queued.",
@@ -180,6 +180,7 @@ impl Metrics {
                 &["listener"],
             ),
             queue_oldest_age,
+            digests_sent,
             releases: counter(
                 &r,
                 "postern_releases_total",

@@ -192,6 +192,20 @@ impl Accounts {
         }
     }
 
+    /// Every account, in file order (the digest writes to each).
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Account> {
+        self.users.iter().map(|e| &e.account)
+    }
+
+    /// The account of `login` (case-insensitive), without a password: for
+    /// what a signed link or an admin command does in that user's name.
+    pub(crate) fn account(&self, login: &str) -> Option<Account> {
+        self.users
+            .iter()
+            .find(|e| e.account.login.eq_ignore_ascii_case(login.trim()))
+            .map(|e| e.account.clone())
+    }
+
     /// Number of accounts.
     pub(crate) fn len(&self) -> usize {
         self.users.len()

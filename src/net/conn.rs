@@ -103,6 +103,13 @@ impl Conn {
         }
     }
 
+    /// The stream itself, for a shell that speaks through a library (the
+    /// web pages: hyper). Nothing has been read yet on such a listener.
+    pub(crate) fn into_stream(self) -> Box<dyn Stream> {
+        debug_assert!(self.buf.is_empty());
+        self.io
+    }
+
     /// Let [`Conn::read_line_raw`] with `stoppable` end at shutdown.
     pub(crate) fn watch_shutdown(&mut self, rx: watch::Receiver<bool>) {
         self.shutdown = Some(rx);

@@ -20,6 +20,7 @@
 
 mod commit;
 pub mod lists;
+pub(crate) mod outcomes;
 pub mod recent;
 pub(crate) mod space;
 pub(crate) mod wake;
@@ -591,6 +592,7 @@ impl Store {
     pub(crate) async fn release_held(&self, id: u64, who: &Releaser) -> Result<Option<u64>> {
         let qid = self.swap_held_for_queued(id, who)?;
         if qid.is_some() {
+            self.note_gone(id, outcomes::Outcome::Released, &who.by, who.via.as_str())?;
             let _ = self.changes.send(());
             self.durable().await?;
         }

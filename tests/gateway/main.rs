@@ -4,6 +4,7 @@
 mod admin;
 mod common;
 mod delivery;
+mod digest;
 mod dkim;
 #[path = "../policy/common.rs"]
 mod dns;

@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+pub(crate) mod digest;
+pub(crate) mod links;
+
 use crate::mailbox::store::{
     HeldMeta, ListKind, QResult, QuarantineError, QuarantineStore, Releaser,
 };
@@ -65,6 +68,12 @@ impl QuarantineStore for SledQuarantine {
             .unhold(id)
             .map_err(|e| unavailable("delete", e))?;
         if gone.is_some() {
+            let _ = self.store.note_gone(
+                id,
+                crate::store::outcomes::Outcome::Deleted,
+                "a mail client",
+                "mailbox",
+            );
             tracing::info!(id = %crate::store::fmt_id(id), "quarantine entry deleted by a mailbox user");
         }
         Ok(gone.is_some())
@@ -135,6 +144,10 @@ pub(crate) async fn purge_loop(store: Store, retention: Duration, every: Duratio
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "quarantine retention: old entries deleted"),
             Err(e) => tracing::error!(error = %e, "quarantine purge failed"),
+        }
+        // What digest links say of entries gone longer ago than that.
+        if let Err(e) = store.purge_gone(cutoff) {
+            tracing::error!(error = %e, "quarantine purge of old outcomes failed");
         }
         tokio::time::sleep(every).await;
     }
