@@ -24,6 +24,9 @@ use crate::store::wake::Scheduler;
 use crate::store::{HeldEntry, QueueEntry, Store, StoreError, fmt_id, now_unix};
 
 const LAST_ROUND: &[u8] = b"digest\0last";
+/// Messages listed in one digest at most: a mail of links stays readable,
+/// and a flood of held mail does not make one huge message.
+const MAX_LISTED: usize = 200;
 
 fn user_key(login: &str) -> Vec<u8> {
     [
@@ -107,7 +110,7 @@ impl Digester {
                 .get_state(&user_key(&user.login))?
                 .and_then(|v| serde_json::from_slice(&v).ok())
                 .unwrap_or_default();
-            let new: Vec<&HeldEntry> = mine
+            let mut new: Vec<&HeldEntry> = mine
                 .iter()
                 .copied()
                 .filter(|e| everything || !told.contains(&e.id))
@@ -115,6 +118,9 @@ impl Digester {
             if new.is_empty() {
                 continue;
             }
+            // Oldest first; what is past the cap waits for the next digest.
+            let later = new.len().saturating_sub(MAX_LISTED);
+            new.truncate(MAX_LISTED);
             let items: Vec<Item> = new
                 .iter()
                 .map(|e| Item {
@@ -123,7 +129,7 @@ impl Digester {
                 })
                 .collect();
             let qid = self.store.next_id()?;
-            let body = self.message(&user, &to, &items, mine.len(), qid);
+            let body = self.message(&user, &to, &items, mine.len(), later, qid);
             let entry = QueueEntry::new(
                 qid,
                 String::new(),
@@ -132,8 +138,12 @@ impl Digester {
                 "127.0.0.1".into(),
                 self.cfg.server.hostname.clone(),
             );
-            // What this user has now been told of: every id still held.
-            let now_told: Vec<u64> = mine.iter().map(|e| e.id).collect();
+            // What this user has now been told of, among what is still held.
+            let now_told: Vec<u64> = mine
+                .iter()
+                .map(|e| e.id)
+                .filter(|id| told.contains(id) || new.iter().any(|e| e.id == *id))
+                .collect();
             let state = serde_json::to_vec(&now_told).unwrap_or_default();
             self.store
                 .enqueue_with_state(&entry, &body, &user_key(&user.login), &state)?;
@@ -173,7 +183,15 @@ impl Digester {
     }
 
     /// The digest mail: multipart/alternative, plain text and HTML.
-    fn message(&self, user: &Account, to: &str, items: &[Item], held: usize, qid: u64) -> Vec<u8> {
+    fn message(
+        &self,
+        user: &Account,
+        to: &str,
+        items: &[Item],
+        held: usize,
+        later: usize,
+        qid: u64,
+    ) -> Vec<u8> {
         let n = items.len();
         let title = if n == 1 {
             "1 message is held for you".to_string()
@@ -234,7 +252,16 @@ impl Digester {
             text.push_str("\r\n");
             html.push_str("</td></tr>");
         }
-        html.push_str("</table></body></html>");
+        html.push_str("</table>");
+        if later > 0 {
+            let more = format!(
+                "{later} more will be listed in the next digest; your quarantine account (IMAP or POP3) shows them all."
+            );
+            text.push_str(&more);
+            text.push_str("\r\n");
+            html.push_str(&format!("<p>{}</p>", esc(&more)));
+        }
+        html.push_str("</body></html>");
         let domain = self
             .cfg
             .relay
@@ -431,6 +458,50 @@ mod tests {
         assert_eq!(next_round(daily, at8 - 60), Some(at8));
         let next = next_round(daily, at8).unwrap();
         assert!((next - at8 - 86_400).abs() <= 3600, "{next} {at8}");
+    }
+
+    /// A digest lists at most MAX_LISTED; the rest comes in the next one,
+    /// and nothing is listed twice.
+    #[tokio::test]
+    async fn a_flood_is_listed_over_several_digests_each_message_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg =
+            Config::from_str(Config::DEFAULT_TOML, std::path::Path::new("postern.toml")).unwrap();
+        cfg.policies.dir = dir.path().to_path_buf();
+        std::fs::write(
+            dir.path().join("users.toml"),
+            format!(
+                "[[user]]\nlogin = \"alice\"\npassword = \"{}\"\naddresses = [\"alice@l.test\"]\n",
+                crate::mailbox::accounts::hash_password("pw")
+            ),
+        )
+        .unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let t = crate::store::test_held_template();
+        for _ in 0..MAX_LISTED + 5 {
+            store
+                .quarantine(&t, &["alice@l.test".into()], b"Subject: s\r\n\r\nb")
+                .unwrap();
+        }
+        let d = Digester {
+            cfg: Arc::new(cfg),
+            store: store.clone(),
+            key: Arc::new(LinkKey::from_bytes(&[1; 32])),
+            scheduler: None,
+            sent: None,
+        };
+        let first = d.run(None, false).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].messages, MAX_LISTED);
+        let body = store.body(first[0].queue_id).unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("5 more will be listed"));
+        let second = d.run(None, false).await.unwrap();
+        assert_eq!(second[0].messages, 5);
+        assert!(d.run(None, false).await.unwrap().is_empty());
+        assert_eq!(
+            d.run(Some("alice"), true).await.unwrap()[0].messages,
+            MAX_LISTED
+        );
     }
 
     #[test]
