@@ -100,6 +100,9 @@ pub enum AccountsError {
     Parse { path: String, message: String },
 }
 
+/// Longest login: what mail clients send, and what a digest link carries.
+pub(crate) const MAX_LOGIN: usize = 255;
+
 /// A hash of a random password nobody knows: verified against when the login is unknown, so
 /// that unknown and known logins take the same time.
 const DUMMY_PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$4pO0xn6Sk3BeGoU7D4W9UYkKjLdrzyXf0TK+2JYZKbc";
@@ -119,6 +122,9 @@ impl Accounts {
             };
             if u.login.trim().is_empty() {
                 return Err(err("empty login".into()));
+            }
+            if u.login.len() > MAX_LOGIN {
+                return Err(err(format!("login longer than {MAX_LOGIN} bytes")));
             }
             match PasswordHash::new(&u.password) {
                 Ok(h) if h.algorithm.as_str() == "argon2id" => {}

@@ -81,8 +81,9 @@ pub(crate) fn key_path(data_dir: &Path) -> PathBuf {
 }
 
 const KEY_LEN: usize = 32;
-/// Longest token accepted: logins are bounded by the users file, and a
-/// token past this is not one of ours.
+/// Longest token accepted: logins are at most
+/// [`crate::mailbox::accounts::MAX_LOGIN`] bytes, so a token of ours is
+/// well under this, and one past it is not ours.
 const MAX_TOKEN: usize = 2048;
 
 impl LinkKey {
