@@ -190,6 +190,11 @@ class Client:
                     line = ln
             fm = FLAGS_RE.search(line)
             if fm is None:
+                # Another session of the login made the same change first: a server may
+                # then send no FETCH (nothing changed), as Dovecot does.
+                if self.shared:
+                    self.stats.flag_races += 1
+                    return
                 raise ProtoError(f"STORE {s} {op} without FETCH FLAGS: {untagged[:2]!r}")
             if (b"\\Flagged" in fm.group(1)) != want:
                 if self.shared:

@@ -819,6 +819,53 @@ mod tests {
         assert_eq!(mem.released().len(), 1);
     }
 
+    /// Envelopes, structures, sizes, header fields and header/text SEARCH parse each held
+    /// message once for every session of the process; a summary of a message that
+    /// has left the quarantine answers nothing.
+    #[test]
+    fn message_summaries_are_computed_once_for_all_sessions() {
+        let mem = Arc::new(MemStore::new());
+        let ids = mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut a, mut b) = two_alice_sessions(&mem);
+        let shared = a.shared.clone();
+        assert_eq!(shared.summaries_built(), 0);
+        let r = text(a.handle(b"f FETCH 1:* (ENVELOPE)\r\n"));
+        assert!(
+            r.matches("\"Win big\"").count() == 2 && r.contains("f OK"),
+            "{r}"
+        );
+        assert_eq!(shared.summaries_built(), 2);
+        let r = text(a.handle(b"f FETCH 1:* (ENVELOPE)\r\n"));
+        assert!(r.matches("\"Win big\"").count() == 2, "{r}");
+        let r = text(b.handle(
+            b"f FETCH 2 (BODYSTRUCTURE BODY RFC822.SIZE BODY.PEEK[HEADER.FIELDS (Subject)])\r\n",
+        ));
+        assert!(
+            r.contains(&format!("RFC822.SIZE {}", MSG.len()))
+                && r.contains("BODYSTRUCTURE (\"TEXT\" \"PLAIN\"")
+                && r.contains("Subject: Win big\r\n\r\n"),
+            "{r}"
+        );
+        let r = text(b.handle(b"q SEARCH SUBJECT WIN FROM eve TEXT \"body LINE\"\r\n"));
+        assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+        let r = text(b.handle(b"q SEARCH SENTON 26-Nov-2026 HEADER Date 2026\r\n"));
+        assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+        let r = text(a.handle(b"f FETCH 1 BODY[]\r\n"));
+        assert!(r.contains("Body line") && r.contains("f OK"), "{r}");
+        assert_eq!(shared.summaries_built(), 2);
+        // Removed by another process before this session was told: what was kept
+        // of it does not answer for it (as a read of the store would not).
+        assert!(crate::mailbox::store::QuarantineStore::delete(mem.as_ref(), ids[0]).unwrap());
+        let r = text(b.handle(b"f FETCH 1:2 (ENVELOPE)\r\n"));
+        assert!(
+            !r.contains("* 1 FETCH")
+                && r.contains("* 2 FETCH")
+                && r.contains("f NO [EXPUNGEISSUED]"),
+            "{r}"
+        );
+    }
+
     /// NOOP and IDLE ticks with nothing changed do not list the store again.
     #[test]
     fn unchanged_mailbox_is_answered_from_the_cache() {
