@@ -20,7 +20,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use crate::mailbox::accounts::Account;
 use crate::mailbox::imap::resp::{msg_flags, tag_of};
 use crate::mailbox::imap::select::flag_responses;
-use crate::mailbox::imap::state::{Shared, ViewMsg};
+use crate::mailbox::imap::state::{Shared, View, ViewMsg};
 use crate::mailbox::store::QuarantineError;
 
 const MAX_BAD_COMMANDS: u32 = 50;
@@ -96,6 +96,11 @@ pub(super) struct Selected {
     /// The keywords this session announced in FLAGS; a new one in use gets
     /// an untagged FLAGS before the FETCH that shows it (RFC 3501 7.2.6).
     pub(super) keywords: BTreeSet<String>,
+    /// The shared view `msgs` last matched entirely (nothing removed left to
+    /// report): a sync against the same view has nothing to say and is skipped.
+    /// The view is copied on write, so the same `Arc` means the same content;
+    /// whatever changes `msgs` outside `sync` clears this.
+    pub(super) synced: Option<Arc<View>>,
 }
 
 impl Selected {
@@ -356,6 +361,9 @@ impl ImapCore {
             return Ok(());
         }
         let view = self.shared.view(account)?;
+        if sel.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &view)) {
+            return Ok(());
+        }
         let by_id: HashMap<u64, &ViewMsg> = view.msgs.iter().map(|m| (m.meta.id, m)).collect();
         if expunge {
             for i in (0..sel.msgs.len()).rev() {
@@ -414,6 +422,7 @@ impl ImapCore {
                 .as_bytes(),
             );
         }
+        sel.synced = (sel.msgs.len() == view.msgs.len()).then_some(view);
         Ok(())
     }
 

@@ -400,6 +400,7 @@ impl ImapCore {
             if plan.marks_seen && !sel.read_only && !m.flags.iter().any(|f| f == "\\Seen") {
                 m.flags.push("\\Seen".to_string());
                 normalize(&mut m.flags);
+                sel.synced = None;
                 seen_updates.push(m.meta.id);
                 flags_changed = true;
             }
