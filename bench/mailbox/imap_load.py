@@ -34,7 +34,8 @@ bench expunges nothing); each FETCH answers every message of its range with the 
 (a literal per header fetch, BODYSTRUCTURE with a parenthesised value); BODY[] is as long as
 the RFC822.SIZE reported for it; SEARCH answers one `* SEARCH` whose numbers are within
 EXISTS, and non-empty for the subject words the generator always uses (--words); STORE
-answers the message's FLAGS (contents compared only when no other client shares the login).
+answers the message's FLAGS (when other clients share the login, a FLAGS showing their
+change, or no FETCH at all because they made the same change first, is a "flag race").
 Prints commands/s and per-command ok/err/p50/p99. --procs P spreads the clients over P
 processes so that the client is not the bottleneck.
 
