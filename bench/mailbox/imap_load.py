@@ -18,8 +18,30 @@ the client can make without racing other sessions:
     only compared when no other client shares the login: --users gives one login per
     client at most, else "flag races" are counted apart, not as errors).
 
-Usage: imap_load.py --port P [--mode starttls|imaps] --users FILE [--clients 20]
+Long-session mode (--long): each client connects, logs in and SELECTs once, then loops a
+headers-first client's mix for D seconds (a connection is opened again only after an error):
+
+  FETCH a:a+49 (FLAGS ENVELOPE RFC822.SIZE)            x3   fetch_env
+  UID FETCH u:u+49 (BODY.PEEK[HEADER.FIELDS (...)])     x2   fetch_hdr
+  FETCH n (BODYSTRUCTURE)                               x2   fetch_bs
+  FETCH n BODY[]                                        x1   fetch_body
+  SEARCH SUBJECT w / SEARCH FROM w / SEARCH TEXT w      x1   search_subj/search_from/search_text
+  STORE n +FLAGS (\Flagged), STORE n -FLAGS (\Flagged) x1   store_add/store_del
+  NOOP                                                  x2   noop
+
+Checks (any failure is an error, as is any NO/BAD): EXISTS stays what SELECT said (the
+bench expunges nothing); each FETCH answers every message of its range with the items asked
+(a literal per header fetch, BODYSTRUCTURE with a parenthesised value); BODY[] is as long as
+the RFC822.SIZE reported for it; SEARCH answers one `* SEARCH` whose numbers are within
+EXISTS, and non-empty for the subject words the generator always uses (--words); STORE
+answers the message's FLAGS (when other clients share the login, a FLAGS showing their
+change, or no FETCH at all because they made the same change first, is a "flag race").
+Prints commands/s and per-command ok/err/p50/p99. --procs P spreads the clients over P
+processes so that the client is not the bottleneck.
+
+Usage: imap_load.py --port P [--mode starttls|imaps|plain] --users FILE [--clients 20]
                     [--duration 60] [--timeout 15] [--ramp 1] [--json OUT] [--seed S]
+                    [--long [--procs 1] [--words w1,w2] [--label NAME]]
 FILE: one "login password" per line; client i uses line i mod len.
 """
 
@@ -264,7 +286,7 @@ async def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--mode", choices=["starttls", "imaps"], default="starttls")
+    ap.add_argument("--mode", choices=["starttls", "imaps", "plain"], default="starttls")
     ap.add_argument("--users", required=True)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--duration", type=float, default=60)
@@ -272,7 +294,16 @@ async def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ramp", type=float, default=1.0, help="spread client starts over this many seconds")
     ap.add_argument("--json")
+    ap.add_argument("--long", action="store_true", help="long sessions with a headers-first mix")
+    ap.add_argument("--procs", type=int, default=1, help="--long: client processes")
+    ap.add_argument("--words", default="invoice,meeting,report,offer,delivery,password,newsletter,urgent",
+                    help="--long: subject words every mailbox holds (SEARCH must find them)")
+    ap.add_argument("--label", default="", help="--long: a name for the report")
+    ap.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.long:
+        import imap_long
+        return await imap_long.run(args)
     users = []
     with open(args.users) as f:
         for line in f:

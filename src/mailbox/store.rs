@@ -39,6 +39,11 @@ pub trait QuarantineStore: Send + Sync + 'static {
     fn list(&self) -> QResult<Vec<HeldMeta>>;
     /// The held message; `Ok(None)` if the entry is gone.
     fn body(&self, id: u64) -> QResult<Option<Vec<u8>>>;
+    /// Whether the entry is still held, without reading its body (IMAP answers
+    /// from what it keeps of a message only while it is).
+    fn contains(&self, id: u64) -> QResult<bool> {
+        Ok(self.body(id)?.is_some())
+    }
     /// Remove the entry; `Ok(false)` if it was already gone.
     fn delete(&self, id: u64) -> QResult<bool>;
     /// Re-queue the message for delivery to the entry's recipient (durably,
@@ -202,6 +207,10 @@ impl QuarantineStore for MemStore {
             .entries
             .get(&id)
             .map(|(_, b)| b.as_ref().clone()))
+    }
+
+    fn contains(&self, id: u64) -> QResult<bool> {
+        Ok(self.inner()?.entries.contains_key(&id))
     }
 
     fn delete(&self, id: u64) -> QResult<bool> {

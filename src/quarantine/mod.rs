@@ -62,6 +62,12 @@ impl QuarantineStore for SledQuarantine {
         Ok(body.map(|b| b.to_vec()))
     }
 
+    fn contains(&self, id: u64) -> QResult<bool> {
+        self.store
+            .held_contains(id)
+            .map_err(|e| unavailable("read", e))
+    }
+
     fn delete(&self, id: u64) -> QResult<bool> {
         let gone = self
             .store

@@ -556,6 +556,11 @@ impl Store {
         }
     }
 
+    /// Whether entry `id` is held (a key lookup, nothing decoded).
+    pub(crate) fn held_contains(&self, id: u64) -> Result<bool> {
+        Ok(self.held.contains_key(id_key(id))?)
+    }
+
     pub(crate) fn held_body(&self, entry: &HeldEntry) -> Result<Option<sled::IVec>> {
         Ok(self.held_body.get(id_key(entry.body_key))?)
     }

@@ -140,6 +140,7 @@ impl ImapCore {
             for &i in done.iter().rev() {
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
                 let gone = sel.msgs.remove(i);
+                sel.synced = None;
                 sel.recent.remove(&gone.uid);
             }
         }

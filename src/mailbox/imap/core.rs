@@ -20,7 +20,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use crate::mailbox::accounts::Account;
 use crate::mailbox::imap::resp::{msg_flags, tag_of};
 use crate::mailbox::imap::select::flag_responses;
-use crate::mailbox::imap::state::{Shared, ViewMsg};
+use crate::mailbox::imap::state::{Shared, View, ViewMsg};
 use crate::mailbox::store::QuarantineError;
 
 const MAX_BAD_COMMANDS: u32 = 50;
@@ -96,6 +96,11 @@ pub(super) struct Selected {
     /// The keywords this session announced in FLAGS; a new one in use gets
     /// an untagged FLAGS before the FETCH that shows it (RFC 3501 7.2.6).
     pub(super) keywords: BTreeSet<String>,
+    /// The shared view `msgs` last matched entirely (nothing removed left to
+    /// report): a sync against the same view has nothing to say and is skipped.
+    /// The view is copied on write, so the same `Arc` means the same content;
+    /// whatever changes `msgs` outside `sync` clears this.
+    pub(super) synced: Option<Arc<View>>,
 }
 
 impl Selected {
@@ -356,6 +361,9 @@ impl ImapCore {
             return Ok(());
         }
         let view = self.shared.view(account)?;
+        if sel.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &view)) {
+            return Ok(());
+        }
         let by_id: HashMap<u64, &ViewMsg> = view.msgs.iter().map(|m| (m.meta.id, m)).collect();
         if expunge {
             for i in (0..sel.msgs.len()).rev() {
@@ -414,6 +422,7 @@ impl ImapCore {
                 .as_bytes(),
             );
         }
+        sel.synced = (sel.msgs.len() == view.msgs.len()).then_some(view);
         Ok(())
     }
 
@@ -817,6 +826,53 @@ mod tests {
         let r = text(c.handle(b"m MOVE 1 Release\r\n"));
         assert!(r.contains("* 1 EXPUNGE\r\nm OK"), "{r}");
         assert_eq!(mem.released().len(), 1);
+    }
+
+    /// Envelopes, structures, sizes, header fields and header/text SEARCH parse each held
+    /// message once for every session of the process; a summary of a message that
+    /// has left the quarantine answers nothing.
+    #[test]
+    fn message_summaries_are_computed_once_for_all_sessions() {
+        let mem = Arc::new(MemStore::new());
+        let ids = mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        mem.add("eve@evil.test", &["alice@example.test"], "spam", MSG);
+        let (mut a, mut b) = two_alice_sessions(&mem);
+        let shared = a.shared.clone();
+        assert_eq!(shared.summaries_built(), 0);
+        let r = text(a.handle(b"f FETCH 1:* (ENVELOPE)\r\n"));
+        assert!(
+            r.matches("\"Win big\"").count() == 2 && r.contains("f OK"),
+            "{r}"
+        );
+        assert_eq!(shared.summaries_built(), 2);
+        let r = text(a.handle(b"f FETCH 1:* (ENVELOPE)\r\n"));
+        assert!(r.matches("\"Win big\"").count() == 2, "{r}");
+        let r = text(b.handle(
+            b"f FETCH 2 (BODYSTRUCTURE BODY RFC822.SIZE BODY.PEEK[HEADER.FIELDS (Subject)])\r\n",
+        ));
+        assert!(
+            r.contains(&format!("RFC822.SIZE {}", MSG.len()))
+                && r.contains("BODYSTRUCTURE (\"TEXT\" \"PLAIN\"")
+                && r.contains("Subject: Win big\r\n\r\n"),
+            "{r}"
+        );
+        let r = text(b.handle(b"q SEARCH SUBJECT WIN FROM eve TEXT \"body LINE\"\r\n"));
+        assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+        let r = text(b.handle(b"q SEARCH SENTON 26-Nov-2026 HEADER Date 2026\r\n"));
+        assert!(r.contains("* SEARCH 1 2\r\n"), "{r}");
+        let r = text(a.handle(b"f FETCH 1 BODY[]\r\n"));
+        assert!(r.contains("Body line") && r.contains("f OK"), "{r}");
+        assert_eq!(shared.summaries_built(), 2);
+        // Removed by another process before this session was told: what was kept
+        // of it does not answer for it (as a read of the store would not).
+        assert!(crate::mailbox::store::QuarantineStore::delete(mem.as_ref(), ids[0]).unwrap());
+        let r = text(b.handle(b"f FETCH 1:2 (ENVELOPE)\r\n"));
+        assert!(
+            !r.contains("* 1 FETCH")
+                && r.contains("* 2 FETCH")
+                && r.contains("f NO [EXPUNGEISSUED]"),
+            "{r}"
+        );
     }
 
     /// NOOP and IDLE ticks with nothing changed do not list the store again.

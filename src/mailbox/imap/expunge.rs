@@ -31,6 +31,7 @@ impl ImapCore {
                 self.shared.delete(m.meta.id)?;
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
                 let gone = sel.msgs.remove(i);
+                sel.synced = None;
                 sel.recent.remove(&gone.uid);
             }
         }

@@ -1,5 +1,9 @@
 //! FETCH and UID FETCH (RFC 3501 6.4.5): the data items of each message, read from the
 //! store only when an item needs the message itself. A non-PEEK body item sets `\Seen`.
+//! Envelope, body structures, sizes and top-level header sections come from the message's
+//! [`Summary`], computed once per held message (`state::Shared::summary`).
+
+use std::borrow::Cow;
 
 use imap_codec::imap_types::core::{AString, Vec1};
 use imap_codec::imap_types::fetch::{
@@ -8,7 +12,8 @@ use imap_codec::imap_types::fetch::{
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::core::{ImapCore, Step, tagged, unavailable};
-use crate::mailbox::imap::message::{self, Parsed};
+use crate::mail::headers::body_start as header_end;
+use crate::mailbox::imap::message::{self, Parsed, Summary};
 use crate::mailbox::imap::resp::{self, internal_date, is_atom_char, msg_flags};
 use crate::mailbox::imap::state::{FlagOp, ViewMsg, normalize};
 use crate::mailbox::store::QuarantineError;
@@ -89,11 +94,47 @@ fn expand_items(what: MacroOrMessageDataItemNames<'_>, uid: bool) -> Vec<Message
     items
 }
 
+/// What a `BODY[section]` needs: the kept header block answers the top-level header
+/// sections; the whole message and its TEXT need the octets; a part needs a MIME parse.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    Nothing,
+    Summary,
+    Raw,
+    Parse,
+}
+
+fn section_need(section: Option<&Section<'_>>) -> Need {
+    match section {
+        None | Some(Section::Text(None)) => Need::Raw,
+        Some(Section::Header(None) | Section::HeaderFields(None, _))
+        | Some(Section::HeaderFieldsNot(None, _)) => Need::Summary,
+        Some(_) => Need::Parse,
+    }
+}
+
+fn item_need(item: &MessageDataItemName<'_>) -> Need {
+    match item {
+        MessageDataItemName::Rfc822Size
+        | MessageDataItemName::Envelope
+        | MessageDataItemName::Body
+        | MessageDataItemName::BodyStructure
+        | MessageDataItemName::Rfc822Header => Need::Summary,
+        MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text => Need::Raw,
+        MessageDataItemName::BodyExt { section, .. } => section_need(section.as_ref()),
+        _ => Need::Nothing,
+    }
+}
+
 /// What a FETCH asks of each message, decided once for the command.
 struct Plan<'a> {
     items: Vec<MessageDataItemName<'a>>,
-    /// Some item needs the message itself (not just the view).
-    needs_body: bool,
+    /// Some item needs the message's [`Summary`] (kept across commands and sessions).
+    needs_summary: bool,
+    /// Some item needs the message's octets.
+    needs_raw: bool,
+    /// Some item needs a MIME parse (a part section).
+    needs_parse: bool,
     /// Some item reads the body without PEEK, which sets `\Seen`.
     marks_seen: bool,
 }
@@ -101,14 +142,9 @@ struct Plan<'a> {
 impl<'a> Plan<'a> {
     fn new(what: MacroOrMessageDataItemNames<'a>, uid: bool) -> Plan<'a> {
         let items = expand_items(what, uid);
-        let needs_body = items.iter().any(|i| {
-            !matches!(
-                i,
-                MessageDataItemName::Uid
-                    | MessageDataItemName::Flags
-                    | MessageDataItemName::InternalDate
-            )
-        });
+        let needs = |n: Need| items.iter().any(|i| item_need(i) == n);
+        let (needs_summary, needs_raw, needs_parse) =
+            (needs(Need::Summary), needs(Need::Raw), needs(Need::Parse));
         let marks_seen = items.iter().any(|i| {
             matches!(
                 i,
@@ -120,8 +156,38 @@ impl<'a> Plan<'a> {
         });
         Plan {
             items,
-            needs_body,
+            needs_summary,
+            needs_raw: needs_raw || needs_parse,
+            needs_parse,
             marks_seen,
+        }
+    }
+}
+
+/// What one message's items are rendered from: its summary, octets and parse, each
+/// present when the plan needs it.
+#[derive(Clone, Copy)]
+struct Source<'s> {
+    sum: Option<&'s Summary>,
+    raw: Option<&'s [u8]>,
+    parsed: Option<&'s Parsed<'s>>,
+}
+
+impl Source<'_> {
+    fn section(&self, section: Option<&Section<'_>>) -> Cow<'_, [u8]> {
+        let raw = self.raw.unwrap_or_default();
+        match section_need(section) {
+            Need::Summary => self
+                .sum
+                .and_then(|s| s.header_section(section))
+                .map_or(Cow::Borrowed(&[][..]), Cow::Owned),
+            Need::Raw => match section {
+                None => Cow::Borrowed(raw),
+                _ => Cow::Borrowed(&raw[header_end(raw)..]),
+            },
+            _ => self
+                .parsed
+                .map_or(Cow::Borrowed(&[][..]), |p| Cow::Owned(p.section(section))),
         }
     }
 }
@@ -129,11 +195,11 @@ impl<'a> Plan<'a> {
 /// `BODY[section]<partial>`: the label and the literal.
 fn render_body_ext(
     line: &mut Vec<u8>,
-    parsed: Option<&Parsed<'_>>,
+    src: Source<'_>,
     section: Option<&Section<'_>>,
     partial: Option<&(u32, std::num::NonZeroU32)>,
 ) {
-    let data = parsed.map(|p| p.section(section)).unwrap_or_default();
+    let data = src.section(section);
     line.extend_from_slice(format!("BODY[{}]", section_label(section)).as_bytes());
     let slice: &[u8] = match partial {
         Some((start, len)) => {
@@ -155,10 +221,10 @@ fn render_item(
     item: &MessageDataItemName<'_>,
     m: &ViewMsg,
     flags: &str,
-    raw: Option<&[u8]>,
-    parsed: Option<&Parsed<'_>>,
+    src: Source<'_>,
 ) -> bool {
     let empty: &[u8] = &[];
+    let sum = |f: fn(&Summary) -> &[u8]| src.sum.map_or(empty, f);
     match item {
         MessageDataItemName::Uid => line.extend_from_slice(format!("UID {}", m.uid).as_bytes()),
         MessageDataItemName::Flags => line.extend_from_slice(format!("FLAGS {flags}").as_bytes()),
@@ -166,33 +232,37 @@ fn render_item(
             format!("INTERNALDATE {}", internal_date(m.meta.received_unix)).as_bytes(),
         ),
         MessageDataItemName::Rfc822Size => {
-            let n = raw.map_or(m.meta.size, |r| r.len() as u64);
+            let n = src.sum.map_or(m.meta.size, |s| s.size);
             line.extend_from_slice(format!("RFC822.SIZE {n}").as_bytes());
         }
         MessageDataItemName::Envelope => {
             line.extend_from_slice(b"ENVELOPE ");
-            line.extend_from_slice(&parsed.map(|p| p.envelope()).unwrap_or_default());
+            line.extend_from_slice(sum(|s| &s.envelope));
         }
-        MessageDataItemName::BodyStructure | MessageDataItemName::Body => {
-            let ext = matches!(item, MessageDataItemName::BodyStructure);
-            line.extend_from_slice(if ext { b"BODYSTRUCTURE " } else { b"BODY " });
-            line.extend_from_slice(&parsed.map(|p| p.structure(ext)).unwrap_or_default());
+        MessageDataItemName::BodyStructure => {
+            line.extend_from_slice(b"BODYSTRUCTURE ");
+            line.extend_from_slice(sum(|s| &s.bodystructure));
+        }
+        MessageDataItemName::Body => {
+            line.extend_from_slice(b"BODY ");
+            line.extend_from_slice(sum(|s| &s.body));
         }
         MessageDataItemName::Rfc822 => {
             line.extend_from_slice(b"RFC822 ");
-            resp::literal(line, parsed.map_or(empty, |p| p.raw()));
+            resp::literal(line, src.raw.unwrap_or_default());
         }
         MessageDataItemName::Rfc822Header => {
             line.extend_from_slice(b"RFC822.HEADER ");
-            resp::literal(line, parsed.map_or(empty, |p| p.header()));
+            resp::literal(line, sum(|s| &s.header));
         }
         MessageDataItemName::Rfc822Text => {
             line.extend_from_slice(b"RFC822.TEXT ");
-            resp::literal(line, parsed.map_or(empty, |p| p.text()));
+            let raw = src.raw.unwrap_or_default();
+            resp::literal(line, &raw[header_end(raw)..]);
         }
         MessageDataItemName::BodyExt {
             section, partial, ..
-        } => render_body_ext(line, parsed, section.as_ref(), partial.as_ref()),
+        } => render_body_ext(line, src, section.as_ref(), partial.as_ref()),
         _ => return false,
     }
     true
@@ -206,10 +276,15 @@ fn render_message(
     seq: usize,
     m: &ViewMsg,
     flags: &str,
-    raw: Option<&[u8]>,
+    (sum, raw): (Option<&Summary>, Option<&[u8]>),
     flags_changed: bool,
 ) -> Vec<u8> {
-    let parsed = raw.map(message::parse);
+    let parsed = raw.filter(|_| plan.needs_parse).map(message::parse);
+    let src = Source {
+        sum,
+        raw,
+        parsed: parsed.as_ref(),
+    };
     let mut line = format!("* {seq} FETCH (").into_bytes();
     let mut first = true;
     for item in &plan.items {
@@ -217,7 +292,7 @@ fn render_message(
         if !first {
             line.push(b' ');
         }
-        if render_item(&mut line, item, m, flags, raw, parsed.as_ref()) {
+        if render_item(&mut line, item, m, flags, src) {
             first = false;
         } else {
             line.truncate(mark);
@@ -296,8 +371,9 @@ impl ImapCore {
         };
         let mut missing = false;
         for &idx in idxs {
-            let raw = if plan.needs_body {
-                match self.shared.body(sel.msgs[idx].meta.id)? {
+            let id = sel.msgs[idx].meta.id;
+            let raw = if plan.needs_raw {
+                match self.shared.body(id)? {
                     Some(b) => Some(b),
                     None => {
                         missing = true;
@@ -307,12 +383,24 @@ impl ImapCore {
             } else {
                 None
             };
+            let sum = match (&raw, plan.needs_summary) {
+                (_, false) => None,
+                (Some(raw), true) => Some(self.shared.summary_of(id, raw)),
+                (None, true) => match self.shared.summary(id)? {
+                    Some(s) => Some(s),
+                    None => {
+                        missing = true;
+                        continue;
+                    }
+                },
+            };
             let recent = sel.recent.contains(&sel.msgs[idx].uid);
             let m = &mut sel.msgs[idx];
             let mut flags_changed = false;
             if plan.marks_seen && !sel.read_only && !m.flags.iter().any(|f| f == "\\Seen") {
                 m.flags.push("\\Seen".to_string());
                 normalize(&mut m.flags);
+                sel.synced = None;
                 seen_updates.push(m.meta.id);
                 flags_changed = true;
             }
@@ -321,7 +409,7 @@ impl ImapCore {
                 idx + 1,
                 m,
                 &msg_flags(&m.flags, recent),
-                raw.as_deref().map(Vec::as_slice),
+                (sum.as_deref(), raw.as_deref().map(Vec::as_slice)),
                 flags_changed,
             ));
         }

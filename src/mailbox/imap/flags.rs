@@ -58,6 +58,7 @@ impl ImapCore {
         // no FETCH claims a change for them, and the NO says so (RFC 2180 4.2.1).
         let mut missing = false;
         for &idx in &idxs {
+            sel.synced = None;
             let m = &mut sel.msgs[idx];
             match result.get(&m.meta.id) {
                 Some(flags) => m.flags = flags.clone(),

@@ -1,5 +1,9 @@
 //! What IMAP FETCH and SEARCH need from a message: ENVELOPE, BODYSTRUCTURE, BODY[section]
 //! and header text, built on mail-parser.
+//!
+//! A full parse decodes every part (base64 attachments included), so what headers-first
+//! clients ask for again and again is computed once per held message into a [`Summary`]
+//! (kept by `state::Shared` for all sessions); only BODY[part] sections parse again.
 
 use base64::Engine;
 use imap_codec::imap_types::fetch::Section;
@@ -382,11 +386,84 @@ pub(crate) fn header_fields(header: &[u8], names: &[&[u8]], not: bool) -> Vec<u8
     out
 }
 
-impl<'a> Parsed<'a> {
-    pub(crate) fn raw(&self) -> &'a [u8] {
-        self.raw
+/// Header values SEARCH looks at, lower-cased once (SEARCH compares case-insensitively).
+const SEARCHED: [&str; 5] = ["subject", "from", "to", "cc", "bcc"];
+
+/// What FETCH and SEARCH need of a held message but its raw octets, computed once per
+/// held message (entries never change while held).
+#[derive(Debug)]
+pub(crate) struct Summary {
+    /// RFC822.SIZE: the octets of the message.
+    pub(crate) size: u64,
+    /// The header block, including the blank line that ends it.
+    pub(crate) header: Vec<u8>,
+    pub(crate) envelope: Vec<u8>,
+    /// `BODY` (non-extensible) and `BODYSTRUCTURE` values.
+    pub(crate) body: Vec<u8>,
+    pub(crate) bodystructure: Vec<u8>,
+    /// [`Parsed::header_text`] of [`SEARCHED`], lower-cased, in that order.
+    searched: [String; 5],
+    /// The header block as text, lower-cased (SEARCH TEXT).
+    pub(crate) header_lc: String,
+    /// [`Parsed::body_text`], lower-cased (SEARCH BODY/TEXT).
+    pub(crate) body_text_lc: String,
+    pub(crate) sent: Option<chrono::NaiveDate>,
+}
+
+impl Summary {
+    /// Parse `raw` once and keep what FETCH and SEARCH ask for.
+    pub(crate) fn of(raw: &[u8]) -> Summary {
+        let p = parse(raw);
+        Summary {
+            size: raw.len() as u64,
+            header: p.header().to_vec(),
+            envelope: p.envelope(),
+            body: p.structure(false),
+            bodystructure: p.structure(true),
+            searched: SEARCHED.map(|n| p.header_text(n).to_lowercase()),
+            header_lc: String::from_utf8_lossy(p.header()).to_lowercase(),
+            body_text_lc: p.body_text().to_lowercase(),
+            sent: p.sent_date(),
+        }
     }
 
+    /// Roughly what it holds in memory, for the cache's bound.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of::<Summary>()
+            + self.header.len()
+            + self.envelope.len()
+            + self.body.len()
+            + self.bodystructure.len()
+            + self.searched.iter().map(String::len).sum::<usize>()
+            + self.header_lc.len()
+            + self.body_text_lc.len()
+    }
+
+    /// The lower-cased [`Parsed::header_text`] of `name`: kept for the usual keys, else
+    /// from a parse of the header block alone (no body to decode).
+    pub(crate) fn header_text_lc(&self, name: &str) -> std::borrow::Cow<'_, str> {
+        match SEARCHED.iter().position(|n| n.eq_ignore_ascii_case(name)) {
+            Some(i) => std::borrow::Cow::Borrowed(&self.searched[i]),
+            None => std::borrow::Cow::Owned(parse(&self.header).header_text(name).to_lowercase()),
+        }
+    }
+
+    /// A `BODY[section]` of the top-level header (HEADER, HEADER.FIELDS, HEADER.FIELDS.NOT),
+    /// answered from the kept header block; None for sections that need the message.
+    pub(crate) fn header_section(&self, section: Option<&Section<'_>>) -> Option<Vec<u8>> {
+        match section? {
+            Section::Header(None) => Some(self.header.clone()),
+            Section::HeaderFields(None, names) | Section::HeaderFieldsNot(None, names) => {
+                let not = matches!(section, Some(Section::HeaderFieldsNot(..)));
+                let refs: Vec<&[u8]> = names.as_ref().iter().map(|a| a.as_ref()).collect();
+                Some(header_fields(&self.header, &refs, not))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<'a> Parsed<'a> {
     /// The header block, including the blank line that ends it.
     pub(crate) fn header(&self) -> &'a [u8] {
         &self.raw[..header_end(self.raw)]

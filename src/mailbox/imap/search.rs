@@ -1,11 +1,13 @@
 //! SEARCH and UID SEARCH (RFC 3501 6.4.4). Keys on flags, dates and sizes need only the
-//! view; header and body keys parse the message, which is read only when a key needs it.
+//! view; header, date and text keys look at the message's [`Summary`] (its searched
+//! headers and text kept lower-cased, computed once per held message), so a search over a
+//! folder parses only the messages no one has looked at yet.
 
 use imap_codec::imap_types::core::{AString, Vec1};
 use imap_codec::imap_types::search::SearchKey;
 
 use super::core::{ImapCore, Step, astring_text, set_contains, tagged, unavailable};
-use crate::mailbox::imap::message::{self, Parsed};
+use crate::mailbox::imap::message::{self, Summary};
 use crate::mailbox::imap::state::ViewMsg;
 
 fn needs_body(key: &SearchKey<'_>) -> bool {
@@ -28,9 +30,9 @@ fn needs_body(key: &SearchKey<'_>) -> bool {
     }
 }
 
-fn contains_ci(hay: &str, needle: &AString<'_>) -> bool {
-    let needle = astring_text(needle).to_lowercase();
-    hay.to_lowercase().contains(&needle)
+/// `hay_lc` (already lower-cased) contains `needle`, compared case-insensitively.
+fn contains_ci(hay_lc: &str, needle: &AString<'_>) -> bool {
+    hay_lc.contains(&astring_text(needle).to_lowercase())
 }
 
 /// One message as the search keys see it.
@@ -41,16 +43,18 @@ struct SearchCtx<'a> {
     msg: &'a ViewMsg,
     /// `\Recent` in this session.
     recent: bool,
-    parsed: Option<&'a Parsed<'a>>,
+    sum: Option<&'a Summary>,
 }
 
-impl SearchCtx<'_> {
+impl<'a> SearchCtx<'a> {
     fn has(&self, flag: &str) -> bool {
         self.msg.flags.iter().any(|x| x.eq_ignore_ascii_case(flag))
     }
 
-    fn header(&self, name: &str) -> String {
-        self.parsed.map(|p| p.header_text(name)).unwrap_or_default()
+    /// The header's text, lower-cased.
+    fn header(&self, name: &str) -> std::borrow::Cow<'a, str> {
+        self.sum
+            .map_or(std::borrow::Cow::Borrowed(""), |s| s.header_text_lc(name))
     }
 
     fn internal(&self) -> chrono::NaiveDate {
@@ -60,7 +64,7 @@ impl SearchCtx<'_> {
     }
 
     fn sent(&self) -> Option<chrono::NaiveDate> {
-        self.parsed.and_then(|p| p.sent_date())
+        self.sum.and_then(|s| s.sent)
     }
 }
 
@@ -107,16 +111,16 @@ fn eval_content(key: &SearchKey<'_>, c: &SearchCtx<'_>) -> bool {
         SearchKey::Subject(s) => contains_ci(&c.header("Subject"), s),
         SearchKey::Header(name, value) => {
             let h = c.header(&astring_text(name));
-            let raw = c.parsed.map(|p| p.header()).unwrap_or_default();
+            let raw = c.sum.map(|s| s.header.as_slice()).unwrap_or_default();
             let present = !message::header_fields(raw, &[name.as_ref()], false)
                 .trim_ascii()
                 .is_empty();
             present && contains_ci(&h, value)
         }
-        SearchKey::Body(s) => c.parsed.is_some_and(|p| contains_ci(&p.body_text(), s)),
-        SearchKey::Text(s) => c.parsed.is_some_and(|p| {
-            contains_ci(&String::from_utf8_lossy(p.header()), s) || contains_ci(&p.body_text(), s)
-        }),
+        SearchKey::Body(s) => c.sum.is_some_and(|m| contains_ci(&m.body_text_lc, s)),
+        SearchKey::Text(s) => c
+            .sum
+            .is_some_and(|m| contains_ci(&m.header_lc, s) || contains_ci(&m.body_text_lc, s)),
         _ => false,
     }
 }
@@ -164,25 +168,24 @@ impl ImapCore {
         for (i, m) in sel.msgs.iter().enumerate() {
             // A message removed elsewhere is searched as FETCH reads it (`Shared::body`);
             // one that can no longer be read matches no content key, and the NO says so.
-            let raw = if body {
-                match self.shared.body(m.meta.id) {
-                    Ok(b) => {
-                        missing |= b.is_none();
-                        b
+            let sum = if body {
+                match self.shared.summary(m.meta.id) {
+                    Ok(s) => {
+                        missing |= s.is_none();
+                        s
                     }
                     Err(e) => return Step::Reply(unavailable(tag, "SEARCH", &e)),
                 }
             } else {
                 None
             };
-            let parsed = raw.as_deref().map(|r| message::parse(r));
             let c = SearchCtx {
                 seq: i as u32 + 1,
                 max_seq,
                 max_uid,
                 msg: m,
                 recent: sel.recent.contains(&m.uid),
-                parsed: parsed.as_ref(),
+                sum: sum.as_deref(),
             };
             if eval(key, &c) {
                 hits.push(if uid { m.uid } else { i as u32 + 1 });

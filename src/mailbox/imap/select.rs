@@ -178,6 +178,7 @@ impl ImapCore {
             msgs: v.msgs,
             recent,
             keywords,
+            synced: None,
         });
         Step::Reply(out)
     }

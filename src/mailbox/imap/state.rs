@@ -6,14 +6,20 @@
 //! Also here: the bodies of entries this process removed (EXPUNGE, MOVE/COPY to a drop box),
 //! kept for a while so that another session that was not yet told of the EXPUNGE can still
 //! read them (RFC 2180 4.1.1, as Dovecot does).
+//!
+//! And the [`Summary`] of each held message FETCH or SEARCH has looked at (envelope,
+//! body structures, header block, searched header values), computed once for all sessions
+//! and kept, bounded, until the entry leaves the quarantine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::mailbox::accounts::Account;
+use crate::mailbox::imap::message::Summary;
 use crate::mailbox::store::{HeldMeta, QResult, QuarantineStore, Releaser};
 
 /// Keywords and flags per message are bounded so that the state stays small.
@@ -70,6 +76,57 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<()>,
     ghosts: Mutex<Ghosts>,
+    summaries: Mutex<Summaries>,
+    /// Summaries computed so far (each one a full MIME parse).
+    summaries_built: AtomicUsize,
+}
+
+/// [`Summary`]s by quarantine entry id, oldest first for eviction, bounded in count and
+/// bytes. Held entries never change, so an entry only leaves when it is evicted or its
+/// message leaves the quarantine (seen at the next listing, [`Shared::view`]).
+#[derive(Default)]
+struct Summaries {
+    map: HashMap<u64, Arc<Summary>>,
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+const MAX_SUMMARIES: usize = 100_000;
+const MAX_SUMMARY_BYTES: usize = 64 * 1024 * 1024;
+
+impl Summaries {
+    fn keep(&mut self, id: u64, s: Arc<Summary>) {
+        let size = s.bytes();
+        // One huge message must not push out everything else.
+        if size > MAX_SUMMARY_BYTES / 16 || self.map.contains_key(&id) {
+            return;
+        }
+        self.map.insert(id, s);
+        self.order.push_back(id);
+        self.bytes += size;
+        while self.map.len() > MAX_SUMMARIES || self.bytes > MAX_SUMMARY_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.map.remove(&old) {
+                self.bytes -= gone.bytes();
+            }
+        }
+    }
+
+    /// Forget the entries for which `keep` is false.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let bytes = &mut self.bytes;
+        self.map.retain(|id, s| {
+            let k = keep(*id);
+            if !k {
+                *bytes -= s.bytes();
+            }
+            k
+        });
+        let map = &self.map;
+        self.order.retain(|id| map.contains_key(id));
+    }
 }
 
 /// Bodies of entries removed through [`Shared::delete`] and [`Shared::release`], newest
@@ -97,6 +154,10 @@ impl Ghosts {
                 None => break,
             }
         }
+    }
+
+    fn has(&self, id: u64) -> bool {
+        self.bodies.iter().any(|(i, _)| *i == id)
     }
 
     fn get(&self, id: u64) -> Option<Arc<Vec<u8>>> {
@@ -205,7 +266,43 @@ impl Shared {
             store,
             changes: broadcast::channel(64).0,
             ghosts: Mutex::new(Ghosts::default()),
+            summaries: Mutex::new(Summaries::default()),
+            summaries_built: AtomicUsize::new(0),
         }
+    }
+
+    fn summaries(&self) -> std::sync::MutexGuard<'_, Summaries> {
+        self.summaries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The summary of message `id`, from the cache or from its body; `Ok(None)` when
+    /// [`Shared::body`] would find nothing (a cached summary is not an excuse to show
+    /// a message that is gone).
+    pub(crate) fn summary(&self, id: u64) -> QResult<Option<Arc<Summary>>> {
+        let cached = self.summaries().map.get(&id).cloned();
+        if let Some(s) = cached {
+            let held = self.store.contains(id)? || self.ghosts().has(id);
+            return Ok(held.then_some(s));
+        }
+        Ok(self.body(id)?.map(|raw| self.summary_of(id, &raw)))
+    }
+
+    /// The summary of message `id` whose octets are `raw` (just read by the caller).
+    pub(crate) fn summary_of(&self, id: u64, raw: &[u8]) -> Arc<Summary> {
+        if let Some(s) = self.summaries().map.get(&id) {
+            return s.clone();
+        }
+        // Parsed outside the lock: sessions wait only for each other's lookups.
+        let s = Arc::new(Summary::of(raw));
+        self.summaries_built.fetch_add(1, Ordering::Relaxed);
+        self.summaries().keep(id, s.clone());
+        s
+    }
+
+    /// How many summaries were computed (each a full MIME parse).
+    #[cfg(test)]
+    pub(crate) fn summaries_built(&self) -> usize {
+        self.summaries_built.load(Ordering::Relaxed)
     }
 
     fn ghosts(&self) -> std::sync::MutexGuard<'_, Ghosts> {
@@ -288,12 +385,14 @@ impl Shared {
             return Ok(c.view.clone());
         }
         let (mut st, mut changed) = self.load(account)?;
-        let visible: Vec<HeldMeta> = self
-            .store
-            .list()?
-            .into_iter()
-            .filter(|m| account.can_see(m))
-            .collect();
+        let held = self.store.list()?;
+        // Summaries of what left the quarantine go (unless still readable as a ghost).
+        {
+            let ghosts = self.ghosts();
+            self.summaries()
+                .retain(|id| held.binary_search_by_key(&id, |m| m.id).is_ok() || ghosts.has(id));
+        }
+        let visible: Vec<HeldMeta> = held.into_iter().filter(|m| account.can_see(m)).collect();
         let before = st.msgs.len();
         st.msgs
             .retain(|id, _| visible.binary_search_by_key(id, |m| m.id).is_ok());
