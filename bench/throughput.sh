@@ -23,6 +23,10 @@
 #            CLIENT (trusted: load from [relay] networks, checks skipped; outside: 127.0.0.1 untrusted,
 #                    SPF/DKIM/DMARC run, per-IP caps raised)
 #            RULES_DIR (repo rules/) POLICIES_DIR (an empty temp dir: no rate limits)
+#            LIMITS ("": none; per-sender: one [[limit]] per sender at 100000000/1m, never reached,
+#                    so every MAIL is counted and passes; written into the temp policies dir)
+#            CLUSTER_REDIS ("": limits in-process; a redis:// URL: [cluster] with this node
+#                    counting in that Redis, e.g. one started with redis-server --port 6390 --save '')
 #            POSTERN (repo target/release/postern) PEERS_SH (../shared/bench/peers.sh)
 #            DEADLINE (600 s per wait) KEEP (0|1: keep the temp dir) SKIP_INSTALL (0|1)
 # Everything is on 127.0.0.1. Every process started here is stopped by its PID at exit.
@@ -114,7 +118,14 @@ start_postern() {
   [ -x "$POSTERN" ] || die "no postern binary at $POSTERN (build it: cargo build --release -j1)"
   cp "$POSTERN" "$T/postern"         # a private copy: a rebuild during the run cannot swap it out
   mkdir -p "$T/data" "$T/policies"
-  local pol=${POLICIES_DIR:-$T/policies} ns
+  local pol=${POLICIES_DIR:-$T/policies} ns cluster=""
+  case "${LIMITS:-}" in
+    "") ;;
+    per-sender) printf '[[limit]]\nname = "per-sender"\nkey = "sender"\nrate = "100000000/1m"\n' >"$T/policies/ratelimits.toml" ;;
+    *) die "LIMITS must be empty or per-sender" ;;
+  esac
+  [ -n "${CLUSTER_REDIS:-}" ] && cluster=$'[cluster]\nnode = "bench"\nredis = "'"$CLUSTER_REDIS"$'"\non_backend_error = "tempfail"'
+  [ -z "${CLUSTER_REDIS:-}" ] || [ -n "${LIMITS:-}" ] || log "CLUSTER_REDIS without LIMITS: no limit, so no Redis call"
   case "$DNS" in
     stub)
       port_free "$DNS_PORT" || die "port $DNS_PORT is busy (set DNS_PORT)"
@@ -179,6 +190,8 @@ imaps = []
 
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
+
+$cluster
 EOF
   port_free "$RELAY_PORT" || die "port $RELAY_PORT is busy (set RELAY_PORT)"
   port_free "$METRICS_PORT" || die "port $METRICS_PORT is busy (set METRICS_PORT)"
@@ -266,7 +279,7 @@ phase1
 
 echo "== postern end to end (phase 1: smtp-source -> postern -> smtp-sink, new connection per message) =="
 echo "binary:              $POSTERN (built $(date -u -r "$POSTERN" +%FT%TZ), sha256 $(sha256sum "$T/postern" | cut -c1-12)), repo HEAD $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes')"
-echo "config:              checks spf/dkim/dmarc=$CHECKS, dns=$DNS, delivery concurrency=$CONCURRENCY, rules=$RULES_DIR ($(ls "$RULES_DIR"/*.rhai 2>/dev/null | wc -l) scripts), durability on (250 after the store's group-commit flush)"
+echo "config:              limits=${LIMITS:-none} cluster_redis=${CLUSTER_REDIS:-none}, checks spf/dkim/dmarc=$CHECKS, dns=$DNS, delivery concurrency=$CONCURRENCY, rules=$RULES_DIR ($(ls "$RULES_DIR"/*.rhai 2>/dev/null | wc -l) scripts), durability on (250 after the store's group-commit flush)"
 echo "load:                loadavg at start of phase 1: $P1_LOAD (2 cores)"
 echo "messages:            $MESSAGES x ${SIZE} B payload, $SESSIONS smtp-source sessions (+$PROBES probe sessions)"
 echo "end-to-end:          $P1_RATE msgs/s  ($MESSAGES smtp-source messages, start -> sink counted all $P1_WANT in ${P1_SECS} s; $P1_RATE_ALL msgs/s counting the probe's too)"
@@ -279,6 +292,7 @@ if [ "$LATENCY" != probe ]; then
 fi
 if [ "$PROBES" -gt 0 ]; then
   echo "final dot -> 250, probe: p50 $(pyget 'd["dot_to_250_ms"]["p50"]') ms, p90 $(pyget 'd["dot_to_250_ms"]["p90"]') ms, p99 $(pyget 'd["dot_to_250_ms"]["p99"]') ms, max $(pyget 'd["dot_to_250_ms"]["max"]') ms  over $(pyget 'd["messages"]') probe messages ($(pyget 'd["errors"]') errors)"
+  echo "MAIL FROM -> 250, probe: p50 $(pyget 'd["mail_to_250_ms"]["p50"]') ms, p90 $(pyget 'd["mail_to_250_ms"]["p90"]') ms, p99 $(pyget 'd["mail_to_250_ms"]["p99"]') ms, max $(pyget 'd["mail_to_250_ms"]["max"]') ms  (where the rate limits are checked)"
   echo "   (method: $PROBES Python probe sessions running alongside smtp-source, same size, a new connection per message; t0 = sendall of the final CRLF.CRLF returned, t1 = the reply line read)"
 fi
 

@@ -96,6 +96,9 @@ pub struct Config {
     pub(crate) quarantine: QuarantineConfig,
     #[serde(default)]
     pub(crate) metrics: MetricsConfig,
+    /// `[cluster]`: empty = one node on its own (today's behaviour).
+    #[serde(default)]
+    pub(crate) cluster: ClusterConfig,
     /// Where the file was read from (not a TOML key).
     #[serde(skip)]
     pub(crate) source: PathBuf,
@@ -676,6 +679,46 @@ pub(crate) struct MetricsConfig {
     pub(crate) token: String,
 }
 
+/// `[cluster]`: several gateways behind one MX share their rate limits in
+/// Redis/Valkey. All empty = a single node, nothing shared.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ClusterConfig {
+    /// This node's unique name (logs; needed once anything is shared).
+    pub(crate) node: String,
+    /// `"redis://HOST:PORT[/DB]"`: cluster-wide rate limits; `""` = local.
+    pub(crate) redis: String,
+    /// The shared quarantine (issue 14 item 2): not implemented, refused when set.
+    pub(crate) postgres: String,
+    pub(crate) on_backend_error: BackendOnError,
+    /// How many gateways share the limits: with Redis unreachable and
+    /// `on_backend_error = "local"`, each node allows limit / nodes.
+    pub(crate) nodes: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node: String::new(),
+            redis: String::new(),
+            postgres: String::new(),
+            on_backend_error: BackendOnError::Local,
+            nodes: 1,
+        }
+    }
+}
+
+/// What a node does when the shared rate-limit backend does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendOnError {
+    /// Count in this node's own buckets, at the limit divided by `nodes`.
+    #[default]
+    Local,
+    /// Answer `451 4.4.3`: nothing passes uncounted.
+    Tempfail,
+}
+
 /// A duration written as `"30s"`, `"5m"`, `"4h"`, `"5d"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationStr(pub Duration);
@@ -1016,6 +1059,43 @@ impl Config {
                     .into(),
             );
         }
+        let c = &self.cluster;
+        if !c.postgres.trim().is_empty() {
+            err(
+                "cluster",
+                "postgres",
+                "the shared quarantine in PostgreSQL is not implemented yet (issue 14 item 2); leave it \"\"".into(),
+            );
+        }
+        if !c.redis.trim().is_empty() {
+            if let Err(why) = crate::policy::cluster::parse_redis_url(&c.redis) {
+                err("cluster", "redis", why);
+            }
+            if c.node.trim().is_empty() {
+                err(
+                    "cluster",
+                    "node",
+                    "a cluster node needs its own name (set `node = \"mx1\"`)".into(),
+                );
+            }
+        }
+        if !c
+            .node
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            err(
+                "cluster",
+                "node",
+                format!(
+                    "\"{}\" may hold only letters, digits, '-', '_' and '.'",
+                    c.node
+                ),
+            );
+        }
+        if c.nodes == 0 || c.nodes > 1000 {
+            err("cluster", "nodes", "must be from 1 to 1000".into());
+        }
         let mut signing = std::collections::HashSet::new();
         for d in &self.dkim_sign {
             if !signing.insert(d.domain.to_ascii_lowercase()) {
@@ -1190,6 +1270,40 @@ mod tests {
                 "x.toml:3: [scan] timeout",
             ),
             ("[scan]\nclam = \"tcp:h:1\"\n", "x.toml:2:"),
+        ] {
+            let e = Config::from_str(text, Path::new("x.toml")).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn cluster_keys_are_validated_at_their_line() {
+        let empty = Config::from_str("", Path::new("x.toml")).unwrap();
+        assert_eq!(empty.cluster, ClusterConfig::default());
+        let c = Config::from_str(
+            "[cluster]\nnode = \"mx1\"\nredis = \"redis://127.0.0.1:6379\"\non_backend_error = \"tempfail\"\nnodes = 3\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.cluster.on_backend_error, BackendOnError::Tempfail);
+        assert_eq!(c.cluster.nodes, 3);
+        for (text, want) in [
+            (
+                "[cluster]\nnode = \"a\"\n\nredis = \"127.0.0.1:6379\"\n",
+                "x.toml:4: [cluster] redis",
+            ),
+            (
+                "[cluster]\nredis = \"redis://127.0.0.1\"\n",
+                "x.toml:1: [cluster] node",
+            ),
+            ("[cluster]\nnode = \"a b\"\n", "x.toml:2: [cluster] node"),
+            ("[cluster]\nnodes = 0\n", "x.toml:2: [cluster] nodes"),
+            ("[cluster]\non_backend_error = \"accept\"\n", "x.toml:2:"),
+            (
+                "[cluster]\npostgres = \"postgres://p@h/db\"\n",
+                "x.toml:2: [cluster] postgres",
+            ),
+            ("[cluster]\nreddis = \"x\"\n", "x.toml:2:"),
         ] {
             let e = Config::from_str(text, Path::new("x.toml")).unwrap_err();
             assert!(e.to_string().starts_with(want), "{text}: {e}");

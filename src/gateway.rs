@@ -144,6 +144,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // Rules and policies also reload on SIGHUP (below).
     let housekeeping =
         crate::policy::spawn_housekeeping(core.policy.clone(), Duration::from_secs(60));
+    let cluster_probe = crate::policy::spawn_cluster_probe(core.policy.clone());
+    if !cfg.cluster.redis.is_empty() {
+        tracing::info!(node = %cfg.cluster.node, redis = %cfg.cluster.redis, on_backend_error = ?cfg.cluster.on_backend_error, nodes = cfg.cluster.nodes, "cluster mode: rate limits shared in Redis");
+    }
     let (hup_policy, hup_cfg, hup_mailbox) = (core.policy.clone(), cfg.clone(), mailbox.clone());
     let hup_verifier = verifier.clone();
     let hup = tokio::spawn(async move {
@@ -182,6 +186,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     ]
     .into_iter()
     .chain(recipients_watch)
+    .chain(cluster_probe)
     {
         task.abort();
     }
@@ -208,9 +213,8 @@ fn open(cfg: Config) -> Result<(Core, crate::store::wake::Wakeups)> {
     let store = Store::open(&data_dir.join("store"))?;
     store.set_min_free(cfg.server.min_free_space.0);
     let metrics = Metrics::new();
-    let policy = Arc::new(
-        Policy::from_config(&cfg).map_err(|p| problems("rules or policies do not load", &p))?,
-    );
+    let policy =
+        Arc::new(Policy::serving(&cfg).map_err(|p| problems("rules or policies do not load", &p))?);
     metrics.register_policy(policy.metrics())?;
     let tls = tls::acceptor(&cfg)?;
     let signers = Arc::new(

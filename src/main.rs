@@ -320,7 +320,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            ConfigCommand::Check => check(&cli.config, &cfg),
+            ConfigCommand::Check => check(&cli.config, &cfg).await,
             ConfigCommand::Rules {
                 cmd:
                     RulesCmd::Test {
@@ -432,13 +432,19 @@ fn main() -> ExitCode {
 
 /// `postern check`: every rule, policy and accounts problem (the config's
 /// own were printed when it loaded), each on its own line; exit 1 if any.
-fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
+async fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
     let policy = Policy::from_config(cfg);
     let accounts = Accounts::from_config(cfg);
     let signers = postern::dkim::Signers::load(cfg);
     let recipients = postern::verify::check(cfg);
-    match (policy, accounts, signers, recipients) {
-        (Ok(p), Ok(_), Ok(_), Ok(listed)) => {
+    // `[cluster] redis` must answer (a short timeout): a node that cannot
+    // reach it would count alone.
+    let cluster = match postern::policy::check_cluster(cfg).await {
+        None => Ok(None),
+        Some(r) => r.map(Some),
+    };
+    match (policy, accounts, signers, recipients, cluster) {
+        (Ok(p), Ok(_), Ok(_), Ok(listed), Ok(cluster)) => {
             // `serve` raises the soft limit to the hard one: warn against that.
             if let Ok((_, hard)) = postern::fds::limits()
                 && let Some(w) = postern::fds::warning(cfg, hard)
@@ -456,9 +462,12 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
             if let Some(line) = listed {
                 println!("{line}");
             }
+            if let Some(line) = cluster {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
-        (policy, accounts, signers, recipients) => {
+        (policy, accounts, signers, recipients, cluster) => {
             for p in policy.err().into_iter().flatten() {
                 eprintln!("{p}");
             }
@@ -470,6 +479,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> ExitCode {
             }
             for p in recipients.err().into_iter().flatten() {
                 eprintln!("{p}");
+            }
+            if let Err(why) = cluster {
+                eprintln!("{}: {why}", path.display());
             }
             ExitCode::FAILURE
         }

@@ -16,8 +16,9 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::Problem;
+use crate::config::{BackendOnError, Problem};
 use crate::mail::{Enhanced, Reply};
+use crate::policy::cluster::{self, Answer, Bucket, Shared};
 use crate::policy::types::{TxInfo, Verdict};
 
 /// What a limit counts by.
@@ -97,6 +98,8 @@ pub(crate) enum Limited {
     Refuse(String, Verdict),
     /// Only `hold` limits: accept, and hold the message.
     Hold(String),
+    /// The shared backend did not answer and `on_backend_error = "tempfail"`.
+    Backend(Verdict),
 }
 
 /// One `[[limit]]`, validated. Two equal specs share one limiter across reloads.
@@ -118,12 +121,17 @@ type Limiter = DefaultKeyedRateLimiter<String>;
 pub(crate) struct Limit {
     pub(crate) spec: LimitSpec,
     limiter: Arc<Limiter>,
+    /// In cluster mode: its Redis key prefix and GCRA terms.
+    redis: Option<(String, (u64, u64))>,
 }
 
 /// The limits of one rule set.
 #[derive(Default)]
 pub(crate) struct Limits {
     limits: Vec<Limit>,
+    /// `[cluster] redis`: count there first; the limiters above are then
+    /// the fallback, at the limit divided by the number of nodes.
+    shared: Option<Arc<Shared>>,
 }
 
 #[derive(Deserialize)]
@@ -282,9 +290,28 @@ fn parse_entry(
 #[derive(Default)]
 pub(crate) struct LimiterRegistry {
     limiters: Mutex<HashMap<LimitSpec, Arc<Limiter>>>,
+    /// `[cluster] redis`, when set.
+    shared: Option<Arc<Shared>>,
+    /// The local limiters allow limit / this (`[cluster] nodes`; 1 alone).
+    nodes: u32,
 }
 
 impl LimiterRegistry {
+    /// Limits counted in `shared` (Redis), falling back to this node's own
+    /// buckets at the limit divided by `nodes`.
+    pub(crate) fn clustered(shared: Arc<Shared>, nodes: u32) -> Self {
+        LimiterRegistry {
+            limiters: Mutex::default(),
+            shared: Some(shared),
+            nodes: nodes.max(1),
+        }
+    }
+
+    /// The shared backend, if any (for the health probe).
+    pub(crate) fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
     /// Builds the limits for `specs`, reusing the limiter of every unchanged
     /// spec. Limiters of specs no longer used are forgotten.
     pub(crate) fn build(&self, specs: Vec<LimitSpec>) -> Limits {
@@ -297,13 +324,24 @@ impl LimiterRegistry {
         for spec in specs {
             let limiter = match map.remove(&spec) {
                 Some(l) => l,
-                None => Arc::new(new_limiter(&spec)),
+                None => Arc::new(new_limiter(&spec, self.nodes)),
             };
             next.insert(spec.clone(), limiter.clone());
-            limits.push(Limit { spec, limiter });
+            let redis = self
+                .shared
+                .as_ref()
+                .map(|_| (cluster::key_prefix(&spec), cluster::gcra_terms(&spec)));
+            limits.push(Limit {
+                spec,
+                limiter,
+                redis,
+            });
         }
         *map = next;
-        Limits { limits }
+        Limits {
+            limits,
+            shared: self.shared.clone(),
+        }
     }
 
     /// Forgets keys whose bucket is full again and returns memory; call it
@@ -327,9 +365,13 @@ impl LimiterRegistry {
     }
 }
 
-fn new_limiter(spec: &LimitSpec) -> Limiter {
-    let period = (spec.per / spec.count).max(Duration::from_nanos(1));
-    let burst = NonZeroU32::new(spec.burst).unwrap_or(NonZeroU32::MIN);
+/// The governor limiter of `spec`, at its rate and burst divided by `nodes`
+/// (rounded up: a node alone never allows less than one message).
+fn new_limiter(spec: &LimitSpec, nodes: u32) -> Limiter {
+    let nodes = nodes.max(1);
+    let count = spec.count.div_ceil(nodes).max(1);
+    let period = (spec.per / count).max(Duration::from_nanos(1));
+    let burst = NonZeroU32::new(spec.burst.div_ceil(nodes)).unwrap_or(NonZeroU32::MIN);
     let quota = Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(burst);
@@ -368,25 +410,8 @@ impl Limits {
         let ip_key = format!("ip:{}", tx.conn.ip);
         let mut held = None;
         for limit in &self.limits {
-            if !limit.spec.scope.applies(tx.submission) {
+            let Some(key) = limit.mail_from_key(tx, &sender, &ip_key) else {
                 continue;
-            }
-            let key = match limit.spec.key {
-                LimitKey::Recipient => continue,
-                // Bounces (MAIL FROM:<>) are counted by client IP.
-                LimitKey::Sender if sender.is_empty() => ip_key.clone(),
-                LimitKey::Sender => sender.clone(),
-                LimitKey::SenderDomain => match domain_of(&sender) {
-                    Some(d) => d.to_string(),
-                    None => ip_key.clone(),
-                },
-                LimitKey::ClientIp => ip_key.clone(),
-                // A `<>` sender is a bounce, never a user's own mail.
-                LimitKey::AuthUser if sender.is_empty() => continue,
-                LimitKey::AuthUser => match &tx.auth_user {
-                    Some(u) => u.to_lowercase(),
-                    None => continue,
-                },
             };
             if let Some(l) = limit.exceeded(&key, &mut held) {
                 return Some(l);
@@ -400,7 +425,7 @@ impl Limits {
         let key = normalize_address(rcpt);
         let mut held = None;
         for limit in &self.limits {
-            if limit.spec.key != LimitKey::Recipient || !limit.spec.scope.applies(tx.submission) {
+            if !limit.counts_rcpt(tx) {
                 continue;
             }
             if let Some(l) = limit.exceeded(&key, &mut held) {
@@ -409,9 +434,119 @@ impl Limits {
         }
         held.map(Limited::Hold)
     }
+
+    /// Whether the limits are counted in Redis (`[cluster] redis`), so the
+    /// checks are to be awaited ([`Self::check_mail_from_shared`]).
+    pub(crate) fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// [`Self::check_mail_from`] against the cluster's buckets, all or none.
+    pub(crate) async fn check_mail_from_shared(&self, tx: &TxInfo) -> Option<Limited> {
+        let sender = normalize_address(&tx.from);
+        let ip_key = format!("ip:{}", tx.conn.ip);
+        let keyed = self
+            .limits
+            .iter()
+            .filter_map(|l| l.mail_from_key(tx, &sender, &ip_key).map(|k| (l, k)))
+            .collect();
+        self.check_shared(keyed, || self.check_mail_from(tx)).await
+    }
+
+    /// [`Self::check_rcpt`] against the cluster's buckets, all or none.
+    pub(crate) async fn check_rcpt_shared(&self, tx: &TxInfo, rcpt: &str) -> Option<Limited> {
+        let key = normalize_address(rcpt);
+        let keyed = self
+            .limits
+            .iter()
+            .filter(|l| l.counts_rcpt(tx))
+            .map(|l| (l, key.clone()))
+            .collect();
+        self.check_shared(keyed, || self.check_rcpt(tx, rcpt)).await
+    }
+
+    /// One call to Redis for every (limit, key) of a command; `local` is the
+    /// fallback when it fails and `on_backend_error = "local"`.
+    async fn check_shared(
+        &self,
+        keyed: Vec<(&Limit, String)>,
+        local: impl FnOnce() -> Option<Limited>,
+    ) -> Option<Limited> {
+        let shared = match &self.shared {
+            Some(s) if !keyed.is_empty() => s,
+            Some(_) => return None,
+            None => return local(),
+        };
+        let buckets: Vec<Bucket> = keyed
+            .iter()
+            .filter_map(|(limit, key)| {
+                let (prefix, (period_us, tolerance_us)) = limit.redis.as_ref()?;
+                Some(Bucket {
+                    key: format!("{prefix}{key}"),
+                    period_us: *period_us,
+                    tolerance_us: *tolerance_us,
+                    hold: limit.spec.action == LimitAction::Hold,
+                })
+            })
+            .collect();
+        match shared.check(&buckets).await {
+            Ok(Answer::Allowed { held: None }) => None,
+            Ok(Answer::Allowed { held: Some(i) }) => keyed
+                .get(i)
+                .map(|(l, _)| Limited::Hold(l.spec.name.clone())),
+            Ok(Answer::Refused { bucket, wait }) => keyed
+                .get(bucket)
+                .map(|(l, _)| Limited::Refuse(l.spec.name.clone(), refusal(&l.spec.name, wait))),
+            Err(_unavailable) => match shared.on_error {
+                BackendOnError::Local => local(),
+                BackendOnError::Tempfail => Some(Limited::Backend(Verdict::Tempfail(Reply::new(
+                    451,
+                    Enhanced::new(4, 4, 3),
+                    "Rate-limit service unavailable, please try again later",
+                )))),
+            },
+        }
+    }
+}
+
+/// The `450 4.7.1` of limit `name`, passing again in `wait`.
+fn refusal(name: &str, wait: Duration) -> Verdict {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Verdict::Tempfail(Reply::new(
+        450,
+        Enhanced::new(4, 7, 1),
+        format!("Rate limit {name} exceeded, try again in {}s", secs.max(1)),
+    ))
 }
 
 impl Limit {
+    /// What this limit counts a MAIL FROM by, or None when it does not
+    /// count it (another scope, a `recipient` limit, no user).
+    fn mail_from_key(&self, tx: &TxInfo, sender: &str, ip_key: &str) -> Option<String> {
+        if !self.spec.scope.applies(tx.submission) {
+            return None;
+        }
+        Some(match self.spec.key {
+            LimitKey::Recipient => return None,
+            // Bounces (MAIL FROM:<>) are counted by client IP.
+            LimitKey::Sender if sender.is_empty() => ip_key.to_string(),
+            LimitKey::Sender => sender.to_string(),
+            LimitKey::SenderDomain => match domain_of(sender) {
+                Some(d) => d.to_string(),
+                None => ip_key.to_string(),
+            },
+            LimitKey::ClientIp => ip_key.to_string(),
+            // A `<>` sender is a bounce, never a user's own mail.
+            LimitKey::AuthUser if sender.is_empty() => return None,
+            LimitKey::AuthUser => tx.auth_user.as_ref()?.to_lowercase(),
+        })
+    }
+
+    /// Whether this limit counts each RCPT TO.
+    fn counts_rcpt(&self, tx: &TxInfo) -> bool {
+        self.spec.key == LimitKey::Recipient && self.spec.scope.applies(tx.submission)
+    }
+
     /// Counts `key`; over a `tempfail` limit that is the refusal, over a
     /// `hold` limit its name goes into `held` (the first one wins).
     fn exceeded(&self, key: &String, held: &mut Option<String>) -> Option<Limited> {
@@ -430,16 +565,7 @@ impl Limit {
             Ok(()) => None,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                Some(Verdict::Tempfail(Reply::new(
-                    450,
-                    Enhanced::new(4, 7, 1),
-                    format!(
-                        "Rate limit {} exceeded, try again in {}s",
-                        self.spec.name,
-                        secs.max(1)
-                    ),
-                )))
+                Some(refusal(&self.spec.name, wait))
             }
         }
     }
@@ -496,6 +622,24 @@ mod tests {
         );
         // `<>` never counts against a user.
         assert_eq!(limits.check_mail_from(&tx("")), None);
+    }
+
+    #[test]
+    fn the_fallback_of_a_node_allows_its_share() {
+        let spec = |burst| LimitSpec {
+            name: "s".into(),
+            key: LimitKey::Sender,
+            count: 10,
+            per: Duration::from_secs(60),
+            burst,
+            scope: Scope::All,
+            action: LimitAction::Tempfail,
+        };
+        let allowed = |l: &Limiter| (0..20).filter(|_| l.check_key(&"k".into()).is_ok()).count();
+        assert_eq!(allowed(&new_limiter(&spec(10), 1)), 10);
+        // One of three nodes: 10 / 3, rounded up.
+        assert_eq!(allowed(&new_limiter(&spec(10), 3)), 4);
+        assert_eq!(allowed(&new_limiter(&spec(1), 3)), 1);
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct PolicyMetrics {
     /// `postern_ratelimit_backend_up`: 1 while the rate-limit backend answers
     /// (the in-process limiter always does; the cluster's Redis may not).
     pub(crate) backend_up: IntGauge,
+    /// `postern_ratelimit_backend_errors_total`: calls to the cluster's
+    /// Redis that failed or ran out of their deadline (each one decided by
+    /// `[cluster] on_backend_error`), and failed health probes.
+    pub(crate) backend_errors: IntCounter,
 }
 
 /// The series of one loaded script, looked up once when the set is built so
@@ -156,6 +160,11 @@ impl PolicyMetrics {
                 &["scanner", "result"],
             ),
             backend_up,
+            backend_errors: IntCounter::new(
+                "postern_ratelimit_backend_errors_total",
+                "Calls to the shared rate-limit backend (Redis) that failed or missed their deadline",
+            )
+            .unwrap_or_else(|e| panic!("metric postern_ratelimit_backend_errors_total: {e}")),
         };
         for (scanner, results) in SCAN_RESULTS {
             for result in results {
@@ -202,6 +211,7 @@ impl PolicyMetrics {
         registry.register(Box::new(self.rule_verdicts.clone()))?;
         registry.register(Box::new(self.config_reloads.clone()))?;
         registry.register(Box::new(self.backend_up.clone()))?;
+        registry.register(Box::new(self.backend_errors.clone()))?;
         registry.register(Box::new(self.scan_results.clone()))?;
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! that set while a reload swaps in a new one.
 
 mod auth;
+pub(crate) mod cluster;
 mod evaluate;
 mod limits;
 mod metrics;
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::{ChecksConfig, Config, DnsConfig, OnError, RulesConfig};
+use crate::config::{ChecksConfig, ClusterConfig, Config, DnsConfig, OnError, RulesConfig};
 
 use arc_swap::ArcSwap;
 use mail_auth::MessageAuthenticator;
@@ -32,6 +33,7 @@ use rhai::Dynamic;
 
 pub use crate::config::Problem;
 pub use auth::{AuthOutcome, strip_forged_auth_results};
+pub use cluster::check_reachable as check_cluster;
 pub use evaluate::{Case, Evaluation};
 pub use limits::{LimitAction, LimitKey, LimitSpec, Scope, normalize_address};
 pub use metrics::PolicyMetrics;
@@ -40,7 +42,7 @@ pub use types::{
     Call, CheckResults, ConnInfo, DataInputs, DataOutcome, Decided, Decision, ListHits,
     ScanResults, StageTrace, Trace, TxInfo, Verdict, final_verdict,
 };
-pub use watch::{spawn_housekeeping, watch, watch_every};
+pub use watch::{spawn_cluster_probe, spawn_housekeeping, watch, watch_every};
 
 use limits::{Limited, LimiterRegistry, Limits};
 use rules::{Rules, StageArg};
@@ -69,6 +71,14 @@ pub const SUITE_DIR: &str = "tests";
 
 /// The name of the rate-limit file inside the policies directory.
 pub(crate) const RATELIMITS_FILE: &str = "ratelimits.toml";
+
+/// What a load is for, besides the files: the suite's default domain,
+/// whether to run the suite, and the cluster to count limits in.
+struct LoadFor<'a> {
+    local_domain: String,
+    run_suite: bool,
+    cluster: Option<&'a ClusterConfig>,
+}
 
 /// The DNS side, shared by all rule sets of a [`Policy`].
 struct Dns {
@@ -125,18 +135,37 @@ impl Policy {
     /// [`from_config`](Self::from_config); `run_suite: false` leaves
     /// `rules/tests/` out (for `rules test --suite`, which reports each case).
     pub fn from_config_suite(cfg: &Config, run_suite: bool) -> Result<Policy, Vec<Problem>> {
+        Policy::from_config_with(cfg, run_suite, None)
+    }
+
+    /// What `serve` loads: [`from_config`](Self::from_config), with the
+    /// rate limits counted in `[cluster] redis` when it is set (the other
+    /// commands count alone, so a `rules test` never spends a sender's quota).
+    pub fn serving(cfg: &Config) -> Result<Policy, Vec<Problem>> {
+        Policy::from_config_with(cfg, true, Some(&cfg.cluster))
+    }
+
+    fn from_config_with(
+        cfg: &Config,
+        run_suite: bool,
+        cluster: Option<&ClusterConfig>,
+    ) -> Result<Policy, Vec<Problem>> {
         let policy = Policy::load_for(
             cfg.rules.clone(),
             &cfg.policies.dir,
             cfg.checks.clone(),
             cfg.dns.clone(),
             cfg.server.hostname.clone(),
-            cfg.relay
-                .domains
-                .first()
-                .cloned()
-                .unwrap_or_else(|| DEFAULT_LOCAL_DOMAIN.into()),
-            run_suite,
+            LoadFor {
+                local_domain: cfg
+                    .relay
+                    .domains
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| DEFAULT_LOCAL_DOMAIN.into()),
+                run_suite,
+                cluster,
+            },
         )?;
         if let Some(scanners) = crate::scan::Scanners::new(&cfg.scan, &cfg.server.hostname) {
             // Fresh, so not set yet.
@@ -160,8 +189,11 @@ impl Policy {
             checks,
             dns,
             hostname,
-            DEFAULT_LOCAL_DOMAIN.into(),
-            true,
+            LoadFor {
+                local_domain: DEFAULT_LOCAL_DOMAIN.into(),
+                run_suite: true,
+                cluster: None,
+            },
         )
     }
 
@@ -171,8 +203,11 @@ impl Policy {
         checks: ChecksConfig,
         dns: DnsConfig,
         hostname: impl Into<String>,
-        local_domain: String,
-        run_suite: bool,
+        LoadFor {
+            local_domain,
+            run_suite,
+            cluster,
+        }: LoadFor<'_>,
     ) -> Result<Policy, Vec<Problem>> {
         let metrics = PolicyMetrics::new();
         let dns = Arc::new(Dns {
@@ -184,7 +219,18 @@ impl Policy {
             resolver: OnceLock::new(),
             scanners: OnceLock::new(),
         });
-        let limiters = LimiterRegistry::default();
+        let shared = cluster.and_then(|c| {
+            cluster::Shared::from_config(
+                c,
+                metrics.backend_up.clone(),
+                metrics.backend_errors.clone(),
+            )
+            .map(|s| (s, c.nodes))
+        });
+        let limiters = match shared {
+            Some((s, nodes)) => LimiterRegistry::clustered(s, nodes),
+            None => LimiterRegistry::default(),
+        };
         let policies_dir = policies_dir.as_ref().to_path_buf();
         let set = build_set(&policies_dir, &rules_config, &dns, &limiters, &metrics, 1)?;
         Ok(Policy {
@@ -276,6 +322,20 @@ impl Policy {
     /// minute or so (see [`spawn_housekeeping`]).
     pub fn housekeeping(&self) -> usize {
         self.limiters.housekeeping()
+    }
+
+    /// Whether the rate limits are counted in `[cluster] redis`.
+    pub(crate) fn is_clustered(&self) -> bool {
+        self.limiters.shared().is_some()
+    }
+
+    /// Asks the cluster's Redis whether it answers (moves
+    /// `postern_ratelimit_backend_up`); None when there is none.
+    pub async fn probe_backend(&self) -> Option<bool> {
+        match self.limiters.shared() {
+            Some(s) => Some(s.probe().await),
+            None => None,
+        }
     }
 }
 
@@ -394,7 +454,11 @@ impl RuleSet {
 
     /// [`mail_from`](Self::mail_from), and the `hold` limit gone over.
     pub fn mail_from_checked(&self, tx: &TxInfo) -> Checked {
-        let limited = self.limits.check_mail_from(tx);
+        self.mail_from_after(self.limits.check_mail_from(tx), tx)
+    }
+
+    /// The `mail_from(c)` functions after the limits said `limited`.
+    fn mail_from_after(&self, limited: Option<Limited>, tx: &TxInfo) -> Checked {
         self.after_limits(limited, "mail_from", || {
             self.decide(
                 "mail_from",
@@ -411,7 +475,11 @@ impl RuleSet {
 
     /// [`rcpt`](Self::rcpt), and the `hold` limit gone over.
     pub fn rcpt_checked(&self, tx: &TxInfo, rcpt: &str) -> Checked {
-        let limited = self.limits.check_rcpt(tx, rcpt);
+        self.rcpt_after(self.limits.check_rcpt(tx, rcpt), tx, rcpt)
+    }
+
+    /// The `rcpt(c)` functions after the limits said `limited`.
+    fn rcpt_after(&self, limited: Option<Limited>, tx: &TxInfo, rcpt: &str) -> Checked {
         self.after_limits(limited, "rcpt", || {
             self.decide(
                 "rcpt",
@@ -432,9 +500,10 @@ impl RuleSet {
     ) -> Checked {
         let limit = match &limited {
             Some(Limited::Refuse(l, _) | Limited::Hold(l)) => l.clone(),
+            Some(Limited::Backend(_)) => "backend".to_string(),
             None => String::new(),
         };
-        if limited.is_some() {
+        if matches!(limited, Some(Limited::Refuse(..) | Limited::Hold(_))) {
             self.metrics.ratelimited.with_label_values(&[&limit]).inc();
         }
         let limit_call = |verdict: &str, detail: String| Call {
@@ -444,6 +513,21 @@ impl RuleSet {
             ..Call::default()
         };
         match limited {
+            Some(Limited::Backend(verdict)) => {
+                let call = limit_call("refuse", rules::verdict_detail(&verdict));
+                Checked {
+                    decision: Decision {
+                        verdict: Some(verdict),
+                        script: Some("ratelimit:backend".to_string()),
+                        function: Some(function.to_string()),
+                        trace: StageTrace {
+                            stage: function.to_string(),
+                            calls: vec![call],
+                        },
+                    },
+                    hold: None,
+                }
+            }
             Some(Limited::Refuse(limit, verdict)) => {
                 tracing::info!(limit = %limit, "rate limited");
                 let call = limit_call("refuse", rules::verdict_detail(&verdict));
@@ -498,6 +582,18 @@ impl RuleSet {
 
     /// [`mail_from_checked`](Self::mail_from_checked) as [`mail_from_async`](Self::mail_from_async).
     pub async fn mail_from_checked_async(self: &Arc<Self>, tx: &TxInfo) -> Checked {
+        if self.limits.is_shared() {
+            let limited = self.limits.check_mail_from_shared(tx).await;
+            if !self.rules.defines("mail_from") {
+                return self.mail_from_after(limited, tx);
+            }
+            let (set, tx) = (self.clone(), tx.clone());
+            return self
+                .join_checked(tokio::task::spawn_blocking(move || {
+                    set.mail_from_after(limited, &tx)
+                }))
+                .await;
+        }
         if !self.rules.defines("mail_from") {
             return self.mail_from_checked(tx);
         }
@@ -515,6 +611,18 @@ impl RuleSet {
 
     /// [`rcpt_checked`](Self::rcpt_checked) as [`rcpt_async`](Self::rcpt_async).
     pub async fn rcpt_checked_async(self: &Arc<Self>, tx: &TxInfo, rcpt: &str) -> Checked {
+        if self.limits.is_shared() {
+            let limited = self.limits.check_rcpt_shared(tx, rcpt).await;
+            if !self.rules.defines("rcpt") {
+                return self.rcpt_after(limited, tx, rcpt);
+            }
+            let (set, tx, rcpt) = (self.clone(), tx.clone(), rcpt.to_string());
+            return self
+                .join_checked(tokio::task::spawn_blocking(move || {
+                    set.rcpt_after(limited, &tx, &rcpt)
+                }))
+                .await;
+        }
         if !self.rules.defines("rcpt") {
             return self.rcpt_checked(tx, rcpt);
         }

@@ -40,3 +40,20 @@ pub fn spawn_housekeeping(policy: Arc<Policy>, every: Duration) -> JoinHandle<()
         }
     })
 }
+
+/// With `[cluster] redis`: asks Redis every [`PROBE_EVERY`](crate::policy::cluster::PROBE_EVERY)
+/// whether it answers, so `postern_ratelimit_backend_up` tells the truth
+/// while no mail comes. None for a single node. Runs until aborted.
+pub fn spawn_cluster_probe(policy: Arc<Policy>) -> Option<JoinHandle<()>> {
+    if !policy.is_clustered() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::policy::cluster::PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = policy.probe_backend().await;
+        }
+    }))
+}

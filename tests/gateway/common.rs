@@ -328,6 +328,8 @@ pub struct Opts {
     pub extra: String,
     /// Run under `ulimit -n N` (soft and hard), to exhaust descriptors.
     pub nofile: Option<u64>,
+    /// The loopback address every listener binds (several gateways side by side).
+    pub bind: String,
 }
 
 impl Default for Opts {
@@ -357,6 +359,7 @@ impl Default for Opts {
             on_error: "tempfail".into(),
             extra: String::new(),
             nofile: None,
+            bind: "127.0.0.1".into(),
         }
     }
 }
@@ -384,6 +387,8 @@ pub struct Gateway {
     pub child: Option<Child>,
     pub log: PathBuf,
     pub nofile: Option<u64>,
+    /// The address its listeners are bound to (`Opts::bind`).
+    pub ip: String,
 }
 
 impl Gateway {
@@ -407,6 +412,7 @@ impl Gateway {
             dir,
             child: None,
             nofile: opts.nofile,
+            ip: opts.bind.clone(),
         };
         let nets: Vec<String> = opts.networks.iter().map(|n| format!("\"{n}\"")).collect();
         let cfg = format!(
@@ -418,9 +424,9 @@ shutdown_grace = "3s"
 {server_extra}
 
 [smtp]
-relay = ["127.0.0.1:{smtp}"]
-submission = ["127.0.0.1:{sub}"]
-submissions = ["127.0.0.1:{subs}"]
+relay = ["{bind}:{smtp}"]
+submission = ["{bind}:{sub}"]
+submissions = ["{bind}:{subs}"]
 max_message_size = "{size}"
 max_recipients = {rcpts}
 max_connections = {conns}
@@ -462,15 +468,15 @@ quarantine_score = 10
 dir = "policies"
 
 [quarantine]
-pop3 = ["127.0.0.1:{pop3}"]
-pop3s = ["127.0.0.1:{pop3s}"]
-imap = ["127.0.0.1:{imap}"]
-imaps = ["127.0.0.1:{imaps}"]
+pop3 = ["{bind}:{pop3}"]
+pop3s = ["{bind}:{pop3s}"]
+imap = ["{bind}:{imap}"]
+imaps = ["{bind}:{imaps}"]
 retention = "{retention}"
 {quarantine_extra}
 
 [metrics]
-listen = "127.0.0.1:{metrics}"
+listen = "{bind}:{metrics}"
 {extra}
 "#,
             smtp = g.smtp,
@@ -505,6 +511,7 @@ listen = "127.0.0.1:{metrics}"
             checks_extra = opts.checks_extra,
             on_error = opts.on_error,
             extra = opts.extra,
+            bind = opts.bind,
         );
         std::fs::write(g.config_path(), cfg).unwrap();
         let rules = g.dir.path().join("rules");
@@ -563,7 +570,10 @@ listen = "127.0.0.1:{metrics}"
         self.child = Some(child);
         let start = Instant::now();
         loop {
-            if TcpStream::connect(("127.0.0.1", self.smtp)).await.is_ok() {
+            if TcpStream::connect((self.ip.as_str(), self.smtp))
+                .await
+                .is_ok()
+            {
                 break;
             }
             if let Some(c) = self.child.as_mut()
@@ -660,7 +670,7 @@ listen = "127.0.0.1:{metrics}"
     }
 
     pub async fn metrics_text(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics))
+        let mut s = TcpStream::connect((self.ip.as_str(), self.metrics))
             .await
             .unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -698,7 +708,12 @@ pub struct Client<S> {
 
 impl Client<TcpStream> {
     pub async fn connect(port: u16) -> Client<TcpStream> {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        Client::connect_to("127.0.0.1", port).await
+    }
+
+    /// [`Client::connect`] to a listener on another loopback address.
+    pub async fn connect_to(ip: &str, port: u16) -> Client<TcpStream> {
+        let tcp = TcpStream::connect((ip, port)).await.unwrap();
         let mut c = Client {
             r: BufReader::new(tcp),
         };

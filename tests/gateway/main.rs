@@ -2,6 +2,7 @@
 //! One test binary (modules below) so the suite links once.
 
 mod admin;
+mod cluster;
 mod common;
 mod delivery;
 mod digest;
