@@ -19,7 +19,7 @@ use axum::routing::get;
 
 use crate::mailbox::MailboxCtx;
 use crate::mailbox::accounts::Account;
-use crate::mailbox::store::{HeldMeta, ListKind};
+use crate::mailbox::store::ListKind;
 use crate::quarantine::digest::{esc, human_size, local_time, subject_of};
 use crate::quarantine::links::{Action, Link, LinkError, LinkKey};
 use crate::store::lists::{ListEntry, Scope};
@@ -150,15 +150,7 @@ fn resolve(ctx: &WebCtx, token: &str) -> Result<Target, Box<Response>> {
             return Err(Box::new(unavailable()));
         }
     };
-    let meta = HeldMeta {
-        id: entry.id,
-        sender: entry.sender.clone(),
-        recipient: entry.recipient.clone(),
-        reason: entry.reason.clone(),
-        received_unix: entry.received,
-        size: entry.size,
-    };
-    if !account.can_see(&meta) {
+    if !account.can_see_mail_for(&entry.recipient) {
         return Err(Box::new(page(
             StatusCode::FORBIDDEN,
             "This link is not valid",

@@ -49,11 +49,20 @@ pub(crate) struct Account {
 impl Account {
     /// Whether this account may see (read, delete, release) the entry.
     pub(crate) fn can_see(&self, meta: &HeldMeta) -> bool {
-        self.role == Role::Admin
-            || self
-                .addresses
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(meta.recipient.trim()))
+        self.can_see_mail_for(&meta.recipient)
+    }
+
+    /// [`Account::can_see`] for an entry held for `recipient`.
+    pub(crate) fn can_see_mail_for(&self, recipient: &str) -> bool {
+        self.role == Role::Admin || self.is_addressed(recipient)
+    }
+
+    /// `recipient` is one of this account's own addresses (whatever the
+    /// role): whose held mail its digest lists.
+    pub(crate) fn is_addressed(&self, recipient: &str) -> bool {
+        self.addresses
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(recipient.trim()))
     }
 }
 
@@ -206,10 +215,7 @@ impl Accounts {
     /// The account of `login` (case-insensitive), without a password: for
     /// what a signed link or an admin command does in that user's name.
     pub(crate) fn account(&self, login: &str) -> Option<Account> {
-        self.users
-            .iter()
-            .find(|e| e.account.login.eq_ignore_ascii_case(login.trim()))
-            .map(|e| e.account.clone())
+        self.entry(login).map(|e| e.account.clone())
     }
 
     /// Number of accounts.
@@ -220,10 +226,13 @@ impl Accounts {
     /// The login as users.toml spells it, if there is such an account
     /// (logins compare case-insensitively): `postern lists --user` checks it.
     pub fn find_login(&self, login: &str) -> Option<&str> {
+        self.entry(login).map(|e| e.account.login.as_str())
+    }
+
+    fn entry(&self, login: &str) -> Option<&Entry> {
         self.users
             .iter()
             .find(|e| e.account.login.eq_ignore_ascii_case(login.trim()))
-            .map(|e| e.account.login.as_str())
     }
 
     /// The logins of the accounts that own `address` ([`owns`]): whose

@@ -12,6 +12,7 @@
 //! auto-generated`): it meets no rule, no limit and no quarantine, so it is
 //! never itself digested.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,13 +100,9 @@ impl Digester {
             };
             let mine: Vec<&HeldEntry> = held
                 .iter()
-                .filter(|e| {
-                    user.addresses
-                        .iter()
-                        .any(|a| a.eq_ignore_ascii_case(e.recipient.trim()))
-                })
+                .filter(|e| user.is_addressed(&e.recipient))
                 .collect();
-            let told: Vec<u64> = self
+            let told: HashSet<u64> = self
                 .store
                 .get_state(&user_key(&user.login))?
                 .and_then(|v| serde_json::from_slice(&v).ok())
@@ -139,10 +136,11 @@ impl Digester {
                 self.cfg.server.hostname.clone(),
             );
             // What this user has now been told of, among what is still held.
+            let listed: HashSet<u64> = new.iter().map(|e| e.id).collect();
             let now_told: Vec<u64> = mine
                 .iter()
                 .map(|e| e.id)
-                .filter(|id| told.contains(id) || new.iter().any(|e| e.id == *id))
+                .filter(|id| told.contains(id) || listed.contains(id))
                 .collect();
             let state = serde_json::to_vec(&now_told).unwrap_or_default();
             self.store

@@ -821,6 +821,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 }
 
 /// Run a Python 3 script (stdlib only) and return its stdout; panics with stderr on failure.
+/// The value of one series (`name{labels}` as exported) in a scrape, or 0
+/// when absent (a counter not yet counted).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn python(script: &str, args: &[&str]) -> String {
     let out = Command::new("python3")
         .arg("-c")

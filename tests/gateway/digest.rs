@@ -163,13 +163,12 @@ async fn http_async(method: &'static str, url: String) -> (u16, String, String) 
         .unwrap()
 }
 
-/// The id the CLI lists for the held message with this subject.
-fn held_id(gw: &Gateway, subject_word: &str) -> Option<u64> {
+/// The id of the first held entry whose `quarantine list` line contains `word`.
+fn held_id(gw: &Gateway, word: &str) -> Option<u64> {
     let (_, list, _) = gw.admin(&["quarantine", "list"]);
-    let _ = subject_word;
     list.lines()
         .skip(1)
-        .find(|l| l.contains(subject_word))
+        .find(|l| l.contains(word))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|id| u64::from_str_radix(id, 16).ok())
 }
@@ -191,12 +190,6 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

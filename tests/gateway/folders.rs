@@ -50,13 +50,6 @@ fn subject_of(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// The value of a counter line in the metrics text, or 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// N sessions of one user, each logged in with INBOX selected; per round
 /// they all send `UID MOVE uid Release` for the same uid past one barrier.
 const RACE: &str = r#"

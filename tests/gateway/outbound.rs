@@ -169,12 +169,6 @@ fn rcpt_lines(show: &str, addr: &str) -> String {
     format!("{}\n{}", lines[i], lines.get(i + 1).unwrap_or(&""))
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn mx_opts(route: &Sink, dns: std::net::SocketAddr, mx_port: u16) -> Opts {
     let mut o = Opts::sink(route.port);
     o.outbound = "mx".into();
